@@ -1,0 +1,172 @@
+"""Configs as data: a YAML recipe -> nested dataclasses, with `a.b=value` overrides.
+
+Each stage defines its config as dataclasses (fields with defaults); `load_config` reads a recipe
+(a name in the stage's recipes folder, or a path), applies command-line overrides, type-checks
+every value and refuses unknown keys with the closest known names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from runtime.io import atomic_write
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says what and how to fix it."""
+
+
+def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(f'{path}.{c}' if path else c) for c in close)}? " if close else ""
+    return ConfigError(f"unknown config key {full!r}: {hint}(valid keys here: {', '.join(known)})")
+
+
+def _check_value(tp: Any, value: Any, path: str) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming the key, the type and the value."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} is a section (a mapping of keys), got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
+            return tuple(_check_value(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        item = args[0] if args else Any
+        out = [_check_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{path} must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[T], data: dict, path: str = "") -> T:
+    """Build dataclass `cls` from a mapping, type-checking every value; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields))
+        kwargs[key] = _check_value(hints[key], value, f"{path}.{key}" if path else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field with no default
+        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+
+
+def to_dict(obj: Any) -> dict:
+    """A config dataclass as plain data (tuples become lists), ready for YAML or JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as YAML (`1e-3`, `true`, `[1, 2]`, `null`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(cls: type, data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each `a.b=value` applied; keys are checked against `cls`."""
+    data = json.loads(json.dumps(data or {}))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node, tp, path = data, cls, ""
+        for i, key in enumerate(keys):
+            names = [f.name for f in dataclasses.fields(tp)]
+            if key not in names:
+                raise _unknown_key(path, key, names)
+            path = f"{path}.{key}" if path else key
+            sub = typing.get_type_hints(tp)[key]
+            if i == len(keys) - 1:
+                node[key] = value
+            elif dataclasses.is_dataclass(sub):
+                node = node.setdefault(key, {})
+                tp = sub
+            else:
+                raise ConfigError(f"{path} is a value, not a section; cannot set {text!r}")
+    return data
+
+
+def find_recipe(recipe: str | os.PathLike, recipes_dir: str | os.PathLike) -> Path:
+    """A recipe path, or a name in `recipes_dir` (with or without `.yaml`)."""
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = Path(recipes_dir) / f"{p.stem if p.suffix else p.name}.yaml"
+    if candidate.exists():
+        return candidate
+    names = sorted(q.stem for q in Path(recipes_dir).glob("*.yaml"))
+    close = difflib.get_close_matches(str(recipe), names, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"no recipe {str(recipe)!r}: {hint}(recipes: {', '.join(names)}; or give a YAML path)")
+
+
+def load_config(cls: type[T], recipe: str | os.PathLike | None, overrides: list[str] = (),
+                recipes_dir: str | os.PathLike | None = None) -> T:
+    """Read a recipe (name or path; None = defaults only), apply overrides, return a checked `cls`."""
+    data: dict = {}
+    if recipe is not None:
+        path = find_recipe(recipe, recipes_dir) if recipes_dir else Path(recipe)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return from_dict(cls, apply_overrides(cls, data, list(overrides)))
+
+
+def save_config(obj: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    return atomic_write(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a config, stored in checkpoints to notice a changed recipe on resume."""
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]

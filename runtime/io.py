@@ -1,0 +1,40 @@
+"""Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
+
+A reader (or a crash) never sees a half-written file: it sees the old one or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on normal exit rename it onto `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (bytes or text) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = 2) -> Path:
+    """Write `obj` as JSON to `path` atomically (keys in insertion order, trailing newline)."""
+    return atomic_write(path, json.dumps(obj, indent=indent) + "\n")

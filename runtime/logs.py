@@ -1,0 +1,88 @@
+"""Rank-0 logging: console + `log.txt`, and a TensorBoard writer that exists only on rank 0.
+
+Other ranks log warnings and errors only, prefixed with their rank, so a multi-node console stays
+readable and a failing rank still says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from runtime.dist import DistEnv
+
+LOGGER_NAME = "vitscale"
+
+
+def setup_logging(env: DistEnv, run_dir: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Configure and return the `vitscale` logger for this rank."""
+    log = logging.getLogger(LOGGER_NAME)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate = False
+    prefix = "" if env.world_size == 1 else f"[rank {env.rank}] "
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if env.is_main:
+        log.setLevel(level)
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            file = logging.FileHandler(Path(run_dir) / "log.txt")
+            file.setFormatter(fmt)
+            log.addHandler(file)
+    else:
+        log.setLevel(logging.WARNING)
+    return log
+
+
+def get_logger() -> logging.Logger:
+    """The project logger (configure it once with `setup_logging`)."""
+    return logging.getLogger(LOGGER_NAME)
+
+
+class TBWriter:
+    """TensorBoard scalars/images/hparams, written by rank 0 only; every call is a no-op elsewhere."""
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True):
+        self._w = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, rank 0 only
+
+            self._w = SummaryWriter(log_dir=str(log_dir))
+
+    @property
+    def enabled(self) -> bool:
+        return self._w is not None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Log each `tag: value` at `step`; None values are left out."""
+        if self._w is not None:
+            for tag, v in values.items():
+                if v is not None:
+                    self._w.add_scalar(tag, float(v), step)
+
+    def image(self, tag: str, img: Any, step: int) -> None:
+        """Log a (C, H, W) image tensor."""
+        if self._w is not None:
+            self._w.add_image(tag, img, step)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Log flat hyper-parameters with final metrics."""
+        if self._w is not None:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self._w.add_hparams(clean, metrics, run_name=".")
+
+    def flush(self) -> None:
+        if self._w is not None:
+            self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None

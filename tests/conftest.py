@@ -1,0 +1,38 @@
+"""Shared test fixtures: free TCP ports and a helper to run real multi-process jobs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300, extra_env: dict | None = None,
+                 nnodes: int = 1, node_rank: int | None = None, port: int | None = None) -> subprocess.Popen:
+    """Start `torchrun ... args` on loopback and return the process (caller waits)."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+           "--master_addr=127.0.0.1", f"--master_port={port}"]
+    if node_rank is not None:
+        cmd.append(f"--node_rank={node_rank}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()

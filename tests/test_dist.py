@@ -1,0 +1,76 @@
+"""runtime.dist: launcher detection, batch arithmetic, and real 2-process gloo jobs via torchrun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.dist import DistEnv, accumulation_steps, detect, first_host
+from tests.conftest import free_port, run_torchrun
+
+
+def test_plain_python_is_rank_zero_of_one() -> None:
+    assert detect({}) == DistEnv()
+
+
+def test_torchrun_env() -> None:
+    env = detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+                  "MASTER_ADDR": "node0", "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"})
+    assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.num_nodes) == (5, 8, 1, 1, 2)
+    assert (env.master_addr, env.master_port, env.launcher) == ("node0", 1234, "torchrun")
+    assert not env.is_main and env.is_distributed
+
+
+def test_deepspeed_launcher_env() -> None:
+    env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "1",
+                  "CROSS_SIZE": "2"})
+    assert (env.node_rank, env.num_nodes, env.local_world_size, env.launcher) == (1, 2, 2, "deepspeed")
+
+
+def test_slurm_env() -> None:
+    env = detect({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+                  "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[007-008]"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (6, 8, 2, 4)
+    assert (env.node_rank, env.num_nodes, env.master_addr, env.launcher) == (1, 2, "gpu007", "slurm")
+    # a single-task allocation (sbatch running python directly) is not distributed
+    assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == DistEnv()
+
+
+@pytest.mark.parametrize("nodelist,first", [("a1", "a1"), ("gpu[003-005,9],cpu1", "gpu003"), ("n[2,4]", "n2"),
+                                            ("x-y01,x-y02", "x-y01")])
+def test_first_host(nodelist: str, first: str) -> None:
+    assert first_host(nodelist) == first
+
+
+def test_accumulation_arithmetic() -> None:
+    assert accumulation_steps(4096, 32, 64) == 2
+    with pytest.raises(ValueError, match=r"4000 is not divisible by micro-batch 32 x world size 64 = 2048.*2048"):
+        accumulation_steps(4000, 32, 64)
+    with pytest.raises(ValueError, match="positive"):
+        accumulation_steps(0, 1, 1)
+
+
+def _reports(out: str) -> list[dict]:
+    return sorted((json.loads(line) for line in out.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+
+
+def test_two_processes_one_node() -> None:
+    proc = run_torchrun(["-m", "runtime", "dist-check", "--timeout", "60"], nproc=2)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    reports = _reports(out)
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert all(r["world_size"] == 2 and r["rank_sum"] == 1 and r["backend"] == "gloo" for r in reports)
+    assert [r["local_rank"] for r in reports] == [0, 1] and {r["node_rank"] for r in reports} == {0}
+
+
+def test_two_nodes_on_loopback() -> None:
+    port = free_port()
+    procs = [run_torchrun(["-m", "runtime", "dist-check"], nproc=1, nnodes=2, node_rank=n, port=port)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    reports = _reports("\n".join(outs))
+    assert [(r["rank"], r["node_rank"], r["local_rank"], r["num_nodes"]) for r in reports] == [
+        (0, 0, 0, 2), (1, 1, 0, 2)]
