@@ -117,6 +117,14 @@ class DistCfg:
 
 
 @dataclass
+class FaultCfg:
+    """Fault injection for tests: rank `rank` kills itself (SIGKILL) right after optimizer step `kill_at_step`."""
+
+    kill_at_step: int | None = None
+    rank: int = 0
+
+
+@dataclass
 class PretrainConfig:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -130,6 +138,7 @@ class PretrainConfig:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
     dist: DistCfg = field(default_factory=DistCfg)
+    fault: FaultCfg = field(default_factory=FaultCfg)
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:

@@ -10,21 +10,23 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as torch_dist
-from data_prep.stream import build_loader, mixup_cutmix, normalize
 
+from data_prep.stream import build_loader, mixup_cutmix, normalize
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.engine import build_engine
 from pretrain.monitor import Monitor
 from pretrain.steps import EMA, classification_loss, evaluate
 from runtime.config import config_hash, save_config, to_dict
-from runtime.dist import DistEnv, detect, init_distributed
+from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed
+from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
 from vit import VisionTransformer, ViTConfig, vit_config
 
@@ -93,9 +95,20 @@ def _loaders(cfg: PretrainConfig, env: DistEnv, vcfg: ViTConfig):
     return train, val
 
 
+def preflight(cfg: PretrainConfig, env: DistEnv) -> None:
+    """Checks that must fail on every rank alike, before any collective could wait on a failed peer."""
+    accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+    if "://" not in cfg.data.path and not cfg.data.path.startswith("pipe:") and "{" not in cfg.data.path:
+        if not Path(cfg.data.path).exists():
+            raise FileNotFoundError(f"data.path {cfg.data.path} does not exist; write shards with "
+                                    "`python -m data_prep write SRC OUT` and pass OUT/dataset.json")
+
+
 def train(cfg: PretrainConfig) -> dict:
     """Run (or resume) pre-training as configured; returns the final metrics."""
-    env = init_distributed(detect(), timeout_s=cfg.dist.timeout)
+    env = detect()
+    preflight(cfg, env)
+    env = init_distributed(env, timeout_s=cfg.dist.timeout)
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=cfg.dist.timeout))
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)
@@ -122,6 +135,8 @@ def train(cfg: PretrainConfig) -> dict:
     monitor = Monitor(cfg, env, vcfg, run_dir, steps)
     result = _Loop(engine, loader, val_loader, ema, cfg, env, steps, names, monitor, log).run()
     monitor.close(result)
+    if env.is_main:
+        atomic_write_json(run_dir / "report.json", result)
     return result
 
 
@@ -185,6 +200,8 @@ class _Loop:
     def after_step(self, step: int) -> None:
         """Everything done at an optimizer-step boundary: checks, EMA, logs, eval, checkpoints, preemption."""
         cfg, last = self.cfg, step == self.steps
+        if cfg.fault.kill_at_step == step and cfg.fault.rank == self.env.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         self.bad = 0 if self.engine.was_step_applied() else self.bad + 1
         if self.bad >= cfg.train.max_bad_steps:
             raise NonFiniteLoss(f"{self.bad} consecutive steps up to step {step} had a non-finite loss or gradient; "
