@@ -117,11 +117,12 @@ class DistCfg:
 
 
 @dataclass
-class FaultCfg:
-    """Fault injection for tests: rank `rank` kills itself (SIGKILL) right after optimizer step `kill_at_step`."""
+class DebugCfg:
+    """For tests and debugging: fault injection and a record of the sample keys each rank trained on."""
 
-    kill_at_step: int | None = None
-    rank: int = 0
+    kill_at_step: int | None = None  # rank `kill_rank` SIGKILLs itself right after this optimizer step
+    kill_rank: int = 0
+    record_keys: bool = False  # append "micro-batch index<TAB>key" lines to run.dir/keys/rank{r}.txt
 
 
 @dataclass
@@ -138,7 +139,7 @@ class PretrainConfig:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
     dist: DistCfg = field(default_factory=DistCfg)
-    fault: FaultCfg = field(default_factory=FaultCfg)
+    debug: DebugCfg = field(default_factory=DebugCfg)
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:

@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -87,7 +88,7 @@ def _loaders(cfg: PretrainConfig, env: DistEnv, vcfg: ViTConfig):
     common = dict(image_size=cfg.model.image_size, global_batch=t.global_batch, dist_env=env, workers=d.workers,
                   seed=cfg.run.seed, samples_per_epoch=d.samples_per_epoch, decode=d.decode, crop_pct=d.crop_pct)
     train = build_loader(d.path, d.train_split, train=True, micro_batch=t.micro_batch, resampled=d.resampled,
-                         scale=d.scale, ratio=d.ratio, randaugment=d.randaugment, **common)
+                         scale=d.scale, ratio=d.ratio, randaugment=d.randaugment, with_keys=True, **common)
     val = None
     if d.val_split:
         val = build_loader(d.path, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or t.micro_batch,
@@ -146,10 +147,9 @@ def _resume(engine, loader, ema, ckpt_dir, tag, saved, env, cfg, log, universal)
     load_tag = ckpt.to_universal(ckpt_dir, tag, env) if universal else tag
     ckpt.load(engine, ckpt_dir, load_tag, env, universal=universal)
     if universal:
-        loader.load_state_dict({**saved["stream"], "world_size": env.world_size, "position": 0,
-                                "epoch": saved["stream"]["epoch"] + (saved["stream"]["position"] > 0)})
+        loader.load_state_dict(saved["stream"], strict=False)
         log.warning(f"world size changed {saved['world_size']} -> {env.world_size}: resumed {tag} via a universal "
-                    "checkpoint; data continues at the start of the next epoch")
+                    "checkpoint; the data order continues at the nearest position (not sample-exact)")
     else:
         loader.load_state_dict(saved["stream"])
     if ema is not None and (shadow := ckpt.load_ema(ckpt_dir, tag)) is not None:
@@ -167,6 +167,13 @@ class _Loop:
         self.preempt = _Preemption()
         self.bad = 0
         self.metrics: dict = {}
+        self.keys: list[str] = []
+        self.micro = engine.global_steps * engine.gradient_accumulation_steps()
+        self.keys_file = None
+        if cfg.debug.record_keys:
+            keys_dir = Path(cfg.run.dir) / "keys"
+            keys_dir.mkdir(parents=True, exist_ok=True)
+            self.keys_file = open(keys_dir / f"rank{env.rank}.txt", "a", buffering=1)  # noqa: SIM115
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> normalised model-dtype inputs and labels on the device."""
@@ -177,12 +184,19 @@ class _Loop:
         step = engine.global_steps
         while step < self.steps:
             meter.start_wait()
-            for images, labels in self.loader:
+            for images, labels, keys in self.loader:
                 meter.end_wait()
                 self.monitor.first_batch(images, step)
+                self.keys = keys
+                if self.keys_file is not None:  # "micro-batch index <tab> key"; a resumed run rewrites its indices
+                    self.keys_file.write("".join(f"{self.micro}\t{k}\n" for k in keys))
                 x, y = self.prepare(images, labels)
                 if t.mixup or t.cutmix:
-                    x, y = mixup_cutmix(x, y, len(self.names), mixup_alpha=t.mixup, cutmix_alpha=t.cutmix)
+                    # seeded per rank and micro-batch, so a resumed run draws the same mixes
+                    rng = np.random.default_rng((self.cfg.run.seed, self.env.rank, self.micro))
+                    x, y = mixup_cutmix(x, y, len(self.names), mixup_alpha=t.mixup, cutmix_alpha=t.cutmix,
+                                        label_smoothing=t.label_smoothing, rng=rng)
+                self.micro += 1
                 boundary = engine.is_gradient_accumulation_boundary()
                 loss = classification_loss(engine(x), y, t.loss, t.label_smoothing)
                 engine.backward(loss)
@@ -195,16 +209,19 @@ class _Loop:
                     if step >= self.steps:
                         break
                 meter.start_wait()
+        if self.keys_file is not None:
+            self.keys_file.close()
         return {"step": step, **{f"eval/{k}": v for k, v in self.metrics.items()}}
 
     def after_step(self, step: int) -> None:
         """Everything done at an optimizer-step boundary: checks, EMA, logs, eval, checkpoints, preemption."""
         cfg, last = self.cfg, step == self.steps
-        if cfg.fault.kill_at_step == step and cfg.fault.rank == self.env.rank:
+        if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == self.env.rank:
             os.kill(os.getpid(), signal.SIGKILL)
         self.bad = 0 if self.engine.was_step_applied() else self.bad + 1
         if self.bad >= cfg.train.max_bad_steps:
-            raise NonFiniteLoss(f"{self.bad} consecutive steps up to step {step} had a non-finite loss or gradient; "
+            raise NonFiniteLoss(f"{self.bad} consecutive steps up to step {step} had a non-finite loss or gradient "
+                                f"(last micro-batch on rank {self.env.rank}: {', '.join(self.keys[:8])}...); "
                                 "lower optim.lr, raise optim.warmup_steps, or check the data")
         if self.ema is not None:
             self.ema.update(self.engine.module)
