@@ -25,7 +25,7 @@ from pretrain.config import PretrainConfig
 from pretrain.engine import build_engine
 from pretrain.monitor import Monitor
 from pretrain.steps import EMA, classification_loss, evaluate
-from runtime.config import config_hash, save_config, to_dict
+from runtime.config import ConfigError, config_hash, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed
 from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
@@ -98,7 +98,10 @@ def _loaders(cfg: PretrainConfig, env: DistEnv, vcfg: ViTConfig):
 
 def preflight(cfg: PretrainConfig, env: DistEnv) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer."""
-    accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+    try:
+        accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if "://" not in cfg.data.path and not cfg.data.path.startswith("pipe:") and "{" not in cfg.data.path:
         if not Path(cfg.data.path).exists():
             raise FileNotFoundError(f"data.path {cfg.data.path} does not exist; write shards with "
