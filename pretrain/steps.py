@@ -26,6 +26,17 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str, 
     return F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").sum(-1).mean()
 
 
+def micro_step(engine, x: torch.Tensor, targets: torch.Tensor, kind: str, label_smoothing: float) -> torch.Tensor:
+    """Forward, fp32 loss, backward and DeepSpeed step (applied at accumulation boundaries) for one micro-batch.
+
+    Returns the loss, still on the device (reading it would make the host wait).
+    """
+    loss = classification_loss(engine(x), targets, kind, label_smoothing)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, prepare) -> dict[str, float]:
     """Exact top-1/top-5 over an eval loader; label -1 marks padding and is not counted.

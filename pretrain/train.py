@@ -24,7 +24,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.engine import build_engine
 from pretrain.monitor import Monitor
-from pretrain.steps import EMA, classification_loss, evaluate
+from pretrain.steps import EMA, evaluate, micro_step
 from runtime.config import ConfigError, config_hash, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed
 from runtime.io import atomic_write_json
@@ -201,10 +201,7 @@ class _Loop:
                                         label_smoothing=t.label_smoothing, rng=rng)
                 self.micro += 1
                 boundary = engine.is_gradient_accumulation_boundary()
-                loss = classification_loss(engine(x), y, t.loss, t.label_smoothing)
-                engine.backward(loss)
-                engine.step()
-                self.monitor.add_loss(loss.detach())
+                self.monitor.add_loss(micro_step(engine, x, y, t.loss, t.label_smoothing))
                 if boundary:
                     step = engine.global_steps
                     meter.end_step(t.global_batch)
