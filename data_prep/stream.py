@@ -12,9 +12,11 @@ Guarantees:
   epoch, `steps_per_epoch = samples_per_epoch // global_batch`, whatever the shard sizes and faults.
   With a dataset.json and `resampled=False`, no sample appears twice in an epoch and at most the remainder
   `samples_per_epoch - steps_per_epoch * global_batch` is left out.
-- Order: a pure function of (seed, epoch, world size, workers, micro-batch). `state_dict()` between any
-  two batches holds (epoch, position); after `load_state_dict()` the loader yields exactly the batches (keys,
-  crops, flips) an uninterrupted run would have yielded next. The state is the same on every rank.
+- Order: a pure function of (seed, epoch, world size, workers, micro-batch). `loader.epoch` and
+  `loader.position` name the next micro-batch to yield (after the last batch of an epoch: epoch + 1, 0).
+  `state_dict()` between any two batches holds them; after `load_state_dict()` the loader yields exactly
+  the batches (keys, crops, flips) an uninterrupted run would have yielded next. The state is the same on
+  every rank, so rank 0's copy in a checkpoint serves all ranks.
 - Eval (`train=False`): the split in written order, each sample exactly once across ranks, the last partial
   batch included. Every rank yields the same number of micro-batches (ZeRO-3 forwards are collectives),
   so the short ranks are padded with filler samples: zero images with label -1, to be ignored when
@@ -87,26 +89,27 @@ class StreamLoader:
 
     def _epoch(self) -> Iterator[tuple]:
         cfg, workers = self.cfg, self.cfg.workers
-        if self.position >= len(self):  # saved just after the last batch of an epoch
+        if self.position >= len(self):  # a state from before positions wrapped eagerly: start the next epoch
             self.epoch, self.position = self.epoch + 1, 0
-        start = self.position
-        self.dataset.set_position(self.epoch, start)
+        epoch, start = self.epoch, self.position
+        self.dataset.set_position(epoch, start)
+        i = start
         for batch in self._loader:
-            i = self.position
             if (batch["slot"], batch["index"]) != (i % workers, i // workers):
                 raise RuntimeError(f"stream out of order at micro-batch {i}: got slot {batch['slot']} batch "
                                    f"{batch['index']}; the DataLoader no longer asks its workers round-robin")
             self._merge(batch["stats"])
-            images, labels, keys = (self._device_batch(batch) if cfg.decode == "gpu"
+            images, labels, keys = (self._device_batch(batch, epoch) if cfg.decode == "gpu"
                                     else (batch["images"], batch["labels"], batch["keys"]))
-            self.position += 1
+            i += 1
+            # (epoch, position) always name the next batch to yield, so a state saved now resumes after this one
+            self.epoch, self.position = (epoch + 1, 0) if i == len(self) else (epoch, i)
             yield (images, labels, keys) if self.with_keys else (images, labels)
-        if self.position != len(self):
-            raise RuntimeError(f"rank {cfg.rank}: the stream ended after {self.position} of {len(self)} "
-                               f"micro-batches of epoch {self.epoch} (started at {start})")
-        self.epoch, self.position = self.epoch + 1, 0
+        if i != len(self):
+            raise RuntimeError(f"rank {cfg.rank}: the stream ended after {i} of {len(self)} micro-batches of "
+                               f"epoch {epoch} (started at {start})")
 
-    def _device_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def _device_batch(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """decode="gpu": decode the micro-batch's JPEGs on the device, crop, flip; replace what fails."""
         cfg = self.cfg
         labels, keys = batch["labels"].clone(), list(batch["keys"])
@@ -135,7 +138,7 @@ class StreamLoader:
                 self._counts["substituted"] += 1
         if self.dataset.randaugment is not None:
             with torch.random.fork_rng(devices=[]):  # draws from torch's CPU generator: seed it per batch
-                torch.manual_seed(derive_seed(cfg.seed, self.epoch, cfg.rank, batch["slot"], batch["index"], "ra"))
+                torch.manual_seed(derive_seed(cfg.seed, epoch, cfg.rank, batch["slot"], batch["index"], "ra"))
                 for i in range(len(keys)):
                     images[i] = self.dataset.randaugment(images[i])
         return images, labels, keys

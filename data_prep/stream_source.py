@@ -196,7 +196,8 @@ def train_samples(src: Source, *, seed: int, epoch: int, slot: int, slots: int, 
       `needed` samples from offset `start`, shuffled among themselves, so the readers of all ranks cover
       each sample at most once per epoch, whatever the shard sizes. If shards came up short (truncated),
       the reader goes on into the following samples.
-    - bare URL list: this reader's shards are every `slots`-th of the epoch order, read in a loop.
+    - bare URL list: this reader's shards are every `slots`-th of the epoch order, read pass after pass
+      (uneven shards then repeat some samples within an epoch: prefer a dataset.json).
     - resampled: shards drawn with replacement from a per-reader generator (as OpenCLIP does).
     """
     n = len(src.shards)
@@ -208,8 +209,8 @@ def train_samples(src: Source, *, seed: int, epoch: int, slot: int, slots: int, 
     order = epoch_order(n, seed, epoch)
     if not src.counted:
         mine = [src.shards[i].url for i in order[slot::slots]]
-        yield from shuffled(_endless(itertools.cycle(mine), len(mine), counters), shuffle_buffer, rng)
-        return
+        while True:  # pass after pass over this reader's shards, each pass shuffled on its own
+            yield from shuffled(_endless(mine, len(mine), counters), shuffle_buffer, rng)
     counts = [src.shards[i].samples for i in order]
     start %= sum(counts)
     first = 0

@@ -47,7 +47,8 @@ def make_jpeg(index: int, wh: tuple[int, int] = IMAGE_WH) -> tuple[bytes, int]:
 
 def write_split(folder: Path, split: str, sizes: list[int], first_index: int = 0,
                 corrupt: dict[str, str] | None = None) -> list[dict]:
-    """Write one shard per entry of `sizes`; `corrupt` maps keys to "truncated" or "garbage" image bytes."""
+    """Write one shard per entry of `sizes`; `corrupt` maps keys to a fault: "truncated" or "garbage" image
+    bytes, "badlabel" (a non-integer .cls) or "noimage" (no image member)."""
     shards, index = [], first_index
     for s, n in enumerate(sizes):
         name = f"{split}-{s:06d}.tar"
@@ -62,7 +63,12 @@ def write_split(folder: Path, split: str, sizes: list[int], first_index: int = 0
                     jpg = b"not an image" * 20
                 meta = {"label": str(label), "src": f"{label}/{key}.jpg", "width": IMAGE_WH[0],
                         "height": IMAGE_WH[1], "sha256": hashlib.sha256(jpg).hexdigest()}
-                tar.write({"__key__": key, "jpg": jpg, "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+                sample = {"__key__": key, "jpg": jpg, "cls": str(label).encode(), "json": json.dumps(meta).encode()}
+                if kind == "badlabel":
+                    sample["cls"] = b"cat"
+                elif kind == "noimage":
+                    del sample["jpg"]
+                tar.write(sample)
                 index += 1
         data = (folder / name).read_bytes()
         shards.append({"name": name, "samples": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
@@ -75,7 +81,7 @@ def write_dataset(folder: Path, splits: dict[str, list[int]], corrupt: dict[str,
     meta_splits, label_counts, first = {}, {}, 0
     for split, sizes in splits.items():
         shards = write_split(folder, split, sizes, first, corrupt)
-        labels = [make_jpeg(i)[1] for i in range(first, first + sum(sizes))]
+        labels = [true_label(f"{split}{i}") for i in range(first, first + sum(sizes))]
         meta_splits[split] = {"samples": sum(sizes), "shards": shards}
         label_counts[split] = np.bincount(labels, minlength=10).tolist()
         first += sum(sizes)
@@ -84,6 +90,12 @@ def write_dataset(folder: Path, splits: dict[str, list[int]], corrupt: dict[str,
                 "options": {"seed": 0}}
     (folder / "dataset.json").write_text(json.dumps(manifest, indent=2))
     return folder / "dataset.json"
+
+
+def true_label(key: str) -> int:
+    """The label `write_dataset` gave the sample `key` (keys are numbered from 0 across splits)."""
+    targets = _digits()[1]
+    return int(targets[int(key.lstrip("abcdefghijklmnopqrstuvwxyz")) % len(targets)])
 
 
 def crc(images) -> int:
