@@ -80,7 +80,12 @@ class StreamLoader:
 
     @property
     def classes(self) -> tuple[str, ...] | None:
+        """Class names by label (from dataset.json; None for a URL list)."""
         return self.cfg.source.classes
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.cfg.source.classes) if self.cfg.source.classes else None
 
     def __iter__(self) -> Iterator[tuple]:
         gen = self._epoch()

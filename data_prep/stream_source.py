@@ -20,10 +20,11 @@ from pathlib import Path
 
 import braceexpand
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 SHARDS_FORMAT = "vitscale-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+KEPT_MEMBERS = {*IMAGE_EXTS, "cls"}
 MAX_SHARD_NAMES = 100  # shards named in the stats, at most
 
 
@@ -121,10 +122,78 @@ class Counters:
         return delta
 
 
+ZERO_BLOCK = bytes(512)
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:  # a pipe may return less than asked before its end
+        more = stream.read(n - len(data))
+        if not more:
+            raise tarfile.ReadError(f"unexpected end of data ({len(data)} of {n} bytes)")
+        data += more
+    return data
+
+
+def _number(field: bytes) -> int:
+    """A tar numeric field: octal text, or base-256 when the high bit is set (sizes over 8 GiB)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The `path` of a pax extended header (records: b"<len> key=value\\n"), if it has one."""
+    pos = 0
+    while pos < len(records):
+        space = records.index(b" ", pos)
+        end = pos + int(records[pos:space])
+        key, _, value = records[space + 1:end - 1].partition(b"=")
+        if key == b"path":
+            return value.decode()
+        pos = end
+    return None
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of an uncompressed tar stream, in order (ustar, pax, GNU names).
+
+    About 4x faster than `tarfile` in stream mode, whose per-member header parsing costs a fifth of a
+    small JPEG decode. Raises tarfile.ReadError on a cut stream and HeaderError on a damaged header.
+    """
+    long_name, first = None, True
+    while True:
+        header = stream.read(512)
+        if not header and first:
+            raise tarfile.ReadError("empty file")
+        if not header or header == ZERO_BLOCK:  # end of the archive
+            return
+        first = False
+        if len(header) < 512:
+            raise tarfile.ReadError("unexpected end of data inside a header")
+        if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field as spaces
+            raise tarfile.HeaderError("bad tar header checksum")
+        size, kind = _number(header[124:136]), header[156:157]
+        data = _read_exact(stream, size)
+        if size % 512:
+            _read_exact(stream, 512 - size % 512)
+        if kind == b"x":  # pax header: its path applies to the next member
+            long_name = _pax_path(data) or long_name
+        elif kind == b"L":  # GNU long name
+            long_name = data.rstrip(b"\0").decode()
+        elif kind in (b"0", b"\0", b"7"):
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+            yield long_name or (f"{prefix}/{name}" if prefix else name), data
+            long_name = None
+        else:  # directories, links, global headers: nothing to read
+            long_name = None if kind != b"g" else long_name
+
+
 def read_shard(url: str, counters: Counters, skip: int = 0) -> Iterator[dict]:
     """The samples of one tar shard (dicts of member bytes by extension, plus `__key__`), after `skip`.
 
-    A shard that cannot be opened, or breaks off mid-way (truncated, corrupt header), ends early and is
+    A shard that cannot be opened, or breaks off mid-way (truncated, damaged header), ends early and is
     counted; the samples read before the break are kept.
     """
     try:
@@ -134,12 +203,12 @@ def read_shard(url: str, counters: Counters, skip: int = 0) -> Iterator[dict]:
         return
     n = 0
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
+        files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_members(stream))
+        for sample in group_by_keys(files, suffixes=KEPT_MEMBERS):  # .json metadata is not kept in memory
             n += 1
             if n > skip:
                 yield sample
-    except (tarfile.TarError, OSError, EOFError, ValueError):
+    except (tarfile.TarError, OSError, EOFError, ValueError):  # ValueError: bad numbers, names
         counters.add("truncated_shard" if n else "unreadable_shard", shard=url)
     finally:
         try:
