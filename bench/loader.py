@@ -12,11 +12,10 @@ Targets: ours >= 0.95x (a) per worker, >= 1.3x (b). Ratios are printed last.
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import io
 import json
-import resource
+import os
 import sys
 import tarfile
 import tempfile
@@ -64,35 +63,46 @@ def write_shards(folder: Path, n: int, shards: int) -> Path:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished (joined) children, i.e. DataLoader workers."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    """CPU seconds of this process and its live children (DataLoader workers), from /proc (Linux)."""
+    tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if stat.parent.name == str(me) or int(fields[1]) == me:  # fields[1]: parent pid
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / tick
 
 
-def timed(make_batches) -> tuple[float, float]:
-    """(images/s of wall time from the first batch on, images per CPU second over the whole run).
+def _batches(manifest: Path, batch: int) -> int:
+    return json.loads(manifest.read_text())["splits"]["train"]["samples"] // batch
 
-    The second figure counts every process's work (workers included, start-up included) and is what to
-    compare on a shared machine, where wall-clock rates swing with other jobs' load.
+
+def timed(make_batches, batches: int) -> tuple[float, float]:
+    """(images/s of wall time, images per CPU second of all processes), over batches 2..`batches`.
+
+    Start-up (forking workers, filling shuffle buffers) is left out of both. The CPU figure counts the
+    workers' and the main process's work and is what to compare on a shared machine, where wall-clock
+    rates swing with other jobs' load. It is read before the stream ends, while the workers still live.
     """
-    cpu0 = _cpu_seconds()
-    batches = make_batches()
-    it = iter(batches)
-    first = len(next(it)[0])
-    t0, n = time.perf_counter(), 0
-    for images, _ in it:
-        n += len(images)
-    wall = time.perf_counter() - t0
-    del it, batches  # the workers exit and are joined, so their CPU time is counted
-    gc.collect()
-    return n / wall, (n + first) / (_cpu_seconds() - cpu0)
+    source = make_batches()
+    it = iter(source)
+    next(it)
+    t0, cpu0, n = time.perf_counter(), _cpu_seconds(), 0
+    for _ in range(batches - 1):
+        n += len(next(it)[0])
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    for _ in it:  # drain, so every contender ends the same way
+        pass
+    return n / wall, n / cpu
 
 
 def ours(manifest: Path, workers: int, batch: int, decode: str = "cpu", device: str = "cpu") -> tuple[float, float]:
     return timed(lambda: build_loader(
         manifest, "train", train=True, image_size=SIZE, global_batch=batch, micro_batch=batch, dist_env=DistEnv(),
         workers=workers, seed=0, decode=decode, device=device,
-        shuffle_buffer=100))  # as webdataset's shuffle(1000), which starts after 100
+        shuffle_buffer=100), _batches(manifest, batch))  # as webdataset's shuffle(1000), which starts after 100
 
 
 def bare_loop(manifest: Path, batch: int):
@@ -119,7 +129,7 @@ def webdataset_readme(manifest: Path, workers: int, batch: int) -> tuple[float, 
     urls = [str(p) for p in sorted(manifest.parent.glob("train-*.tar"))]
     ds = (wds.WebDataset(urls, shardshuffle=False).shuffle(1000).decode("pil").to_tuple("jpg", "cls")
           .map_tuple(transform, lambda c: c).batched(batch))
-    return timed(lambda: DataLoader(ds, batch_size=None, num_workers=workers))
+    return timed(lambda: DataLoader(ds, batch_size=None, num_workers=workers), _batches(manifest, batch))
 
 
 def main() -> None:
@@ -138,7 +148,7 @@ def main() -> None:
             return
         contenders = {
             "ours_1w": lambda: ours(manifest, 1, args.batch),
-            "bare_1p": lambda: timed(lambda: bare_loop(manifest, args.batch)),
+            "bare_1p": lambda: timed(lambda: bare_loop(manifest, args.batch), _batches(manifest, args.batch)),
             "wds_1w": lambda: webdataset_readme(manifest, 1, args.batch),
             "ours_2w": lambda: ours(manifest, 2, args.batch),
             "wds_2w": lambda: webdataset_readme(manifest, 2, args.batch),
