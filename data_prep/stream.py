@@ -248,6 +248,7 @@ def build_loader(source: str | Path | Sequence[str], split: str, *, train: bool,
     in the workers (JPEG draft mode); "gpu" ships the encoded bytes and decodes on `device` in this process.
     shard_root: where remote shards live, e.g. "pipe:curl -s https://host/ds/{name}" (names from dataset.json).
     with_keys: yield (images, labels, keys). timeout_s: seconds a batch may take before the loader fails.
+    Training checks global = micro x accumulation x world (clear error otherwise); eval ignores global_batch.
     """
     if decode not in ("cpu", "gpu"):
         raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")

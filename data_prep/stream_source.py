@@ -18,8 +18,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys
 
 SHARDS_FORMAT = "vitscale-shards/1"
@@ -90,7 +90,7 @@ def resolve_source(source: str | Path | Sequence[str], split: str, shard_root: s
                 raise FileNotFoundError(f"{path} not found: pass a dataset.json written by data_prep, or tar URLs")
             return _from_manifest(path, split, shard_root)
     patterns = [str(source)] if isinstance(source, (str, Path)) else [str(s) for s in source]
-    urls = [u for p in patterns for u in braceexpand.braceexpand(p)]
+    urls = [u for p in patterns for u in expand_urls(p)]  # braces and '::' lists, as webdataset reads them
     if not urls:
         raise ValueError("no shards given: pass a dataset.json, a brace pattern or a list of tar URLs")
     local_missing = [u for u in urls if ":" not in u.split("/")[0] and not Path(u).exists()]
