@@ -40,7 +40,14 @@ from torch.utils.data import DataLoader
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
 from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
 from data_prep.stream_worker import FILLER_LABEL, ShardStream, StreamConfig, substitute_index
-from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_crop_on_device, normalize, to_hw
+from data_prep.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_crop_on_device,
+    normalize,
+    seeded_torch_rng,
+    to_hw,
+)
 from runtime.dist import DistEnv, accumulation_steps
 
 __all__ = ["build_loader", "StreamLoader", "normalize", "mixup_cutmix", "smooth_one_hot",
@@ -70,9 +77,11 @@ class StreamLoader:
         self._counts: collections.Counter[str] = collections.Counter()
         self._bad_shards: set[str] = set()
         self._active: weakref.ref | None = None
+        # the private generator keeps the DataLoader from drawing its worker seeds from the trainer's RNG
+        # (the stream seeds itself from `seed`)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                   persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
-                                  timeout=timeout_s if workers else 0)
+                                  timeout=timeout_s if workers else 0, generator=torch.Generator())
 
     def __len__(self) -> int:
         """Micro-batches per rank per epoch."""
@@ -142,8 +151,7 @@ class StreamLoader:
                 images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
                 self._counts["substituted"] += 1
         if self.dataset.randaugment is not None:
-            with torch.random.fork_rng(devices=[]):  # draws from torch's CPU generator: seed it per batch
-                torch.manual_seed(derive_seed(cfg.seed, epoch, cfg.rank, batch["slot"], batch["index"], "ra"))
+            with seeded_torch_rng(derive_seed(cfg.seed, epoch, cfg.rank, batch["slot"], batch["index"], "ra")):
                 for i in range(len(keys)):
                     images[i] = self.dataset.randaugment(images[i])
         return images, labels, keys

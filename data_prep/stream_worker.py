@@ -13,6 +13,7 @@ if there is none); in eval it becomes a filler with label -1, which the trainers
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from data_prep.transforms import (
     parse_randaugment,
     pil_to_chw,
     random_resized_crop_box,
+    seeded_torch_rng,
 )
 
 FILLER_LABEL = -1
@@ -161,8 +163,8 @@ class ShardStream(IterableDataset):
     def _batch(self, items: list[dict | None], epoch: int, slot: int, index: int, counters: Counters) -> dict:
         cfg = self.cfg
         rng = random.Random(derive_seed(cfg.seed, epoch, cfg.rank, slot, index, "aug"))
-        with torch.random.fork_rng(devices=[]):  # RandAugment draws from torch's generator: seed it per batch
-            torch.manual_seed(derive_seed(cfg.seed, epoch, cfg.rank, slot, index, "randaugment"))
+        ra_seed = derive_seed(cfg.seed, epoch, cfg.rank, slot, index, "randaugment")
+        with seeded_torch_rng(ra_seed) if self.randaugment is not None else contextlib.nullcontext():
             prepared = [self._prepare(item, rng, counters) for item in items]
         ok = [p is not None for p in prepared]
         for i, p in enumerate(prepared):

@@ -8,11 +8,13 @@ the same region. Batches stay uint8 until `normalize` runs on the device (4x les
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 import random
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -124,6 +126,18 @@ def parse_randaugment(spec: str | None) -> v2.RandAugment | None:
         raise ValueError(f"randaugment {spec!r}: magnitude must be within 0..10")
     # 11 bins so that magnitude m means m/10 of each op's range, as in timm
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
+
+
+@contextlib.contextmanager
+def seeded_torch_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU generator seeded to `seed`, restoring the caller's state afterwards.
+
+    torchvision's RandAugment draws from that global generator; this makes its choices a pure function of
+    the seed without disturbing the trainer's RNG (the CUDA generators are not touched).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:

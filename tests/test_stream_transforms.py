@@ -103,13 +103,17 @@ def test_parse_randaugment() -> None:
             parse_randaugment(bad)
 
 
-def test_randaugment_in_the_loader_is_seeded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_randaugment_in_the_loader_is_seeded(tmp_path: Path, decode: str) -> None:
     ds = write_dataset(tmp_path / "ds", {"train": [8, 8]})
 
     def pixels(randaugment: str | None) -> list[int]:
+        state = torch.get_rng_state()
         ld = build_loader(ds, "train", train=True, image_size=24, global_batch=8, micro_batch=4, dist_env=DistEnv(),
-                          workers=0, seed=1, randaugment=randaugment)
-        return [crc(x) for x, _ in ld]
+                          workers=0, seed=1, randaugment=randaugment, decode=decode, device="cpu")
+        out = [crc(x) for x, _ in ld]
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left alone
+        return out
 
     with_ra = pixels("rand-m9-n2")
     assert with_ra == pixels("rand-m9-n2") and with_ra != pixels(None)
