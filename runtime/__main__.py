@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
 
 import torch
 import torch.distributed as torch_dist
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--timeout", type=float, default=60.0, help="collective timeout, seconds")
     args = p.parse_args(argv)
     report = dist_check(args.timeout)
-    print(json.dumps(report), flush=True)
+    # One write per line: ranks share the console pipe, and a single short write is never interleaved.
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
     expected = report["world_size"] * (report["world_size"] - 1) // 2
     return 0 if report["rank_sum"] == expected else 1
 
