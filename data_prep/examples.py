@@ -99,3 +99,49 @@ def write_example_images(out_dir: str | os.PathLike, dataset: str = "digits", si
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _photo_crop(size: tuple[int, int]) -> Image.Image:
+    return next(photo_crops(1, size=size, seed=1))[1]
+
+
+def write_odd_images(root: str | os.PathLike, cls: str = "odd") -> dict[str, str | None]:
+    """Images of every awkward kind under `root/cls/` (some nested deeper), for tests and demos.
+
+    Returns {relative path: expected reject reason, or None for an image that must be kept}.
+    """
+    base = Path(root) / cls
+    (base / "nested" / "deeper").mkdir(parents=True, exist_ok=True)
+    photo = _photo_crop((48, 40))  # real content, (40, 48, 3)
+    expect: dict[str, str | None] = {}
+
+    def save(rel: str, img: Image.Image, reason: str | None = None, **kw) -> None:
+        img.save(base / rel, **kw)
+        expect[f"{cls}/{rel}"] = reason
+
+    save("gray.png", photo.convert("L"))
+    save("palette.png", photo.convert("P", palette=Image.Palette.ADAPTIVE), transparency=0)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    save("rgba.png", rgba)
+    save("cmyk.jpg", photo.convert("CMYK"), quality=90)
+    save("gray16.png", Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x40, displayed rotated by 90 degrees: 40x48
+    save("rotated.jpg", photo, exif=exif, quality=90)
+    save("nested/deeper/image.webp", photo, quality=90)
+    save("nested/image.bmp", photo)
+    save("tiny.png", photo.resize((8, 8)), "too_small")
+    (base / "empty.jpg").write_bytes(b"")
+    expect[f"{cls}/empty.jpg"] = "empty"
+    save("whole.jpg", photo.resize((96, 80)), quality=90)
+    data = (base / "whole.jpg").read_bytes()
+    (base / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    expect[f"{cls}/truncated.jpg"] = "truncated"
+    (base / "notes.txt").write_text("not an image\n")
+    expect[f"{cls}/notes.txt"] = "not_an_image"
+    (base / "zz_copy_of_whole.jpg").write_bytes(data)  # sorts after whole.jpg: the copy is the duplicate
+    expect[f"{cls}/zz_copy_of_whole.jpg"] = "duplicate"
+    os.symlink(base / "no_such_file.jpg", base / "broken_link.jpg")
+    expect[f"{cls}/broken_link.jpg"] = "unreadable"
+    return expect

@@ -73,14 +73,12 @@ def list_image_folder(root: Path, map_fn: Callable = map) -> Listing:
         class_dirs = [e.name for e in it if e.is_dir() and not _hidden(e.name)]
     if not class_dirs:
         raise SourceError(f"{root} has no class folders: expected {root}/<class>/<image> (or give a .csv/.jsonl list)")
-    classes = sort_classes(class_dirs)
-    per_class = list(map_fn(walk_class, [(str(root), c) for c in classes]))
-    keep = [i for i, files in enumerate(per_class) if files]  # a class with no files gets no index
-    if not keep:
+    files = dict(zip(class_dirs, map_fn(walk_class, [(str(root), c) for c in class_dirs]), strict=True))
+    classes = sort_classes(c for c, f in files.items() if f)  # a class with no files gets no index
+    if not classes:
         raise SourceError(f"{root} has class folders but no files in them: nothing to write")
-    classes = [classes[i] for i in keep]
-    paths = [p for i in keep for p in per_class[i]]
-    labels = np.concatenate([np.full(len(per_class[i]), k, np.int32) for k, i in enumerate(keep)])
+    paths = [p for c in classes for p in files[c]]
+    labels = np.concatenate([np.full(len(files[c]), k, np.int32) for k, c in enumerate(classes)])
     return Listing(root=root, paths=paths, labels=labels, classes=classes)
 
 

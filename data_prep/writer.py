@@ -103,9 +103,9 @@ def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
                     rejects.append({"path": rel, "reason": r.reason, "detail": r.detail})
                     continue
                 sha = src_sha if enc.data is data else hashlib.sha256(enc.data).hexdigest()
-                meta = {"label": label_name, "src": rel, "width": enc.width, "height": enc.height, "sha256": sha,
-                        "src_sha256": src_sha}
-                tw.write({"__key__": key, enc.ext: enc.data, "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+                meta = json.dumps({"label": label_name, "src": rel, "width": enc.width, "height": enc.height,
+                                   "sha256": sha, "src_sha256": src_sha})
+                tw.write({"__key__": key, enc.ext: enc.data, "cls": str(label).encode(), "json": meta.encode()})
                 labels[str(label)] += 1
                 _stats_add(stats, enc.width, enc.height, len(enc.data))
         f.flush()
