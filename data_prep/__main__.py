@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from data_prep.examples import DATASETS, write_example_images
@@ -40,7 +41,8 @@ def _write_parser(sub) -> None:
     g.add_argument("--exclude-hashes", default=None,
                    help="skip images whose sha256 is listed: a text file of hex digests, or a dataset.json")
     g = w.add_argument_group("parallelism")
-    g.add_argument("--workers", type=int, default=1, help="worker processes (output is the same for any count)")
+    g.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="worker processes, default: the CPUs this process may use (the output is the same for any)")
     g.add_argument("--num-nodes", type=int, default=None, help="default: SLURM_ARRAY_TASK_COUNT, else 1")
     g.add_argument("--node-rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID, else 0")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -28,7 +28,8 @@ from runtime.io import atomic_write
 OK, UNREADABLE, EMPTY = 0, 1, 2
 STATUS_REASON = {UNREADABLE: "unreadable", EMPTY: "empty"}
 CHUNK_MAX = 16384
-SAMPLE_OVERHEAD = 3 * 512 + 3 * 256 + 256  # tar headers, padding and the .cls/.json members, estimated
+SAMPLE_OVERHEAD = 3 * 512 + 512 + 512 + 511  # per sample: 3 tar headers, .cls and .json blocks, image padding
+TAR_TAIL = 10240  # end-of-archive blocks and padding to a whole tar record, at most
 
 
 @dataclass
@@ -204,9 +205,14 @@ def assign_splits(listing: Listing, usable: np.ndarray, val_fraction: float, see
 
 
 def cut_shards(order: np.ndarray, est_bytes: np.ndarray | None, per_shard: int, max_bytes: int | None) -> list:
-    """Consecutive runs of `order`: at most `per_shard` samples and (estimated) `max_bytes` bytes each."""
+    """Consecutive runs of `order`: at most `per_shard` samples and (estimated) `max_bytes` bytes each.
+
+    The estimate is tight for passed-through images (their size is known) and an upper bound for shrunk
+    ones unless re-encoding at a higher quality than the source's makes them larger.
+    """
     if not max_bytes:
         return [order[a:a + per_shard] for a in range(0, len(order), per_shard)]
+    max_bytes -= TAR_TAIL
     shards, start, total = [], 0, 0
     for j, b in enumerate(est_bytes[order].tolist()):
         if j > start and (j - start >= per_shard or total + b > max_bytes):
