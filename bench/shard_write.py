@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import io
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -83,10 +84,17 @@ def ours(src: Path, out: Path, resize: bool, per_shard: int, workers: int) -> in
     return sum(s["samples"] for s in m["splits"].values())
 
 
-def timed(fn, *args) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the pool's workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, *args) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, images written)."""
+    t0, c0 = time.perf_counter(), _cpu()
     n = fn(*args)
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, _cpu() - c0, n
 
 
 def main() -> None:
@@ -104,18 +112,19 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, best of {args.repeats}")
         rates = {}
         for path, resize in (("pass-through", False), ("resize-256", True)):
-            best = {"peer": 0.0, "ours": 0.0}
+            best = {"peer": (0.0, 0.0), "ours": (0.0, 0.0)}  # (img/s, CPU ms per image)
             for r in range(args.repeats):
                 for who in ("peer", "ours"):  # alternate, so both see the same machine load
                     out = tmp / f"{who}-{path}-{r}"
                     out.mkdir()
                     shard = args.samples_per_shard
-                    secs, n = (timed(naive, src, out, resize, shard) if who == "peer"
-                               else timed(ours, src, out, resize, shard, args.workers))
-                    best[who] = max(best[who], n / secs)
+                    secs, cpu, n = (timed(naive, src, out, resize, shard) if who == "peer"
+                                    else timed(ours, src, out, resize, shard, args.workers))
+                    best[who] = max(best[who], (n / secs, 1e3 * cpu / n))
                     shutil.rmtree(out)
-            rates[path] = best
-            print(f"{path:<13} peer {best['peer']:8.1f} img/s   ours {best['ours']:8.1f} img/s")
+            rates[path] = {who: v[0] for who, v in best.items()}
+            print(f"{path:<13} peer {best['peer'][0]:7.1f} img/s ({best['peer'][1]:.2f} CPU ms/img)   "
+                  f"ours {best['ours'][0]:7.1f} img/s ({best['ours'][1]:.2f} CPU ms/img)")
         print(f"ratio resize-256 (ours/peer): {rates['resize-256']['ours'] / rates['resize-256']['peer']:.2f}x")
         print(f"ratio pass-through (ours/peer): {rates['pass-through']['ours'] / rates['pass-through']['peer']:.2f}x")
     finally:

@@ -9,6 +9,8 @@ The tree is built in a temporary sibling folder and renamed into place, so it is
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,12 +23,32 @@ from PIL import Image
 DATASETS = ("digits", "photos")
 
 
-def _digits(root: Path, size: int, per_class: int | None, ext: str) -> None:
-    from sklearn.datasets import load_digits
+def _sklearn_file(rel: str) -> Path | None:
+    """A data file shipped inside scikit-learn, found without importing it (the import takes seconds)."""
+    spec = importlib.util.find_spec("sklearn")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(base) / "datasets" / rel).is_file():
+            return Path(base) / "datasets" / rel
+    return None
 
-    d = load_digits()
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) with values 0..16, and targets (1797,)."""
+    path = _sklearn_file("data/digits.csv.gz")
+    if path is None:  # an unusual install: go through the public loader
+        from sklearn.datasets import load_digits as sk_load_digits
+
+        d = sk_load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (1797, 65): 64 pixels, then the digit
+    return data[:, :64].reshape(-1, 8, 8), data[:, 64]
+
+
+def _digits(root: Path, size: int, per_class: int | None, ext: str) -> None:
+    images, targets = load_digits()
     seen: dict[int, int] = {}
-    for i, (img, label) in enumerate(zip(d.images, d.target, strict=True)):
+    for i, (img, label) in enumerate(zip(images, targets, strict=True)):
         label = int(label)
         if per_class is not None and seen.get(label, 0) >= per_class:
             continue
@@ -39,11 +61,14 @@ def _digits(root: Path, size: int, per_class: int | None, ext: str) -> None:
 
 
 def sample_photos() -> dict[str, np.ndarray]:
-    """scikit-learn's two sample photos, name -> (427, 640, 3) uint8."""
-    from sklearn.datasets import load_sample_images
+    """scikit-learn's two sample photos (china, flower), name -> (427, 640, 3) uint8."""
+    files = [_sklearn_file(f"images/{name}.jpg") for name in ("china", "flower")]
+    if None in files:
+        from sklearn.datasets import load_sample_images
 
-    data = load_sample_images()
-    return {Path(f).stem: img for f, img in zip(data.filenames, data.images, strict=True)}
+        data = load_sample_images()
+        return {Path(f).stem: img for f, img in zip(data.filenames, data.images, strict=True)}
+    return {f.stem: np.asarray(Image.open(f).convert("RGB")) for f in files}
 
 
 def photo_crops(n: int, size: tuple[int, int] | None = None, seed: int = 0) -> Iterator[tuple[str, Image.Image]]:

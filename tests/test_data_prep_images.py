@@ -118,3 +118,18 @@ def test_bad_options_are_refused():
     for kw in (dict(format="gif"), dict(quality=0), dict(resize_shorter=0), dict(min_size=0)):
         with pytest.raises(ValueError, match="--"):
             ImageOptions(**kw)
+
+
+def test_example_data_is_scikit_learns():
+    """The example loaders read scikit-learn's bundled files directly (fast); same data as its loaders."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_sample_images
+
+    from data_prep.examples import load_digits, sample_photos
+
+    images, targets = load_digits()
+    ref = sk_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(targets, ref.target)
+    photos = sample_photos()
+    for name, img in zip(("china", "flower"), load_sample_images().images, strict=True):
+        assert np.array_equal(photos[name], img)

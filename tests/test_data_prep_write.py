@@ -182,3 +182,18 @@ def test_rerun_with_other_options_is_refused(source, written):
     out, _ = written
     with pytest.raises(ValueError, match="other inputs or options"):
         write_shards(source[0], out, val_fraction=0.3, samples_per_shard=64)
+
+
+def test_exclude_hashes_from_another_datasets_manifest(source, tmp_path):
+    """Images already in an eval set (read from its dataset.json and shards) are kept out of training,
+    even when the eval set stored them re-encoded."""
+    root, expect, _ = source
+    photos = sorted(p for p in expect if p.split("/")[0] in ("china", "flower"))
+    rows = "".join(json.dumps({"path": str(root / p), "label": p.split("/")[0]}) + "\n" for p in photos[:5])
+    (tmp_path / "eval.jsonl").write_text(rows)
+    write_shards(tmp_path / "eval.jsonl", tmp_path / "eval", resize_shorter=64)  # stored bytes != source bytes
+    m = write_shards(root, tmp_path / "train", exclude_hashes=tmp_path / "eval" / "dataset.json",
+                     samples_per_shard=500)
+    rejects = [json.loads(x) for x in (tmp_path / "train" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in rejects if r["reason"] == "excluded") == photos[:5]
+    assert m["rejects"]["by_reason"]["excluded"] == 5
