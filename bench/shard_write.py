@@ -101,7 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000, help="generated 500x375 JPEGs")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--samples-per-shard", type=int, default=100, help="both contenders")
+    p.add_argument("--samples-per-shard", type=int, default=125, help="both contenders")
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs per contender")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_shard_write_"))

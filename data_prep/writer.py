@@ -119,11 +119,14 @@ def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
 
 
 def resolve_nodes(num_nodes: int | None, node_rank: int | None, env=os.environ) -> tuple[int, int]:
-    """(rank, count) from the arguments, else a SLURM job array, else (0, 1)."""
-    if num_nodes is None and env.get("SLURM_ARRAY_TASK_COUNT"):
+    """(rank, count): the arguments, else a SLURM job array's task id and count, else (0, 1).
+
+    An explicit `--num-nodes 1` opts out of the SLURM defaults (an array used for something else)."""
+    from_slurm = num_nodes is None and bool(env.get("SLURM_ARRAY_TASK_COUNT"))
+    if from_slurm:
         num_nodes = int(env["SLURM_ARRAY_TASK_COUNT"])
-        if node_rank is None:
-            node_rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if node_rank is None and (from_slurm or (num_nodes or 1) > 1) and env.get("SLURM_ARRAY_TASK_ID"):
+        node_rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
     num_nodes, node_rank = num_nodes or 1, node_rank or 0
     if not 0 <= node_rank < num_nodes:
         raise ValueError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")

@@ -106,3 +106,13 @@ def test_merge_before_every_node_is_done_names_the_missing_shards(digits, tmp_pa
         merge(tmp_path / "out")
     with pytest.raises(ValueError, match="--node-rank 3"):
         write_shards(digits, tmp_path / "out", samples_per_shard=50, num_nodes=3, node_rank=3)
+
+
+def test_node_defaults_from_a_slurm_array():
+    from data_prep.writer import resolve_nodes
+
+    array = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert resolve_nodes(None, None, array) == (2, 4)
+    assert resolve_nodes(None, 3, array) == (3, 4)
+    assert resolve_nodes(1, None, array) == (0, 1)  # explicit single node: the array is not ours
+    assert resolve_nodes(None, None, {}) == (0, 1)
