@@ -183,7 +183,7 @@ def screen(listing: Listing, index: Index, dedup: bool, exclude: set[bytes]) -> 
 
 def assign_splits(listing: Listing, usable: np.ndarray, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Split name -> listing indices (canonical order): the list's split column, or a class-stratified
-    hold-out of `val_fraction` of every class (at least one image of a class with two or more)."""
+    hold-out of round(val_fraction * n) of each class's n images (never a class's last training image)."""
     idx = np.flatnonzero(usable)
     if listing.split_ids is not None:
         sid = listing.split_ids[idx]
@@ -196,7 +196,7 @@ def assign_splits(listing: Listing, usable: np.ndarray, val_fraction: float, see
     val = []
     for group in np.split(by_class, np.cumsum(counts)[:-1]):
         n = len(group)
-        k = 0 if n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+        k = min(max(n - 1, 0), round(val_fraction * n))
         val.append(rng.permutation(group)[:k])
     is_val = np.zeros(len(listing), bool)
     is_val[np.concatenate(val) if val else []] = True
