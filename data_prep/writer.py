@@ -204,6 +204,9 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                          "--max-shard-bytes >= 1")
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
+    if Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve()):
+        raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
+                         "images of a class; write somewhere else")
     out.mkdir(parents=True, exist_ok=True)
     exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
     options = {"source": str(Path(src).resolve()), "val_fraction": val_fraction,

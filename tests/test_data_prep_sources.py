@@ -85,7 +85,11 @@ def test_unusable_sources(tmp_path):
         list_source(tmp_path / "list.txt")
 
 
-def test_cli_reports_a_missing_source(tmp_path, capsys):
+def test_cli_reports_a_missing_source_or_an_output_inside_it(tmp_path, capsys):
     assert main(["write", str(tmp_path / "nope"), str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(tmp_path / "nope") in err
+    _touch(tmp_path / "src" / "cat" / "a.jpg")
+    assert main(["write", str(tmp_path / "src"), str(tmp_path / "src" / "shards"), "--no-progress"]) == 2
+    assert "inside the source tree" in capsys.readouterr().err
+    assert not (tmp_path / "src" / "shards").exists()
