@@ -32,6 +32,7 @@ class DataCfg:
     samples_per_epoch: int | None = None  # required when path is not a dataset.json
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop
     ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = 0.5  # horizontal-flip probability (0 for data where left/right matters, e.g. digits)
     crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
     randaugment: str | None = None  # e.g. "rand-m9-n2"
     decode: Literal["cpu", "gpu"] = "cpu"

@@ -88,7 +88,8 @@ def _loaders(cfg: PretrainConfig, env: DistEnv, vcfg: ViTConfig):
     common = dict(image_size=cfg.model.image_size, global_batch=t.global_batch, dist_env=env, workers=d.workers,
                   seed=cfg.run.seed, samples_per_epoch=d.samples_per_epoch, decode=d.decode, crop_pct=d.crop_pct)
     train = build_loader(d.path, d.train_split, train=True, micro_batch=t.micro_batch, resampled=d.resampled,
-                         scale=d.scale, ratio=d.ratio, randaugment=d.randaugment, with_keys=True, **common)
+                         scale=d.scale, ratio=d.ratio, hflip=d.hflip, randaugment=d.randaugment, with_keys=True,
+                         **common)
     val = None
     if d.val_split:
         val = build_loader(d.path, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or t.micro_batch,
