@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -95,6 +96,11 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         cfg, info = self.cfg, get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None:
+            # Preemption signals (SLURM sends them to every process of the job) are the training process's to
+            # handle: it checkpoints, then stops these workers itself. A worker dying of one would crash the run.
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
         if info is not None and info.num_workers != cfg.workers:
             raise RuntimeError(f"stream built for {cfg.workers} workers runs in {info.num_workers}")
         epoch, start = self.position.tolist()

@@ -110,11 +110,11 @@ def load_ema(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor] | None:
     return load_file(str(f)) if f.exists() else None
 
 
-def to_universal(ckpt_dir: str | Path, tag: str, env: DistEnv) -> str:
-    """Convert checkpoint `tag` to DeepSpeed's universal format (rank 0 converts, all wait). Returns its tag."""
+def convert_universal(ckpt_dir: str | Path, tag: str) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (one folder per parameter), once."""
     src = Path(ckpt_dir) / tag
     dst = Path(ckpt_dir) / f"{tag}_universal"
-    if env.is_main and not (dst / "zero").exists():
+    if not (dst / "zero").exists():
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
@@ -124,5 +124,19 @@ def to_universal(ckpt_dir: str | Path, tag: str, env: DistEnv) -> str:
             raise RuntimeError(f"universal checkpoint conversion failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
+    return dst
+
+
+def to_universal(ckpt_dir: str | Path, tag: str, env: DistEnv) -> str:
+    """Rank 0 converts checkpoint `tag` to the universal format while the others wait; returns its tag."""
+    if env.is_main:
+        convert_universal(ckpt_dir, tag)
     barrier()
-    return dst.name
+    return f"{tag}_universal"
+
+
+def universal_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of checkpoint `tag` through its universal form (works for every ZeRO stage and precision)."""
+    zero = convert_universal(ckpt_dir, tag) / "zero"
+    return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+            for p in sorted(zero.iterdir()) if (p / "fp32.pt").exists()}

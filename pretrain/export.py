@@ -39,7 +39,10 @@ def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False) 
         if sd is None:
             raise FileNotFoundError(f"checkpoint {tag} has no EMA weights (train.ema_decay was 0)")
     else:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except ValueError:  # bf16 with ZeRO 0/1 uses DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read
+            sd = ckpt.universal_state_dict(ckpt_dir, tag)
     return {k: v.float() for k, v in sd.items()}, vcfg, state
 
 

@@ -144,18 +144,24 @@ def test_resume_at_another_world_size(baseline: Path, digits_shards: Path, tmp_p
     rc, out = _train(digits_shards, run_dir, "log.peak_tflops=0.001", nproc=1)
     assert rc == 0, out[-4000:]
     assert "world size changed 2 -> 1" in out
-    assert _report(run_dir)["step"] == STEPS and _report(run_dir)["eval/top1"] > 0.3
+    assert _report(run_dir)["step"] == STEPS and _report(run_dir)["eval/top1"] > 0.25
     assert (run_dir / "checkpoints" / "global_step60_universal").is_dir()
 
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path) -> None:
+    ema = ["train.ema_decay=0.9"] if stage == 1 else []  # EMA needs full weights on every rank: ZeRO <= 2
     rc, out = _train(digits_shards, tmp_path, f"zero.stage={stage}", "train.steps=20", "checkpoint.every=0",
-                     "log.every=5")
+                     "log.every=5", *ema)
     assert rc == 0, out[-4000:]
     losses = [v for _, v in _scalars(tmp_path)["train/loss"]]
     assert losses[-1] < losses[0] and _report(tmp_path)["eval/top1"] > 0.15
     assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
+    weights = _export(tmp_path)
+    if ema:
+        averaged = _export(tmp_path, "--ema")
+        assert averaged.keys() == weights.keys()
+        assert 0 < max((averaged[k] - weights[k]).abs().max().item() for k in weights) < 0.5
 
 
 def test_two_nodes_on_loopback(digits_shards: Path, tmp_path: Path) -> None:
