@@ -12,7 +12,6 @@ ratio ours / timm last.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -51,7 +50,7 @@ def ours(args, vcfg, batch) -> float:
                  f"zero.stage={args.zero}", "precision=bf16", f"model.compile={str(args.compile).lower()}",
                  "train.steps=1000", "optim.warmup_steps=1"]
     cfg = load_pretrain_config("debug_cpu", overrides)
-    env = init_distributed(detect())
+    env = init_distributed(detect(), single=True)
     import deepspeed
 
     deepspeed.init_distributed()
@@ -94,10 +93,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29591")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     vcfg = vit_config(args.variant, **({"image_size": args.image_size} if args.image_size else {}))
     g = torch.Generator().manual_seed(0)
     batch = (torch.randint(0, 256, (args.micro_batch, 3, *vcfg.image_hw), dtype=torch.uint8, generator=g),

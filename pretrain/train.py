@@ -113,7 +113,7 @@ def train(cfg: PretrainConfig) -> dict:
     """Run (or resume) pre-training as configured; returns the final metrics."""
     env = detect()
     preflight(cfg, env)
-    env = init_distributed(env, timeout_s=cfg.dist.timeout)
+    env = init_distributed(env, timeout_s=cfg.dist.timeout, single=True)
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=cfg.dist.timeout))
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)
