@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,8 +44,9 @@ def make_accelerator(cfg: FinetuneConfig, accum: int, world: int):
         plugin = DeepSpeedPlugin(hf_ds_config={
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch, "gradient_accumulation_steps": accum,
             "train_batch_size": cfg.train.global_batch, "gradient_clipping": cfg.optim.clip,
-            "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
-                                  "offload_optimizer": {"device": "cpu" if cfg.deepspeed.offload_optimizer else "none"}},
+            "zero_optimization": {
+                "stage": cfg.deepspeed.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                "offload_optimizer": {"device": "cpu" if cfg.deepspeed.offload_optimizer else "none"}},
             "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"}})
     try:
         acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum, deepspeed_plugin=plugin,
@@ -54,7 +54,8 @@ def make_accelerator(cfg: FinetuneConfig, accum: int, world: int):
     except Exception as e:  # importlib.metadata.PackageNotFoundError: transformers
         if plugin is not None and "transformers" in str(e):
             raise RuntimeError("deepspeed.zero_stage=2 uses Accelerate's DeepSpeed plugin, which needs the "
-                               "`transformers` package: pip install transformers (or use deepspeed.zero_stage=0)") from e
+                               "`transformers` package: pip install transformers (or set deepspeed.zero_stage=0)"
+                               ) from e
         raise
     return acc
 
@@ -78,19 +79,6 @@ def resolve_init(cfg: FinetuneConfig, accelerator) -> Path:
         if accelerator.is_local_main_process and not out.is_file():
             export_run_dir(src, out)
     return out
-
-
-@dataclass
-class Setup:
-    """Everything the loop needs, built once."""
-
-    env: DistEnv
-    accum: int
-    total_steps: int
-    num_classes: int
-    class_names: list[str]
-    vcfg: object
-    input_dtype: torch.dtype
 
 
 def _build(cfg: FinetuneConfig, env: DistEnv, accelerator, log):
@@ -126,121 +114,154 @@ def _build(cfg: FinetuneConfig, env: DistEnv, accelerator, log):
     return net, vcfg, num_classes, classes or [str(i) for i in range(num_classes)], train_loader, eval_loader, total
 
 
+class Finetuner:
+    """One fine-tuning run: built from a config, resumed if a checkpoint exists, then `fit()`."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg, self.env = cfg, detect()
+        self.accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, self.env.world_size)
+        self.accelerator = make_accelerator(cfg, self.accum, self.env.world_size)
+        self.run_dir = Path(cfg.run.dir)
+        self.log = setup_logging(self.env, self.run_dir)
+        torch.manual_seed(cfg.run.seed)
+        (self.net, self.vcfg, self.num_classes, self.names, self.train_loader, self.eval_loader,
+         self.total) = _build(cfg, self.env, self.accelerator, self.log)
+        if self.env.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        model = torch.compile(self.net) if cfg.model.compile else self.net
+        optimizer = build_optimizer(self.net.to(self.accelerator.device), cfg.optim)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.input_dtype = next(self.net.parameters()).dtype  # bf16 under DeepSpeed bf16 (no autocast), else fp32
+        self.ema = EMA(self.net, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.state = {"step": 0, "epoch": 0, "evals": [], "best_top1": -1.0, "config_hash": config_hash(cfg)}
+        self.tb = TBWriter(self.run_dir / "tb", enabled=self.env.is_main)
+        dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.meter = ThroughputMeter(train_flops_per_image(self.vcfg), self.env.world_size,
+                                     peak_flops(dev, cfg.log.peak_tflops))
+        self.last_eval = self.last_save = -1
+        if cfg.run.resume and (tag := ckpt.latest_tag(self.run_dir)):
+            self.resume(tag)
+
+    def resume(self, tag: str) -> None:
+        self.state, ema_sd = ckpt.load_checkpoint(self.accelerator, self.run_dir, tag)
+        self.train_loader.load_state_dict(self.state["stream"])
+        if self.ema is not None and ema_sd is not None:
+            self.ema.load_state_dict(ema_sd, self.state["ema_updates"])
+        if self.state["config_hash"] != config_hash(self.cfg):
+            self.log.warning("resuming with a changed recipe (config hash differs from the checkpoint's)")
+        self.last_save = self.state["step"]
+        self.last_eval = self.state["evals"][-1]["step"] if self.state["evals"] else -1
+        self.log.info(f"resumed from {tag}: step {self.state['step']}, epoch {self.state['epoch']}")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights that are evaluated and kept: the EMA when enabled."""
+        return self.ema.state_dict() if self.ema is not None else self.net.state_dict()
+
+    def run_eval(self) -> None:
+        st, acc = self.state, self.accelerator
+        kw = dict(autocast=acc.autocast, input_dtype=self.input_dtype)
+        if self.ema is None:
+            m = evaluate(self.net, self.eval_loader, acc.device, **kw)
+        else:
+            m = _eval_ema(self.net, self.ema, self.eval_loader, acc.device, **kw)
+        m.update(step=st["step"], epoch=st["epoch"])
+        st["evals"].append(m)
+        self.last_eval = st["step"]
+        self.tb.scalars({"eval/top1": m["top1"], "eval/top5": m["top5"], "eval/loss": m["loss"]}, st["step"])
+        self.log.info(f"eval step {st['step']}: top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} ({m['samples']} images)")
+        if self.env.is_main:
+            sd = ckpt.float_state(self.weights())
+            save_weights(self.run_dir / "last.safetensors", sd, self.vcfg, self.names, st["step"])
+            if m["top1"] > st["best_top1"]:
+                st["best_top1"] = m["top1"]
+                save_weights(self.run_dir / "best.safetensors", sd, self.vcfg, self.names, st["step"])
+
+    def save(self) -> None:
+        self.state["stream"] = self.train_loader.state_dict()
+        self.state["ema_updates"] = self.ema.updates if self.ema is not None else 0
+        ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state,
+                             self.ema.state_dict() if self.ema is not None else None,
+                             self.cfg.checkpoint.keep, self.env.is_main)
+        self.last_save = self.state["step"]
+
+    def log_train(self, loss_sum: torch.Tensor, loss_n: int) -> None:
+        step, s = self.state["step"], self.meter.summary()
+        lr, mean = lr_at(step - 1, self.total, self.cfg.optim), (loss_sum / loss_n).item()
+        self.tb.scalars({"train/loss": mean, "train/lr": lr, "perf/img_per_s": s["img_per_s"], "perf/mfu": s["mfu"],
+                         "perf/data_wait_share": s["data_wait_share"]}, step)
+        mfu = f" mfu {s['mfu']:.1%}" if s["mfu"] is not None else ""
+        self.log.info(f"step {step}/{self.total} loss {mean:.4f} lr {lr:.2e} | {s['img_per_s']:.0f} img/s{mfu}")
+
+    def after_step(self) -> None:
+        """Bookkeeping after each optimizer step: EMA, epoch count, then eval and checkpoint when due."""
+        st, c = self.state, self.cfg
+        st["step"] += 1
+        self.meter.end_step(c.train.global_batch)
+        if self.ema is not None:
+            self.ema.update(self.net)
+        # Counted here, not after the loader loop: a run may stop (or be saved) right at an epoch end.
+        epoch_end = self.train_loader.state_dict()["position"] >= len(self.train_loader)
+        st["epoch"] += int(epoch_end)
+        if self.eval_loader is not None and (st["step"] % c.eval.every == 0 if c.eval.every else epoch_end):
+            self.run_eval()
+        if (st["step"] % c.checkpoint.every == 0 if c.checkpoint.every else epoch_end) and st["step"] < self.total:
+            self.save()
+
+    def fit(self) -> dict:
+        """Train to the end; returns the report also written to run.dir/report.json."""
+        t, o, st = self.cfg.train, self.cfg.optim, self.state
+        loss_sum, loss_n = None, 0
+        self.log.info(f"fine-tuning {self.total} steps of {t.global_batch} images ({self.accum} x {t.micro_batch} x "
+                      f"{self.env.world_size}), {self.train_loader.steps_per_epoch} steps per epoch, "
+                      f"{self.vcfg.image_hw} px")
+        self.model.train()
+        while st["step"] < self.total:
+            self.meter.start_wait()
+            for images, labels in self.train_loader:
+                self.meter.end_wait()
+                loss = micro_step(self.accelerator, self.model, self.optimizer, images, labels,
+                                  num_classes=self.num_classes, lr=lr_at(st["step"], self.total, o), clip=o.clip,
+                                  label_smoothing=t.label_smoothing, mixup=t.mixup, cutmix=t.cutmix,
+                                  input_dtype=self.input_dtype)
+                loss_sum, loss_n = (loss if loss_sum is None else loss_sum + loss), loss_n + 1
+                if self.accelerator.sync_gradients:
+                    self.after_step()
+                    if st["step"] % self.cfg.log.every == 0 or st["step"] == self.total:
+                        self.log_train(loss_sum, loss_n)
+                        loss_sum, loss_n = None, 0
+                    if st["step"] >= self.total:
+                        break
+                self.meter.start_wait()
+        return self.finish()
+
+    def finish(self) -> dict:
+        st = self.state
+        if self.eval_loader is not None and self.last_eval != st["step"]:
+            self.run_eval()
+        if self.last_save != st["step"]:
+            self.save()
+        report = _report(self.cfg, self.vcfg, st, self.total, self.env)
+        if self.env.is_main:
+            if self.eval_loader is None:
+                save_weights(self.run_dir / "last.safetensors", ckpt.float_state(self.weights()), self.vcfg,
+                             self.names, st["step"])
+            atomic_write_json(self.run_dir / "report.json", report)
+        self.tb.close()
+        self.accelerator.end_training()
+        return report
+
+
 def train(cfg: FinetuneConfig) -> dict:
-    """Fine-tune as `cfg` says; returns the report also written to run.dir/report.json."""
-    env = detect()
-    accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
-    accelerator = make_accelerator(cfg, accum, env.world_size)
-    run_dir = Path(cfg.run.dir)
-    log = setup_logging(env, run_dir)
-    torch.manual_seed(cfg.run.seed)
-    net, vcfg, num_classes, names, train_loader, eval_loader, total = _build(cfg, env, accelerator, log)
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    model = torch.compile(net) if cfg.model.compile else net
-    optimizer = build_optimizer(net.to(accelerator.device), cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    input_dtype = next(net.parameters()).dtype  # bf16 under DeepSpeed bf16 (no autocast there), else fp32
-    ema = EMA(net, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    state = {"step": 0, "epoch": 0, "evals": [], "best_top1": -1.0, "config_hash": config_hash(cfg)}
-    tag = ckpt.latest_tag(run_dir) if cfg.run.resume else None
-    if tag:
-        state, ema_sd = ckpt.load_checkpoint(accelerator, run_dir, tag)
-        train_loader.load_state_dict(state["stream"])
-        if ema is not None and ema_sd is not None:
-            ema.load_state_dict(ema_sd, state["ema_updates"])
-        if state["config_hash"] != config_hash(cfg):
-            log.warning("resuming with a changed recipe (config hash differs from the checkpoint's)")
-        log.info(f"resumed from {tag}: step {state['step']}, epoch {state['epoch']}")
-    tb = TBWriter(run_dir / "tb", enabled=env.is_main)
-    dev_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    meter = ThroughputMeter(train_flops_per_image(vcfg), env.world_size, peak_flops(dev_name, cfg.log.peak_tflops))
-
-    def weights() -> dict:
-        return ema.state_dict() if ema is not None else net.state_dict()
-
-    def run_eval() -> None:
-        m = evaluate(net, eval_loader, accelerator.device, autocast=accelerator.autocast, input_dtype=input_dtype) \
-            if ema is None else _eval_ema(net, ema, eval_loader, accelerator, input_dtype)
-        m.update(step=state["step"], epoch=state["epoch"])
-        state["evals"].append(m)
-        tb.scalars({"eval/top1": m["top1"], "eval/top5": m["top5"], "eval/loss": m["loss"]}, state["step"])
-        log.info(f"eval step {state['step']}: top-1 {m['top1']:.2%} top-5 {m['top5']:.2%} ({m['samples']} images)")
-        if env.is_main:
-            sd = ckpt.float_state(weights())
-            save_weights(run_dir / "last.safetensors", sd, vcfg, names, state["step"])
-            if m["top1"] > state["best_top1"]:
-                state["best_top1"] = m["top1"]
-                save_weights(run_dir / "best.safetensors", sd, vcfg, names, state["step"])
-
-    def save() -> None:
-        state["stream"] = train_loader.state_dict()
-        state["ema_updates"] = ema.updates if ema is not None else 0
-        ckpt.save_checkpoint(accelerator, run_dir, state, ema.state_dict() if ema is not None else None,
-                             cfg.checkpoint.keep, env.is_main)
-
-    t, o = cfg.train, cfg.optim
-    loss_sum, loss_n, last_eval, last_save = None, 0, -1, -1
-    log.info(f"fine-tuning {total} steps of {t.global_batch} images ({accum} x {t.micro_batch} x {env.world_size}), "
-             f"{train_loader.steps_per_epoch} steps per epoch, {vcfg.image_hw} px")
-    model.train()
-    while state["step"] < total:
-        meter.start_wait()
-        for images, labels in train_loader:
-            meter.end_wait()
-            loss = micro_step(accelerator, model, optimizer, images, labels, num_classes=num_classes,
-                              lr=lr_at(state["step"], total, o), clip=o.clip, label_smoothing=t.label_smoothing,
-                              mixup=t.mixup, cutmix=t.cutmix, input_dtype=input_dtype)
-            loss_sum, loss_n = (loss if loss_sum is None else loss_sum + loss), loss_n + 1
-            if accelerator.sync_gradients:
-                state["step"] += 1
-                meter.end_step(t.global_batch)
-                if ema is not None:
-                    ema.update(net)
-                if state["step"] % cfg.log.every == 0 or state["step"] == total:
-                    s, lr = meter.summary(), lr_at(state["step"] - 1, total, o)
-                    mean = (loss_sum / loss_n).item()
-                    loss_sum, loss_n = None, 0
-                    tb.scalars({"train/loss": mean, "train/lr": lr, "perf/img_per_s": s["img_per_s"],
-                                "perf/mfu": s["mfu"], "perf/data_wait_share": s["data_wait_share"]}, state["step"])
-                    log.info(f"step {state['step']}/{total} loss {mean:.4f} lr {lr:.2e} | {s['img_per_s']:.0f} img/s")
-                if eval_loader is not None and cfg.eval.every and state["step"] % cfg.eval.every == 0:
-                    run_eval()
-                    last_eval = state["step"]
-                if cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0:
-                    save()
-                    last_save = state["step"]
-                if state["step"] >= total:
-                    break
-            meter.start_wait()
-        else:  # the epoch ran out
-            state["epoch"] += 1
-            if eval_loader is not None and not cfg.eval.every and last_eval != state["step"]:
-                run_eval()
-                last_eval = state["step"]
-            if not cfg.checkpoint.every and last_save != state["step"] and state["step"] < total:
-                save()
-                last_save = state["step"]
-    if eval_loader is not None and last_eval != state["step"]:
-        run_eval()
-    if last_save != state["step"]:
-        save()
-    report = _report(cfg, vcfg, state, total, env)
-    if env.is_main:
-        if eval_loader is None:
-            save_weights(run_dir / "last.safetensors", ckpt.float_state(weights()), vcfg, names, state["step"])
-        atomic_write_json(run_dir / "report.json", report)
-    tb.close()
-    accelerator.end_training()
-    return report
+    """Fine-tune as `cfg` says (resuming from run.dir/checkpoints/latest if there); returns the report."""
+    return Finetuner(cfg).fit()
 
 
-def _eval_ema(net, ema: EMA, loader, accelerator, input_dtype) -> dict:
+def _eval_ema(net, ema: EMA, loader, device, **kw) -> dict:
     """Evaluate the EMA weights (swapped in, then swapped back) and the raw weights' top-1 alongside."""
-    raw = evaluate(net, loader, accelerator.device, autocast=accelerator.autocast, input_dtype=input_dtype)
+    raw = evaluate(net, loader, device, **kw)
     backup = {k: v.detach().clone() for k, v in net.state_dict().items()}
     net.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.state_dict().items()})
-    m = evaluate(net, loader, accelerator.device, autocast=accelerator.autocast, input_dtype=input_dtype)
+    m = evaluate(net, loader, device, **kw)
     net.load_state_dict(backup)
     m["raw_top1"] = raw["top1"]
     return m
