@@ -51,11 +51,20 @@ def micro_step(accelerator, model: nn.Module, optimizer, images: torch.Tensor, l
     return loss.detach()
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def _world() -> int:
     # The real process group, not Accelerate's rank fields (they misreport under its DeepSpeed plugin on CPU).
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
         dist.all_reduce(t)
     return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (every rank must call this)."""
+    return _all_reduce(t.clone()) / _world()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from finetune import checkpoint as ckpt
 from finetune.config import FinetuneConfig
 from finetune.load import build_finetune_model, export_run_dir, finetune_config, read_checkpoint
 from finetune.optim import EMA, build_optimizer, lr_at
-from finetune.steps import evaluate, micro_step
+from finetune.steps import all_reduce_mean, evaluate, micro_step
 from runtime.config import config_hash, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect
 from runtime.io import atomic_write_json
@@ -49,14 +49,21 @@ def make_accelerator(cfg: FinetuneConfig, accum: int, world: int):
                 "offload_optimizer": {"device": "cpu" if cfg.deepspeed.offload_optimizer else "none"}},
             "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"}})
     try:
+        # cpu=True on a CPU-only machine: without it Accelerate starts no process group under torchrun there
+        # and every rank would train alone (DistributedType.NO), silently.
         acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum, deepspeed_plugin=plugin,
-                          step_scheduler_with_optimizer=False)
+                          step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
     except Exception as e:  # importlib.metadata.PackageNotFoundError: transformers
         if plugin is not None and "transformers" in str(e):
             raise RuntimeError("deepspeed.zero_stage=2 uses Accelerate's DeepSpeed plugin, which needs the "
                                "`transformers` package: pip install transformers (or set deepspeed.zero_stage=0)"
                                ) from e
         raise
+    # The real process group, not Accelerate's rank fields (they misreport under its DeepSpeed plugin on CPU).
+    got = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if got != world:
+        raise RuntimeError(f"launched as {world} processes but Accelerate's process group has {got}: the ranks "
+                           "would train apart; launch with torchrun or `accelerate launch`")
     return acc
 
 
@@ -186,7 +193,8 @@ class Finetuner:
 
     def log_train(self, loss_sum: torch.Tensor, loss_n: int) -> None:
         step, s = self.state["step"], self.meter.summary()
-        lr, mean = lr_at(step - 1, self.total, self.cfg.optim), (loss_sum / loss_n).item()
+        mean = all_reduce_mean(loss_sum.float() / loss_n).item()  # the global batch's loss, not rank 0's share
+        lr = lr_at(step - 1, self.total, self.cfg.optim)
         self.tb.scalars({"train/loss": mean, "train/lr": lr, "perf/img_per_s": s["img_per_s"], "perf/mfu": s["mfu"],
                          "perf/data_wait_share": s["data_wait_share"]}, step)
         mfu = f" mfu {s['mfu']:.1%}" if s["mfu"] is not None else ""
@@ -199,9 +207,11 @@ class Finetuner:
         self.meter.end_step(c.train.global_batch)
         if self.ema is not None:
             self.ema.update(self.net)
-        # Counted here, not after the loader loop: a run may stop (or be saved) right at an epoch end.
-        epoch_end = self.train_loader.state_dict()["position"] >= len(self.train_loader)
-        st["epoch"] += int(epoch_end)
+        # Epochs come from the stream's own position, read right after the step: a run may stop (or be saved)
+        # exactly at an epoch end. A position at the end counts as the next epoch (loaders that wrap lazily).
+        pos = self.train_loader.state_dict()
+        done = pos["epoch"] + int(pos["position"] >= len(self.train_loader))
+        epoch_end, st["epoch"] = done > st["epoch"], done
         if self.eval_loader is not None and (st["step"] % c.eval.every == 0 if c.eval.every else epoch_end):
             self.run_eval()
         if (st["step"] % c.checkpoint.every == 0 if c.checkpoint.every else epoch_end) and st["step"] < self.total:
