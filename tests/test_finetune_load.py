@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.config import RECIPES_DIR, FinetuneConfig, load_finetune_config
-from finetune.load import build_finetune_model, finetune_config, load_for_eval, read_checkpoint
+from finetune.load import build_finetune_model, export_run_dir, finetune_config, load_for_eval, read_checkpoint
 from finetune.optim import EMA, build_optimizer, lr_at, param_groups
 from runtime.config import ConfigError
 from vit import VisionTransformer, vit_config
@@ -180,3 +180,9 @@ def test_recipes_load_and_bad_configs_are_refused() -> None:
         load_finetune_config("debug_cpu", REQUIRED + ["optim.layer_decy=0.5"])
     with pytest.raises(ConfigError, match="zero_stage must be 0"):
         load_finetune_config("debug_cpu", REQUIRED + ["deepspeed.zero_stage=3"])
+
+
+def test_a_folder_that_is_no_run_dir_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="could not export pretrain run dir .* pass the .safetensors file"):
+        export_run_dir(tmp_path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

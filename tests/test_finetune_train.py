@@ -14,6 +14,7 @@ each rank's weight checksum to OUT/rank{r}.json.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -284,6 +285,26 @@ def test_killed_run_resumes_from_its_checkpoint(digits: dict, two_procs: Path, t
     assert resumed["step"] == ref["step"] == STEPS
     assert resumed["checksum"] == ref["checksum"]  # same data, same RNG, same optimizer state: same weights
     assert _losses(run)[-(STEPS - saved):] == _losses(two_procs / "run")[saved:]
+
+
+HAS_PRETRAIN = importlib.util.find_spec("pretrain.__main__") is not None
+
+
+@needs_stream
+@pytest.mark.skipif(not HAS_PRETRAIN, reason="the pre-training stage (`python -m pretrain`) is not in this tree yet, "
+                    "so no ZeRO run dir can be made")
+def test_pretrain_run_dir_is_consolidated_and_finetuned(digits: dict, tmp_path: Path) -> None:
+    pre = tmp_path / "pre"
+    proc = subprocess.run([PY, "-m", "pretrain", "train", "debug_cpu", f"data.path={digits['data']}",
+                           "data.train_split=pretrain", f"run.dir={pre}", "train.steps=4", "checkpoint.every=4",
+                           "eval.every=4"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "ft"
+    _finetune_cli(["train", "debug_cpu", f"init={pre}", f"data.path={digits['data']}", f"run.dir={run}",
+                   "model.image_size=48", "train.steps=4", "checkpoint.every=0", "log.every=2"])
+    report = json.loads((run / "report.json").read_text())
+    assert (run / "init" / "model.safetensors").is_file() and report["steps"] == 4
+    assert report["image_size"] == [48, 48] and report["last"]["samples"] == SPLITS["val"][1] - SPLITS["val"][0]
 
 
 def _driver(argv: list[str]) -> None:
