@@ -59,6 +59,10 @@ def make_accelerator(cfg: FinetuneConfig, accum: int, world: int):
                                "`transformers` package: pip install transformers (or set deepspeed.zero_stage=0)"
                                ) from e
         raise
+    if plugin is not None and acc.distributed_type.value != "DEEPSPEED":
+        raise RuntimeError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} asked for, but Accelerate runs "
+                           f"{acc.distributed_type.value} here (its DeepSpeed plugin needs GPUs); use "
+                           "deepspeed.zero_stage=0 on this machine")
     # The real process group, not Accelerate's rank fields (they misreport under its DeepSpeed plugin on CPU).
     got = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if got != world:

@@ -174,6 +174,17 @@ def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: 
     assert (run / "last.safetensors").is_file() and list((run / "tb").iterdir())
 
 
+def test_zero_stage_2_is_refused_where_deepspeed_cannot_run(tmp_path: Path) -> None:
+    """On a CPU-only machine Accelerate would drop its DeepSpeed plugin silently; the trainer says so instead."""
+    proc = subprocess.run([PY, "-m", "finetune", "train", "debug_cpu", "init=x.safetensors", "data.path=x.json",
+                           f"run.dir={tmp_path}", "deepspeed.zero_stage=2"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs the DeepSpeed plugin")
+    assert proc.returncode != 0
+    assert re.search(r"deepspeed.zero_stage=2 (asked for|uses)", proc.stderr), proc.stderr[-2000:]
+
+
 def _losses(run: Path) -> list[float]:
     return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", (run / "log.txt").read_text())]
 
