@@ -214,7 +214,6 @@ def two_procs(digits: dict) -> Path:
     return root
 
 
-@needs_stream
 def test_two_processes_train_in_sync(two_procs: Path) -> None:
     """The 2-process run's loss curve starts at log(10) (zero head) and falls; both ranks end with equal weights.
     (That it matches one process's steps exactly is the next test, on fixed batches.)"""
@@ -278,7 +277,6 @@ def _kill_workers(proc: subprocess.Popen) -> None:
         child.kill()
 
 
-@needs_stream
 def test_killed_run_resumes_from_its_checkpoint(digits: dict, two_procs: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _launch(2, tmp_path / "killed", run, digits)
