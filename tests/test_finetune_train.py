@@ -1,8 +1,8 @@
-"""Fine-tuning end to end on real images (sklearn digits in contract-format shards) and on 2 processes.
+"""Fine-tuning end to end on real images (sklearn digits in data_prep shards) and on 2 processes.
 
-- a debug ViT pre-trained at 16 px (4 x 4 grid) is (a) evaluated at 32 px with interpolated position
-  embeddings and no training, and (b) fine-tuned at 32 px on a held-out split: (b) beats (a), (a) beats chance
-  by far, and a wrongly ordered interpolation does not;
+- shards written by `python -m data_prep write`; a debug ViT pre-trained at 16 px (4 x 4 grid) is (a) evaluated
+  at 32 px with interpolated position embeddings and no training, and (b) fine-tuned at 32 px on a held-out
+  split: (b) beats (a), (a) beats chance by far, and a wrong resampling does not;
 - Accelerate on 2 CPU processes (gloo) keeps the ranks' weights equal, and its steps equal one process's
   accumulated steps on the same global batches;
 - a run killed after a checkpoint resumes from it and ends where an uninterrupted run ends.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
@@ -31,7 +30,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 
 from tests.conftest import ROOT, run_torchrun
 
@@ -40,83 +38,67 @@ SIZE = 32  # stored image size; pre-training crops to 16, fine-tuning to 32
 SPLITS = {"pretrain": (0, 900), "train": (900, 1400), "val": (1400, 1797)}  # held-out splits of 1797 digits
 
 
-def _real_stream() -> bool:
-    import data_prep.stream as stream
+def write_shards(folder: Path) -> Path:
+    """sklearn digits at 32 px as an ImageFolder tree, then shards written by `python -m data_prep write` from a
+    CSV list that assigns the held-out splits."""
+    import csv
 
-    return hasattr(stream, "StreamLoader")
+    from data_prep.examples import write_example_images
 
-
-needs_stream = pytest.mark.skipif(not _real_stream(), reason="data_prep.stream is the synthetic stand-in: reading "
-                                  "image shards needs the real streaming loader")
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """uint8 RGB (N, SIZE, SIZE, 3) digits in a fixed shuffled order, and labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    order = np.random.default_rng(0).permutation(len(d.target))
-    imgs = [np.asarray(Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((SIZE, SIZE),
-                                                                                         Image.Resampling.BILINEAR))
-            for i in order]
-    return np.stack([np.repeat(a[..., None], 3, axis=-1) for a in imgs]), d.target[order]
-
-
-def write_shards(folder: Path, per_shard: int = 250) -> Path:
-    """Contract-1 shards ({split}-{i:06d}.tar with .png/.cls/.json members) and dataset.json."""
-    images, labels = _digits()
-    meta = {"format": "vitscale-shards/1", "classes": [str(c) for c in range(10)], "splits": {}, "label_counts": {},
-            "rejects": {"count": 0, "by_reason": {}, "log": "rejects.jsonl"}, "options": {"seed": 0}}
-    for split, (lo, hi) in SPLITS.items():
-        shards = []
-        for s, start in enumerate(range(lo, hi, per_shard)):
-            name = f"{split}-{s:06d}.tar"
-            with wds.TarWriter(str(folder / name)) as tar:
-                for i in range(start, min(start + per_shard, hi)):
-                    buf = io.BytesIO()
-                    Image.fromarray(images[i]).save(buf, format="PNG")
-                    png = buf.getvalue()
-                    tar.write({"__key__": f"d{i:05d}", "png": png, "cls": str(int(labels[i])).encode(),
-                               "json": json.dumps({"label": str(labels[i]), "src": f"digits/{i}", "width": SIZE,
-                                                   "height": SIZE, "sha256": hashlib.sha256(png).hexdigest()})})
-            data = (folder / name).read_bytes()
-            shards.append({"name": name, "samples": min(start + per_shard, hi) - start, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
-        meta["splits"][split] = {"samples": hi - lo, "shards": shards}
-        meta["label_counts"][split] = np.bincount(labels[lo:hi], minlength=10).tolist()
-    (folder / "dataset.json").write_text(json.dumps(meta))
-    return folder / "dataset.json"
+    tree = write_example_images(folder / "images", "digits", size=SIZE)
+    files = sorted(tree.rglob("*.png"))
+    order = np.random.default_rng(0).permutation(len(files))
+    bounds = [(name, lo, hi) for name, (lo, hi) in SPLITS.items()]
+    with open(folder / "list.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for pos, i in enumerate(order):
+            split = next(name for name, lo, hi in bounds if lo <= pos < hi)
+            w.writerow([files[i].relative_to(folder), files[i].parent.name, split])
+    proc = subprocess.run([PY, "-m", "data_prep", "write", str(folder / "list.csv"), str(folder / "shards"),
+                           "--samples-per-shard", "250", "--workers", "1", "--no-progress"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return folder / "shards" / "dataset.json"
 
 
-def pretrain_16px(out: Path) -> Path:
+def split_tensors(data: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, H, W) images and labels of one split, read with plain webdataset (DESIGN contract 1)."""
+    meta = json.loads(data.read_text())
+    urls = [str(data.parent / s["name"]) for s in meta["splits"][split]["shards"]]
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png;webp", "cls"))
+    images = torch.stack([torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img, _ in pairs])
+    return images, torch.tensor([int(c) for _, c in pairs])
+
+
+def pretrain_16px(data: Path, out: Path) -> Path:
     """Pre-train a debug ViT (patch 4, 16 px: a 4 x 4 grid, tanh pre-logits head) on the `pretrain` split."""
     from data_prep.stream import normalize
     from vit import VisionTransformer, vit_config
     from vit.weights import save_weights
 
-    images, labels = _digits()
-    lo, hi = SPLITS["pretrain"]
-    x = torch.from_numpy(images[lo:hi]).permute(0, 3, 1, 2)  # uint8 (N, 3, 32, 32)
-    x = normalize(F.interpolate(x.float(), size=16, mode="bilinear", antialias=True).round().to(torch.uint8),
-                  dtype=torch.float32)
-    y = torch.from_numpy(labels[lo:hi]).long()
+    images, y = split_tensors(data, "pretrain")
+    small = F.interpolate(images.float(), size=16, mode="bilinear", antialias=True).round().to(torch.uint8)
+    x = normalize(small, dtype=torch.float32)  # (N, 3, 16, 16), as the stream normalises
     torch.manual_seed(0)
     cfg = vit_config("debug", patch_size=4, image_size=16, representation_size=32, num_classes=10)
     model = VisionTransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.03)
-    for _ in range(20):
+    for _ in range(30):
         for i in range(0, len(y), 32):
             loss = F.cross_entropy(model(x[i:i + 32]), y[i:i + 32])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return save_weights(out, model.state_dict(), cfg, class_names=[str(c) for c in range(10)], step=20 * 29)
+    return save_weights(out, model.state_dict(), cfg, class_names=[str(c) for c in range(10)], step=30 * 29)
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("digits")
-    return {"data": write_shards(root), "init": pretrain_16px(root / "pre16.safetensors"), "root": root}
+    data = write_shards(root)
+    return {"data": data, "init": pretrain_16px(data, root / "pre16.safetensors"), "root": root,
+            "val_samples": json.loads(data.read_text())["splits"]["val"]["samples"]}
 
 
 def _env() -> dict:
@@ -145,28 +127,29 @@ def _eval_here(weights: Path, data: Path, size: int) -> dict:
 DIGITS_AUG = ["data.scale=[0.9,1.0]", "data.hflip=0.0"]  # a flipped digit is another digit
 
 
-@needs_stream
 def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: Path) -> None:
     from finetune.load import read_checkpoint
     from vit.weights import save_weights
 
     a = _eval_cli(digits["init"], digits["data"], 32)  # (a): pos-embed resampled 4x4 -> 8x8, no training
-    # The same weights with the 4 x 4 grid read column-major before resampling: the wrong order.
+    # The same weights resampled with the classic bug: (1, N, D) reshaped to (1, D, H, W) without a permute.
     sd, cfg, names = read_checkpoint(digits["init"])
-    grid = sd["pos_embed"][:, 1:].reshape(1, 4, 4, -1).transpose(1, 2).reshape(1, 16, -1)
-    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], grid], dim=1)
-    wrong = _eval_here(save_weights(tmp_path / "wrong.safetensors", sd, cfg, names), digits["data"], 32)
+    D = cfg.width
+    bad = F.interpolate(sd["pos_embed"][:, 1:].reshape(1, D, 4, 4), size=(8, 8), mode="bicubic").reshape(1, 64, D)
+    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], bad], dim=1)
+    wrong = _eval_here(save_weights(tmp_path / "wrong.safetensors", sd, cfg.replace(image_size=32), names),
+                       digits["data"], 32)
     run = tmp_path / "ft"
     _finetune_cli(["train", "debug_cpu", f"init={digits['init']}", f"data.path={digits['data']}", f"run.dir={run}",
                    "train.steps=45", "optim.lr=0.05", "train.ema_decay=0.99", "checkpoint.every=0", "log.every=5",
                    *DIGITS_AUG])
     report = json.loads((run / "report.json").read_text())
     b = _eval_here(run / "best.safetensors", digits["data"], 32)
-    print(f"digits val top-1: (a) 32 px, interpolated, no training {a['top1']:.3f}; wrong grid order "
+    print(f"digits val top-1: (a) 32 px, interpolated, no training {a['top1']:.3f}; wrong resampling "
           f"{wrong['top1']:.3f}; (b) fine-tuned at 32 px {b['top1']:.3f}")
-    assert a["samples"] == b["samples"] == SPLITS["val"][1] - SPLITS["val"][0]
-    assert a["top1"] > 0.35 and a["top1"] > wrong["top1"] + 0.15  # chance is 0.10
-    assert b["top1"] > a["top1"] + 0.15 and b["top1"] > 0.75
+    assert a["samples"] == b["samples"] == digits["val_samples"]
+    assert a["top1"] > 0.3 and a["top1"] > wrong["top1"] + 0.1 and wrong["top1"] < 0.3  # chance is 0.10
+    assert b["top1"] > a["top1"] + 0.2 and b["top1"] > 0.6
     # The kept best weights are the ones evaluated in training (there under bf16 autocast, here in fp32).
     assert b["top1"] == pytest.approx(report["best"]["top1"], abs=0.01)
     assert report["grid"] == [8, 8] and report["steps"] == 45 and report["epochs"] == 3
@@ -219,7 +202,7 @@ def test_two_processes_train_in_sync(two_procs: Path) -> None:
     (That it matches one process's steps exactly is the next test, on fixed batches.)"""
     losses = _losses(two_procs / "run")
     assert len(losses) == STEPS and losses[0] == pytest.approx(math.log(10), abs=0.05)
-    assert np.mean(losses[-4:]) < 0.75 * losses[0] and np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.25
     ranks = [json.loads((two_procs / "out" / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["world"] == 2  # weights synced
     assert ranks[0]["step"] == STEPS
@@ -299,7 +282,6 @@ def test_killed_run_resumes_from_its_checkpoint(digits: dict, two_procs: Path, t
 HAS_PRETRAIN = importlib.util.find_spec("pretrain.__main__") is not None
 
 
-@needs_stream
 @pytest.mark.skipif(not HAS_PRETRAIN, reason="the pre-training stage (`python -m pretrain`) is not in this tree yet, "
                     "so no ZeRO run dir can be made")
 def test_pretrain_run_dir_is_consolidated_and_finetuned(digits: dict, tmp_path: Path) -> None:
@@ -313,7 +295,7 @@ def test_pretrain_run_dir_is_consolidated_and_finetuned(digits: dict, tmp_path: 
                    "model.image_size=48", "train.steps=4", "checkpoint.every=0", "log.every=2"])
     report = json.loads((run / "report.json").read_text())
     assert (run / "init" / "model.safetensors").is_file() and report["steps"] == 4
-    assert report["image_size"] == [48, 48] and report["last"]["samples"] == SPLITS["val"][1] - SPLITS["val"][0]
+    assert report["image_size"] == [48, 48] and report["last"]["samples"] == digits["val_samples"]
 
 
 def _driver(argv: list[str]) -> None:
