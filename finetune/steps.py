@@ -12,13 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data_prep.stream import mixup_cutmix, normalize
+from data_prep.stream import mixup_cutmix, normalize, soft_target_cross_entropy
 from finetune.optim import set_lr
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum(targets * log_softmax(logits)), in fp32; all-zero target rows add 0."""
-    return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def micro_step(accelerator, model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, *,
