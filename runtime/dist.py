@@ -104,13 +104,14 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None, tim
     others fail within it instead of hanging.
     """
     env = env or detect()
-    # Libraries that read the environment (DeepSpeed wants LOCAL_RANK) see what we detected, under srun too.
-    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
-                        ("LOCAL_WORLD_SIZE", env.local_world_size), ("MASTER_ADDR", env.master_addr),
-                        ("MASTER_PORT", env.master_port)):
-        os.environ.setdefault(name, str(value))
     if torch_dist.is_initialized() or not (env.is_distributed or single):
         return env
+    # Libraries that read the environment (DeepSpeed wants LOCAL_RANK) see what we detected, under srun too.
+    # A one-process group exports no MASTER_*: others would read it as a port to bind.
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") + (
+        ("MASTER_ADDR", "MASTER_PORT") if env.is_distributed else ())
+    for name in names:
+        os.environ.setdefault(name, str(getattr(env, name.lower())))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if env.is_distributed:
