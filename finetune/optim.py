@@ -8,12 +8,12 @@ weight decay.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from finetune.config import OptimCfg
+from runtime.training import EMA  # noqa: F401  (re-exported: finetune's optimiser pieces)
+from runtime.training import lr_at as schedule_lr
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -56,45 +56,12 @@ def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, total: int, cfg: OptimCfg) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total`: linear warm-up, then cosine/linear/constant."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+    """Learning rate for optimizer step `step` (0-based) of `total`, from the recipe's schedule."""
+    return schedule_lr(step, total, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                       min_lr=cfg.min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's learning rate to `lr` times its layer-decay scale."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
-
-
-class EMA:
-    """Exponential moving average of the weights (Polyak averaging; the ViT paper fine-tunes with 0.9999).
-
-    Kept in fp32 on the model's device. The effective decay warms up as min(decay, (1 + n) / (10 + n)) after
-    n updates, so short runs average over their own steps instead of the random-init past.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        self.updates += 1
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.detach().float(), 1.0 - d)  # shadow = d * shadow + (1 - d) * v
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor], updates: int) -> None:
-        for k, v in sd.items():
-            self.shadow[k].copy_(v)
-        self.updates = updates

@@ -5,8 +5,6 @@ Inputs arrive as uint8 (B, 3, H, W) batches from `data_prep.stream`; they are no
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ from torch import nn
 
 from data_prep.stream import mixup_cutmix, normalize, soft_target_cross_entropy
 from finetune.optim import set_lr
+from runtime.training import evaluate as evaluate_topk
 
 
 def micro_step(accelerator, model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, *,
@@ -62,32 +61,11 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t.clone()) / _world()
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str, *, autocast=None,
              input_dtype: torch.dtype = torch.float32) -> dict:
-    """Top-1/top-5 accuracy and mean loss over an eval loader, summed over all ranks.
+    """Top-1/top-5 accuracy and mean loss over an eval loader, summed over all ranks (see runtime.training)."""
 
-    Labels of -1 (padding that keeps ranks in step) are not counted. Every rank must call this.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, top-1 hits, top-5 hits, loss sum
-    for images, labels in loader:
-        x = normalize(images, dtype=torch.float32, device=device).to(input_dtype)
-        y = labels.to(device)
-        with autocast() if autocast else contextlib.nullcontext():
-            logits = model(x).float()  # (B, K)
-        valid = y >= 0
-        if not valid.any():
-            continue
-        logits, y = logits[valid], y[valid]
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (b, 5)
-        hits = top == y[:, None]
-        sums += torch.stack([torch.tensor(float(len(y)), device=device), hits[:, 0].sum().double(),
-                             hits.any(dim=1).sum().double(), F.cross_entropy(logits, y, reduction="sum").double()])
-    sums = _all_reduce(sums)
-    model.train(was_training)
-    n = int(sums[0].item())
-    if n == 0:
-        raise RuntimeError("the eval split yielded no labelled sample; check data.val_split")
-    return {"samples": n, "top1": sums[1].item() / n, "top5": sums[2].item() / n, "loss": sums[3].item() / n}
+    def prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(images, dtype=torch.float32, device=device).to(input_dtype), labels.to(device)
+
+    return evaluate_topk(model, loader, prepare, autocast=autocast)

@@ -7,7 +7,6 @@ mixed-precision training engine.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import deepspeed
@@ -17,6 +16,7 @@ from torch import nn
 from pretrain.config import OptimCfg, PretrainConfig
 from runtime.config import ConfigError
 from runtime.dist import DistEnv, accumulation_steps
+from runtime.training import lr_at
 
 
 def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
@@ -87,15 +87,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(step: int, o: OptimCfg, total_steps: int) -> float:
-    """LR at `step` as a fraction of the peak: linear warm-up, then linear or cosine decay to min_lr."""
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-    floor = o.min_lr / o.lr if o.lr else 0.0
-    shape = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return floor + (1.0 - floor) * shape
+    """LR at `step` as a fraction of the peak (DeepSpeed steps a LambdaLR): see runtime.training.lr_at."""
+    if not o.lr:
+        return 0.0
+    return lr_at(step, total_steps, lr=o.lr, warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr=o.min_lr) / o.lr
 
 
 def build_engine(model: nn.Module, cfg: PretrainConfig, env: DistEnv, total_steps: int, universal: bool = False):

@@ -84,8 +84,8 @@ def load_for_eval(source: str | Path, image_size: int | None) -> tuple[VisionTra
 def evaluate_weights(source: str | Path, overrides: list[str]) -> dict:
     """Top-1/top-5 of weights (file or run dir) on `data.path`'s val split; runs under torchrun too."""
     from data_prep.stream import build_loader, normalize
-    from pretrain.steps import evaluate
     from runtime.dist import detect, init_distributed, shutdown
+    from runtime.training import evaluate
 
     base = Path(source) / "config.yaml" if Path(source).is_dir() else None
     cfg = load_config(PretrainConfig, base, overrides)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch import nn
 
 from data_prep.stream import smooth_one_hot, soft_target_cross_entropy
 
@@ -35,57 +33,3 @@ def micro_step(engine, x: torch.Tensor, targets: torch.Tensor, kind: str, label_
     engine.backward(loss)
     engine.step()
     return loss.detach()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, prepare) -> dict[str, float]:
-    """Exact top-1/top-5 over an eval loader; label -1 marks padding and is not counted.
-
-    `prepare(images, labels) -> (inputs, labels)` moves a batch to the device and normalises it.
-    Sums are all-reduced, so every rank returns the job-wide figures.
-    """
-    was_training = model.training
-    model.eval()
-    totals = None
-    for images, labels in loader:
-        x, y = prepare(images, labels)
-        logits = model(x).float()  # (B, C)
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices  # (B, k)
-        valid = y >= 0
-        hit = (top == y[:, None]) & valid[:, None]
-        batch = torch.stack([hit[:, 0].sum(), hit.any(dim=-1).sum(), valid.sum()]).double()
-        totals = batch if totals is None else totals + batch
-    if totals is None:
-        totals = torch.zeros(3, dtype=torch.float64)
-    if torch_dist.is_initialized():
-        totals = totals.to(_collective_device())
-        torch_dist.all_reduce(totals)
-    model.train(was_training)
-    top1, top5, n = totals.tolist()
-    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "samples": int(n)}
-
-
-def _collective_device() -> torch.device:
-    nccl = torch_dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
-class EMA:
-    """Exponential moving average of the weights, kept in fp32 (the paper's Polyak averaging)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def load(self, shadow: dict[str, torch.Tensor]) -> None:
-        for k, v in shadow.items():
-            self.shadow[k].copy_(v)

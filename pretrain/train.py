@@ -25,11 +25,12 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.engine import build_engine
 from pretrain.monitor import Monitor
-from pretrain.steps import EMA, evaluate, micro_step
+from pretrain.steps import micro_step
 from runtime.config import ConfigError, config_hash, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed
 from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
+from runtime.training import EMA, evaluate
 from vit import VisionTransformer, ViTConfig, vit_config
 
 # Exit codes after a signal-triggered checkpoint. SIGTERM (preemption, scancel, `scontrol requeue`): 143 =
@@ -163,7 +164,7 @@ def _resume(engine, loader, ema, ckpt_dir, tag, saved, env, cfg, log, universal)
     else:
         loader.load_state_dict(saved["stream"])
     if ema is not None and (shadow := ckpt.load_ema(ckpt_dir, tag)) is not None:
-        ema.load(shadow)
+        ema.load_state_dict(shadow, updates=saved["step"])  # one EMA update per optimizer step
     log.info(f"resumed from {tag} (step {saved['step']})")
 
 
