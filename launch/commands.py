@@ -167,7 +167,8 @@ def deepspeed_pdsh(plan: Plan, ssh_port: int | None = None) -> list[str]:
                               "unquoted; move it to a path of letters, digits and ./_-, or use --launcher torchrun")
     payload = encode_payload(plan.job.argv(), plan.env, plan.cwd)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={plan.hostfile}", "--launcher=pdsh",
-           f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}", "--no_ssh_check"]
+           f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}", "--no_ssh_check",
+           "--force_multi"]  # pdsh even for one host, never a silent local run
     if ssh_port:
         cmd.append(f"--ssh_port={ssh_port}")
     return cmd + ["--no_local_rank", "--module", "launch", "exec", payload]

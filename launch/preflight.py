@@ -14,6 +14,7 @@ import json
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +53,25 @@ def port_free(addr: str, port: int) -> bool:
             return False
 
 
-def probe_info(port_addr: str | None = None, port: int | None = None) -> dict:
-    """What this node reports to preflight (also `python -m launch probe`)."""
+def gpu_count() -> int:
+    """GPUs torch sees here; 0 without importing torch (seconds) when the node has no NVIDIA device files."""
+    if not list(Path("/dev").glob("nvidia[0-9]*")):
+        return 0
     import torch
 
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def probe_info(port_addr: str | None = None, port: int | None = None) -> dict:
+    """What this node reports to preflight (also `python -m launch probe`)."""
     info = {
         "hostname": socket.gethostname(),
         "python": sys.executable,
         "vitscale": _version("vitscale"),
         "code": code_fingerprint(),
-        "torch": torch.__version__,
+        "torch": _version("torch"),
         "deepspeed": _version("deepspeed"),
-        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "gpus": gpu_count(),
     }
     if port is not None and is_local(port_addr or "127.0.0.1"):  # only the master node can answer this
         info["port_free"] = port_free(port_addr or "0.0.0.0", port)
@@ -95,20 +103,21 @@ def probe_remote(host: str, port_args: list[str], ssh_config: str | None, ssh_po
 def probe_hosts(hosts: list[Host], master: str, port: int, via_ssh: str, ssh_config: str | None = None,
                 ssh_port: int | None = None) -> list[Probe]:
     """Probe every host: `via_ssh` is 'all' (pdsh), 'remote' (local hosts in-process), 'srun' or 'none'."""
-    out = []
     port_args = ["--port", str(port), "--port-addr", master]
     if via_ssh == "srun":
         return probe_srun(hosts, port_args)
-    for h in hosts:
+
+    def one(h: Host) -> Probe:
         local = is_local(h.name)
         if via_ssh == "all" or (via_ssh == "remote" and not local):
-            out.append(probe_remote(h.name, port_args, ssh_config, ssh_port))
-        elif local:
-            out.append(Probe(h.name, info=probe_info(master, port)))
-        else:
-            out.append(Probe(h.name, error="not this machine and the launcher has no ssh: run "
-                                           "'python -m launch probe' there to check it"))
-    return out
+            return probe_remote(h.name, port_args, ssh_config, ssh_port)
+        if local:
+            return Probe(h.name, info=probe_info(master, port))
+        return Probe(h.name, error="not this machine and the launcher has no ssh: run "
+                                   "'python -m launch probe' there to check it")
+
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:  # all nodes at once, not one by one
+        return list(pool.map(one, hosts))
 
 
 def probe_srun(hosts: list[Host], port_args: list[str]) -> list[Probe]:

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +210,7 @@ ClusterName=vitscaletest
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
-AuthInfo=socket={d}/munge/munge.sock
+AuthInfo=socket={m}/munge.sock
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -240,17 +241,18 @@ def slurm_cluster(tmp_path_factory):
     """munged + slurmctld + slurmd node1/node2 on loopback (own ports, own munge socket and key)."""
     need_root("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch")
     d = tmp_path_factory.mktemp("slurm")
-    for sub in ("munge", "state", "spool", "log"):
-        (d / sub).mkdir()
-    (d / "munge" / "munge.key").write_bytes(os.urandom(128))
-    os.chmod(d / "munge", 0o711)
-    os.chmod(d / "munge" / "munge.key", 0o600)
-    subprocess.run(["chown", "-R", "munge:munge", str(d / "munge")], check=True)
+    for sub in ("state", "spool/node1", "spool/node2", "log"):
+        (d / sub).mkdir(parents=True)
+    # munged runs as the munge user, which cannot enter pytest's private temp dirs: its own dir under /tmp.
+    m = Path(tempfile.mkdtemp(prefix="vitscale-munge-"))
+    (m / "munge.key").write_bytes(os.urandom(128))
+    os.chmod(m, 0o711)
+    os.chmod(m / "munge.key", 0o600)
+    subprocess.run(["chown", "-R", "munge:munge", str(m)], check=True)
     conf = d / "slurm.conf"
-    conf.write_text(_SLURM_CONF.format(d=d, ctld_port=free_port(), d1_port=free_port(), d2_port=free_port()))
+    conf.write_text(_SLURM_CONF.format(d=d, m=m, ctld_port=free_port(), d1_port=free_port(), d2_port=free_port()))
     cluster = Slurm(d, {"SLURM_CONF": str(conf)})
     env = {**os.environ, **cluster.env}
-    m = d / "munge"
     munged = ["/usr/sbin/munged", "-F", "-f", f"--socket={m}/munge.sock", f"--key-file={m}/munge.key",
               f"--log-file={m}/munged.log", f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed"]
     procs = [subprocess.Popen(munged, user="munge", group="munge", stdout=subprocess.DEVNULL,
@@ -260,6 +262,8 @@ def slurm_cluster(tmp_path_factory):
             if (m / "munge.sock").exists():
                 break
             time.sleep(0.1)
+        else:
+            raise RuntimeError(f"munged did not start (exit {procs[0].poll()})")
         logs = open(d / "log" / "daemons.out", "w")
         procs.append(subprocess.Popen(["/usr/sbin/slurmctld", "-D", "-f", str(conf)], env=env, stdout=logs,
                                       stderr=subprocess.STDOUT))
@@ -278,3 +282,4 @@ def slurm_cluster(tmp_path_factory):
             cluster.run("scancel", job)
         stop(procs[1:])
         stop(procs[:1])
+        shutil.rmtree(m, ignore_errors=True)

@@ -1,0 +1,140 @@
+"""launch across real hosts made on this machine: DeepSpeed's launcher over pdsh/sshd, torchrun between two
+network namespaces (and a node killed mid-run), and a local SLURM cluster (sbatch over 2 nodes, requeue).
+Needs root and `make sysdeps`; skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, free_port
+from tests.launch_fixtures import JOB, RESUMABLE_JOB, launch, netns_pair, slurm_cluster, sshd  # noqa: F401
+from tests.test_launch import NASTY, rank_lines
+
+
+def test_pdsh_deepspeed_launcher(tmp_path, sshd):  # noqa: F811
+    hf = tmp_path / "hosts"
+    hf.write_text("localhost slots=1\n127.0.0.2 slots=1\n")
+    run = tmp_path / "run"
+    r = launch(["run", "--hostfile", str(hf), "--launcher", "pdsh", "--ssh-config", str(sshd.config),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--run-dir", str(run),
+                "--", *JOB, "--timeout", "30"], 240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ranks = rank_lines(r.stdout)
+    assert sorted((x["rank"], x["world_size"], x["launcher"]) for x in ranks) == [(0, 2, "deepspeed"),
+                                                                                 (1, 2, "deepspeed")]
+    # pdsh's `host: line` output is split into one log per node, in hostfile order.
+    assert [x["node_rank"] for i in (0, 1) for x in rank_lines((run / "logs" / f"node-{i}.log").read_text())] == [0, 1]
+
+
+def test_pdsh_shell_syntax_arrives_as_data(tmp_path, sshd):  # noqa: F811
+    """The worst path (DeepSpeed's runner builds a remote shell line): arguments and --env values with shell
+    syntax reach the job unchanged, and none of them runs."""
+    hf = tmp_path / "hosts"
+    hf.write_text("127.0.0.2 slots=1\n")
+    echo = tmp_path / "echo.py"
+    echo.write_text("import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'v': os.environ['V']}))\n")
+    r = launch(["run", "--hostfile", str(hf), "--launcher", "pdsh", "--ssh-config", str(sshd.config),
+                "--master-port", str(free_port()), "--run-dir", str(tmp_path / "run"), "--env", f"V={NASTY[2]}",
+                "--", "python", str(echo), *NASTY], 180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert rank_lines(r.stdout) == [{"argv": NASTY, "v": NASTY[2]}]
+    assert not list(ROOT.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
+
+
+def _netns_run(pair, tmp_path, job_args: list[str], timeout: float) -> subprocess.Popen:
+    hf = tmp_path / "hosts"
+    hf.write_text("".join(f"{a} slots=1\n" for a in pair.addrs))
+    args = ["run", "--hostfile", str(hf), "--launcher", "torchrun", "--ssh-config", str(pair.ssh.config),
+            "--master-port", "29555", "--run-dir", str(tmp_path / "run"), "--grace", "20", "--", *JOB, *job_args]
+    argv = [*pair.prefix(0), "timeout", "-k", "5", str(timeout), sys.executable, "-m", "launch", *args]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def test_netns_two_hosts_torchrun(tmp_path, netns_pair):  # noqa: F811
+    """Two hosts that see each other only over a veth pair; node2 is reached over ssh."""
+    proc = _netns_run(netns_pair, tmp_path, ["--timeout", "20"], 180)
+    out = proc.communicate(timeout=200)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "preflight: ok (2 nodes, 2 processes)" in out
+    ranks = rank_lines(out)
+    assert sorted((x["host"], x["world_size"], x["rank_sum"]) for x in ranks) == [("node1", 2, 1), ("node2", 2, 1)]
+
+
+def test_netns_node_killed_mid_run(tmp_path, netns_pair):  # noqa: F811
+    """kill -9 every process of node2 mid-run: node1 fails within the collective timeout, the launcher names
+    the lost node and exits non-zero."""
+    proc = _netns_run(netns_pair, tmp_path, ["--timeout", "10", "--hold", "120"], 150)
+    lines, held = [], set()
+    deadline = time.monotonic() + 120
+    while len(held) < 2 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        held |= {x["rank"] for x in rank_lines(line) if "holding_s" in x}
+    assert held == {0, 1}, "".join(lines)[-4000:]
+    time.sleep(2)
+    assert netns_pair.kill_host(1) > 0
+    t0 = time.monotonic()
+    out = "".join(lines) + proc.communicate(timeout=90)[0]
+    elapsed = time.monotonic() - t0
+    assert proc.returncode not in (0, None), out[-4000:]
+    assert elapsed < 10 + 20 + 15, f"took {elapsed:.0f}s after the kill"  # dist timeout + launcher grace + slack
+    assert "node 1 (10.200.0.2, 1 processes): connection lost (ssh exit 255)" in out, out[-4000:]
+    assert "job FAILED" in out
+    node1 = (tmp_path / "run" / "logs" / "node-0.log").read_text()
+    assert "dist-check: rank 0 lost a peer" in node1 and "10.200.0.2" in node1, node1[-3000:]
+
+
+def _sbatch(cluster, tmp_path, job: list[str], *extra: str, wait: bool = True) -> subprocess.CompletedProcess:
+    args = ["sbatch", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1", "--time", "00:10:00",
+            "--run-dir", str(tmp_path / "run"), "--master-port", str(free_port()), "--grace", "20", "--submit",
+            *(["--wait"] if wait else []), *extra, "--", *job]
+    return launch(args, 240, env=cluster.env)
+
+
+def test_slurm_sbatch_two_nodes(tmp_path, slurm_cluster):  # noqa: F811
+    r = _sbatch(slurm_cluster, tmp_path, [*JOB, "--timeout", "30"])
+    job_id = r.stdout.split("job ")[-1].split()[0]
+    out_file = tmp_path / "run" / "logs" / f"slurm-{job_id}.out"
+    assert r.returncode == 0, r.stdout + r.stderr + (out_file.read_text() if out_file.exists() else "")
+    assert slurm_cluster.job(job_id)["JobState"] == "COMPLETED"
+    ranks = rank_lines(out_file.read_text())
+    assert sorted((x["rank"], x["world_size"], x["num_nodes"]) for x in ranks) == [(0, 2, 2), (1, 2, 2)]
+    assert "preflight: ok (2 nodes, 2 processes)" in out_file.read_text()
+    per_node = [rank_lines((tmp_path / "run" / "logs" / f"node-{i}.log").read_text()) for i in (0, 1)]
+    assert [x[0]["node_rank"] for x in per_node] == [0, 1]
+
+
+def _wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := pred():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_slurm_requeue_after_sigterm_resumes(tmp_path, slurm_cluster):  # noqa: F811
+    state = tmp_path / "state"
+    state.mkdir()
+    r = _sbatch(slurm_cluster, tmp_path, [*RESUMABLE_JOB, "--state", str(state), "--steps", "16"], wait=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split("job ")[-1].split()[0]
+    out_file = tmp_path / "run" / "logs" / f"slurm-{job_id}.out"
+    read = lambda: out_file.read_text() if out_file.exists() else ""  # noqa: E731
+    _wait_for(lambda: any(x.get("step", 0) >= 3 for x in rank_lines(read())), 120, "3 steps")
+    assert slurm_cluster.run("scontrol", "requeue", job_id).returncode == 0  # SIGTERM to every task, then requeue
+    _wait_for(lambda: slurm_cluster.job(job_id).get("JobState") == "COMPLETED", 180,
+              f"job to complete after requeue: {slurm_cluster.job(job_id)}")
+    events = rank_lines(read())
+    saved = [x["checkpointed"] for x in events if "checkpointed" in x and x["rank"] == 0]
+    resumed = [x for x in events if "resumed_from" in x]
+    assert saved and saved[0] >= 3, read()[-3000:]
+    assert {x["rank"] for x in resumed} == {0, 1} and {x["resumed_from"] for x in resumed} == {saved[0]}
+    assert {x["restart"] for x in resumed} == {"1"} and slurm_cluster.job(job_id)["Restarts"] == "1"
+    assert sorted(x["rank"] for x in events if x.get("done") == 16) == [0, 1]
