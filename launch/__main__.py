@@ -145,8 +145,6 @@ def _preflight(args: argparse.Namespace, hosts: list[Host], master: str) -> bool
 
 
 def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
-    from runtime.io import atomic_write
-
     job = parse_job(job_argv)
     hosts = _hosts(args)
     master = _master(args, hosts)
@@ -162,6 +160,8 @@ def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
     if not args.no_check and not _preflight(args, hosts, master):
         print("launch: preflight failed; nothing was started (fix the lines above, or --no-check)", flush=True)
         return 2
+    from runtime.io import atomic_write
+
     atomic_write(plan.hostfile, format_hosts(hosts))
     requeue = []
     if args.launcher == "slurm" and args.requeue_on_usr1:

@@ -119,22 +119,40 @@ def _wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_slurm_requeue_after_sigterm_resumes(tmp_path, slurm_cluster):  # noqa: F811
+def _requeued(cluster, job_id: str, restarts: int) -> None:
+    """Wait until the job is back in the queue, then let it start now (SLURM holds a requeued job ~2 min)."""
+    _wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restarts)
+              and cluster.job(job_id).get("JobState") == "PENDING", 120, f"requeue #{restarts}")
+    assert cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
+
+
+def test_slurm_checkpoint_requeue_resume(tmp_path, slurm_cluster):  # noqa: F811
+    """Two preemptions of one job: SIGUSR1 before the time limit (the launcher forwards it to the ranks, they
+    checkpoint, the launcher requeues), then `scontrol requeue` (SIGTERM to every task, SLURM requeues).
+    Each time the job resumes from the step it saved and finally completes."""
     state = tmp_path / "state"
     state.mkdir()
-    r = _sbatch(slurm_cluster, tmp_path, [*RESUMABLE_JOB, "--state", str(state), "--steps", "16"], wait=False)
+    r = _sbatch(slurm_cluster, tmp_path, [*RESUMABLE_JOB, "--state", str(state), "--steps", "14"], wait=False)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = r.stdout.split("job ")[-1].split()[0]
     out_file = tmp_path / "run" / "logs" / f"slurm-{job_id}.out"
-    read = lambda: out_file.read_text() if out_file.exists() else ""  # noqa: E731
-    _wait_for(lambda: any(x.get("step", 0) >= 3 for x in rank_lines(read())), 120, "3 steps")
-    assert slurm_cluster.run("scontrol", "requeue", job_id).returncode == 0  # SIGTERM to every task, then requeue
-    _wait_for(lambda: slurm_cluster.job(job_id).get("JobState") == "COMPLETED", 180,
-              f"job to complete after requeue: {slurm_cluster.job(job_id)}")
-    events = rank_lines(read())
-    saved = [x["checkpointed"] for x in events if "checkpointed" in x and x["rank"] == 0]
-    resumed = [x for x in events if "resumed_from" in x]
-    assert saved and saved[0] >= 3, read()[-3000:]
-    assert {x["rank"] for x in resumed} == {0, 1} and {x["resumed_from"] for x in resumed} == {saved[0]}
-    assert {x["restart"] for x in resumed} == {"1"} and slurm_cluster.job(job_id)["Restarts"] == "1"
-    assert sorted(x["rank"] for x in events if x.get("done") == 16) == [0, 1]
+    events = lambda: rank_lines(out_file.read_text()) if out_file.exists() else []  # noqa: E731
+
+    _wait_for(lambda: any(x.get("step", 0) >= 3 for x in events()), 120, "3 steps")
+    assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
+    _requeued(slurm_cluster, job_id, 1)
+    _wait_for(lambda: any(x.get("restart") == "1" for x in events()), 120, "resume after SIGUSR1")
+    first = next(x["resumed_from"] for x in events() if x.get("restart") == "1")
+    _wait_for(lambda: any(x.get("step", 0) >= first + 2 for x in events()), 60, "2 more steps")
+    assert slurm_cluster.run("scontrol", "requeue", job_id).returncode == 0
+    _requeued(slurm_cluster, job_id, 2)
+    _wait_for(lambda: slurm_cluster.job(job_id).get("JobState") == "COMPLETED", 150, "completion")
+
+    ev = events()
+    saved = [(x["checkpointed"], x["signal"]) for x in ev if "checkpointed" in x and x["rank"] == 0]
+    resumed = [(x["restart"], x["resumed_from"]) for x in ev if "resumed_from" in x]
+    assert [sig for _, sig in saved] == [10, 15], out_file.read_text()[-3000:]  # SIGUSR1, then SIGTERM
+    assert sorted(resumed) == [("1", saved[0][0])] * 2 + [("2", saved[1][0])] * 2
+    assert saved[0][0] >= 3 and saved[1][0] >= saved[0][0] + 2
+    assert sorted(x["rank"] for x in ev if x.get("done") == 14) == [0, 1]
+    assert "launch: SIGUSR1 received; requeueing SLURM job" in out_file.read_text()
