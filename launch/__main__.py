@@ -160,9 +160,10 @@ def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
     if not args.no_check and not _preflight(args, hosts, master):
         print("launch: preflight failed; nothing was started (fix the lines above, or --no-check)", flush=True)
         return 2
-    from runtime.io import atomic_write
+    if args.launcher in ("pdsh", "ssh", "nossh"):  # DeepSpeed's launcher reads the hostfile on every node
+        from runtime.io import atomic_write
 
-    atomic_write(plan.hostfile, format_hosts(hosts))
+        atomic_write(plan.hostfile, format_hosts(hosts))
     requeue = []
     if args.launcher == "slurm" and args.requeue_on_usr1:
         def on_usr1(_signum, _frame):  # SLURM's warning before the time limit: ranks checkpoint, then requeue

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT, free_port
@@ -278,8 +279,18 @@ def slurm_cluster(tmp_path_factory):
             time.sleep(0.3)
         yield cluster
     finally:
-        for job in cluster.run("squeue", "-h", "-o", "%i").stdout.split() if len(procs) > 1 else []:
-            cluster.run("scancel", job)
+        if len(procs) > 1:
+            for job in cluster.run("squeue", "-h", "-o", "%i").stdout.split():
+                cluster.run("scancel", job)
+            deadline = time.monotonic() + 30
+            while cluster.run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         stop(procs[1:])
+        for p in psutil.process_iter(["name"]):  # step daemons of this cluster (known by its SLURM_CONF)
+            try:
+                if p.info["name"] == "slurmstepd" and p.environ().get("SLURM_CONF") == str(conf):
+                    p.kill()
+            except psutil.Error:
+                pass
         stop(procs[:1])
         shutil.rmtree(m, ignore_errors=True)

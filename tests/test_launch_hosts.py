@@ -27,6 +27,7 @@ def test_pdsh_deepspeed_launcher(tmp_path, sshd):  # noqa: F811
                                                                                  (1, 2, "deepspeed")]
     # pdsh's `host: line` output is split into one log per node, in hostfile order.
     assert [x["node_rank"] for i in (0, 1) for x in rank_lines((run / "logs" / f"node-{i}.log").read_text())] == [0, 1]
+    assert (run / "hostfile").read_text() == hf.read_text()  # what DeepSpeed read on every node
 
 
 def test_pdsh_shell_syntax_arrives_as_data(tmp_path, sshd):  # noqa: F811
@@ -90,26 +91,6 @@ def test_netns_node_killed_mid_run(tmp_path, netns_pair):  # noqa: F811
     assert "dist-check: rank 0 lost a peer" in node1 and "10.200.0.2" in node1, node1[-3000:]
 
 
-def _sbatch(cluster, tmp_path, job: list[str], *extra: str, wait: bool = True) -> subprocess.CompletedProcess:
-    args = ["sbatch", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1", "--time", "00:10:00",
-            "--run-dir", str(tmp_path / "run"), "--master-port", str(free_port()), "--grace", "20", "--submit",
-            *(["--wait"] if wait else []), *extra, "--", *job]
-    return launch(args, 240, env=cluster.env)
-
-
-def test_slurm_sbatch_two_nodes(tmp_path, slurm_cluster):  # noqa: F811
-    r = _sbatch(slurm_cluster, tmp_path, [*JOB, "--timeout", "30"])
-    job_id = r.stdout.split("job ")[-1].split()[0]
-    out_file = tmp_path / "run" / "logs" / f"slurm-{job_id}.out"
-    assert r.returncode == 0, r.stdout + r.stderr + (out_file.read_text() if out_file.exists() else "")
-    assert slurm_cluster.job(job_id)["JobState"] == "COMPLETED"
-    ranks = rank_lines(out_file.read_text())
-    assert sorted((x["rank"], x["world_size"], x["num_nodes"]) for x in ranks) == [(0, 2, 2), (1, 2, 2)]
-    assert "preflight: ok (2 nodes, 2 processes)" in out_file.read_text()
-    per_node = [rank_lines((tmp_path / "run" / "logs" / f"node-{i}.log").read_text()) for i in (0, 1)]
-    assert [x[0]["node_rank"] for x in per_node] == [0, 1]
-
-
 def _wait_for(pred, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,6 +98,34 @@ def _wait_for(pred, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _sbatch(cluster, tmp_path, job: list[str]) -> str:
+    """`launch sbatch --submit` a 2-node CPU job; return its id."""
+    args = ["sbatch", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1", "--time", "00:10:00",
+            "--run-dir", str(tmp_path / "run"), "--master-port", str(free_port()), "--grace", "20", "--submit",
+            "--", *job]
+    r = launch(args, 120, env=cluster.env)
+    assert r.returncode == 0 and "launch: sbatch exit 0: job " in r.stdout, r.stdout + r.stderr
+    return r.stdout.split("job ")[-1].split()[0]
+
+
+def test_slurm_sbatch_two_nodes(tmp_path, slurm_cluster):  # noqa: F811
+    job_id = _sbatch(slurm_cluster, tmp_path, [*JOB, "--timeout", "30"])
+    out_file = tmp_path / "run" / "logs" / f"slurm-{job_id}.out"
+
+    def finished():  # poll scontrol: sbatch --wait polls with back-off and reports tens of seconds late
+        state = slurm_cluster.job(job_id).get("JobState")
+        return state if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING") else None
+
+    state = _wait_for(finished, 180, "the job to finish")
+    assert state == "COMPLETED", out_file.read_text()[-3000:] if out_file.exists() else state
+    assert slurm_cluster.job(job_id)["ExitCode"] == "0:0"
+    ranks = rank_lines(out_file.read_text())
+    assert sorted((x["rank"], x["world_size"], x["num_nodes"]) for x in ranks) == [(0, 2, 2), (1, 2, 2)]
+    assert "preflight: ok (2 nodes, 2 processes)" in out_file.read_text()
+    per_node = [rank_lines((tmp_path / "run" / "logs" / f"node-{i}.log").read_text()) for i in (0, 1)]
+    assert [x[0]["node_rank"] for x in per_node] == [0, 1]
 
 
 def _requeued(cluster, job_id: str, restarts: int) -> None:
@@ -132,9 +141,7 @@ def test_slurm_checkpoint_requeue_resume(tmp_path, slurm_cluster):  # noqa: F811
     Each time the job resumes from the step it saved and finally completes."""
     state = tmp_path / "state"
     state.mkdir()
-    r = _sbatch(slurm_cluster, tmp_path, [*RESUMABLE_JOB, "--state", str(state), "--steps", "14"], wait=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    job_id = r.stdout.split("job ")[-1].split()[0]
+    job_id = _sbatch(slurm_cluster, tmp_path, [*RESUMABLE_JOB, "--state", str(state), "--steps", "14"])
     out_file = tmp_path / "run" / "logs" / f"slurm-{job_id}.out"
     events = lambda: rank_lines(out_file.read_text()) if out_file.exists() else []  # noqa: E731
 
