@@ -153,6 +153,10 @@ def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
                 run_id=run_dir.name or "vitscale")
     runs = build_runs(plan, args.launcher, args.ssh_config, args.ssh_port, args.node_rank,
                       slurm_nproc=hosts[0].slots)
+    if args.launcher in ("pdsh", "ssh", "nossh"):  # DeepSpeed's launcher reads it on every node (shared FS)
+        from runtime.io import atomic_write
+
+        atomic_write(plan.hostfile, format_hosts(hosts))
     if args.dry_run:
         for r in runs:
             print(f"# {r.label}\n{shlex.join(r.shown or r.argv)}")
@@ -160,10 +164,6 @@ def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
     if not args.no_check and not _preflight(args, hosts, master):
         print("launch: preflight failed; nothing was started (fix the lines above, or --no-check)", flush=True)
         return 2
-    if args.launcher in ("pdsh", "ssh", "nossh"):  # DeepSpeed's launcher reads the hostfile on every node
-        from runtime.io import atomic_write
-
-        atomic_write(plan.hostfile, format_hosts(hosts))
     requeue = []
     if args.launcher == "slurm" and args.requeue_on_usr1:
         def on_usr1(_signum, _frame):  # SLURM's warning before the time limit: ranks checkpoint, then requeue
