@@ -1,1 +1,1 @@
-"""vitscale pretrain package."""
+"""DeepSpeed ZeRO pre-training of Vision Transformers: recipes, engine, loop, checkpoints, export."""

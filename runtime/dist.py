@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -94,20 +95,34 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def init_distributed(env: DistEnv | None = None, backend: str | None = None, timeout_s: float = 600) -> DistEnv:
-    """Start the default process group for `env` (detected if None); a no-op for a single process.
+def init_distributed(env: DistEnv | None = None, backend: str | None = None, timeout_s: float = 600,
+                     single: bool = False) -> DistEnv:
+    """Start the default process group for `env` (detected if None).
 
-    `timeout_s` bounds every collective: when a peer dies, the others fail within it instead of hanging.
+    A single process gets no group unless `single=True` (DeepSpeed needs one even then; it is made on a
+    private file store, so no port is taken). `timeout_s` bounds every collective: when a peer dies, the
+    others fail within it instead of hanging.
     """
     env = env or detect()
-    if not env.is_distributed or torch_dist.is_initialized():
+    # Libraries that read the environment (DeepSpeed wants LOCAL_RANK) see what we detected, under srun too.
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                        ("LOCAL_WORLD_SIZE", env.local_world_size), ("MASTER_ADDR", env.master_addr),
+                        ("MASTER_PORT", env.master_port)):
+        os.environ.setdefault(name, str(value))
+    if torch_dist.is_initialized() or not (env.is_distributed or single):
         return env
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if env.is_distributed:
+        init_method = f"tcp://{env.master_addr}:{env.master_port}"
+    else:
+        fd, path = tempfile.mkstemp(prefix="vitscale-pg-")
+        os.close(fd)
+        os.unlink(path)  # the store creates it
+        init_method = f"file://{path}"
     torch_dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+        init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -1,0 +1,119 @@
+"""`python -m data_prep <verb>`: write | merge | verify | stats | preview | example.
+
+  write SRC OUT [options]   an ImageFolder tree or .csv/.jsonl list -> tar shards + dataset.json
+  merge OUT                 dataset.json from the shards of every node of a --num-nodes run
+  verify OUT [--decode]     check every shard against dataset.json; exit 1 and list what is wrong
+  stats OUT                 the manifest as a table: splits, label histogram, image sizes
+  preview OUT --out G.png   a grid of samples with their labels
+  example OUT               real example images (sklearn digits or photos) as an ImageFolder tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data_prep.examples import DATASETS, write_example_images
+from data_prep.images import FORMATS
+from data_prep.manifest import ManifestError, merge, summary_table
+from data_prep.sources import SourceError
+from data_prep.verify import preview, stats_table, verify
+from data_prep.writer import write_shards
+
+
+def _write_parser(sub) -> None:
+    w = sub.add_parser("write", help="write tar shards + dataset.json from an image folder or list")
+    w.add_argument("src", help="ImageFolder tree (SRC/<class>/<image>) or a .csv/.jsonl list of path,label[,split]")
+    w.add_argument("out", help="output folder")
+    g = w.add_argument_group("splits and shards")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="class-stratified hold-out for a val split")
+    g.add_argument("--samples-per-shard", type=int, default=1000)
+    g.add_argument("--max-shard-bytes", type=int, default=None, help="cut shards by estimated size too")
+    g.add_argument("--seed", type=int, default=0, help="seed of the global shuffle and the hold-out")
+    g = w.add_argument_group("images")
+    g.add_argument("--resize-shorter", type=int, default=None, help="shorter side to S px (never upscales)")
+    g.add_argument("--resize-longer", type=int, default=None, help="longer side to at most S px")
+    g.add_argument("--format", choices=FORMATS, default="keep", help="keep passes JPEG/PNG/WebP through if unchanged")
+    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
+    g.add_argument("--min-size", type=int, default=16, help="reject images whose shorter side is under this")
+    g.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicates")
+    g.add_argument("--exclude-hashes", default=None,
+                   help="skip images whose sha256 is listed: a text file of hex digests, or a dataset.json")
+    g = w.add_argument_group("parallelism")
+    g.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="worker processes, default: the CPUs this process may use (the output is the same for any)")
+    g.add_argument("--num-nodes", type=int, default=None, help="default: SLURM_ARRAY_TASK_COUNT, else 1")
+    g.add_argument("--node-rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID, else 0")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+    _write_parser(sub)
+    sub.add_parser("merge", help="write dataset.json once every node is done").add_argument("out")
+    v = sub.add_parser("verify", help="check shards against dataset.json (exit 1 on any problem)")
+    v.add_argument("out")
+    v.add_argument("--decode", action="store_true", help="also decode every image")
+    v.add_argument("--workers", type=int, default=1)
+    s = sub.add_parser("stats", help="the manifest as a readable table")
+    s.add_argument("out")
+    s.add_argument("--max-classes", type=int, default=40, help="rows of the label histogram")
+    pv = sub.add_parser("preview", help="a PNG grid of samples with their labels")
+    pv.add_argument("out")
+    pv.add_argument("--out", dest="dest", required=True, help="PNG file to write")
+    pv.add_argument("--n", type=int, default=64)
+    pv.add_argument("--split", default="train")
+    e = sub.add_parser("example", help="write real example images as an ImageFolder tree")
+    e.add_argument("out")
+    e.add_argument("--dataset", choices=DATASETS, default="digits")
+    e.add_argument("--size", type=int, default=32, help="digits: pixels per side")
+    e.add_argument("--per-class", type=int, default=None)
+    return p
+
+
+def _total(manifest: dict) -> int:
+    return sum(s["samples"] for s in manifest["splits"].values())
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.verb == "write":
+        opts = {k: v for k, v in vars(args).items() if k not in ("verb", "src", "out")}
+        result = write_shards(args.src, args.out, log=print, **opts)
+        if "splits" in result and _total(result) == 0:
+            print(f"error: no usable image in {args.src}; every input was rejected (see {args.out}/rejects.jsonl)",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if args.verb == "merge":
+        print(summary_table(merge(args.out)))
+        return 0
+    if args.verb == "verify":
+        problems = verify(args.out, decode=args.decode, workers=args.workers)
+        for line in problems:
+            print(line)
+        print(f"{len(problems)} problem(s) found" if problems else f"{args.out}: all shards verified")
+        return 1 if problems else 0
+    if args.verb == "stats":
+        print(stats_table(args.out, args.max_classes))
+        return 0
+    if args.verb == "preview":
+        print(preview(args.out, args.dest, n=args.n, split=args.split))
+        return 0
+    print(write_example_images(args.out, args.dataset, size=args.size, per_class=args.per_class))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (SourceError, ManifestError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""List a source: an ImageFolder tree or a CSV/JSONL list of `path,label[,split]`.
+
+Listing only: no file is opened, hashed or stat'ed here (that is the workers' job), so listing
+ImageNet-21k's 14 M files costs one directory walk. Class folders are walked in parallel when a
+`map_fn` from a process pool is given; the result is the same either way.
+
+The listing order is canonical (classes sorted, then paths sorted within a class; a list keeps its
+row order): shard plans, duplicate resolution and keys all derive from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LIST_SUFFIXES = (".csv", ".jsonl")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+class SourceError(ValueError):
+    """The source cannot be used at all (missing, empty, or a malformed list)."""
+
+
+@dataclass
+class Listing:
+    """Every candidate sample, in canonical order."""
+
+    root: Path  # relative paths are relative to this folder
+    paths: list[str]  # relative (or absolute, if the list said so) source paths
+    labels: np.ndarray  # (N,) int32 class index
+    classes: list[str]  # class names by index
+    split_ids: np.ndarray | None = None  # (N,) int16 index into split_names, when the list has a split column
+    split_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def sort_classes(names: Iterable[str]) -> list[str]:
+    """Class names in index order: numerically if all are integers ("2" before "10"), else by name."""
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def walk_class(args: tuple[str, str]) -> list[str]:
+    """Sorted paths (relative to the root) of every non-hidden file under one class folder."""
+    root, cls = args
+    out = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        rel = os.path.relpath(dirpath, root)
+        out.extend(os.path.join(rel, f) for f in filenames if not _hidden(f))
+    out.sort()
+    return out
+
+
+def list_image_folder(root: Path, map_fn: Callable = map) -> Listing:
+    """`root/<class>/.../<image>`: the class is the first folder level; files in `root` itself are ignored."""
+    with os.scandir(root) as it:
+        class_dirs = [e.name for e in it if e.is_dir() and not _hidden(e.name)]
+    if not class_dirs:
+        raise SourceError(f"{root} has no class folders: expected {root}/<class>/<image> (or give a .csv/.jsonl list)")
+    files = dict(zip(class_dirs, map_fn(walk_class, [(str(root), c) for c in class_dirs]), strict=True))
+    classes = sort_classes(c for c, f in files.items() if f)  # a class with no files gets no index
+    if not classes:
+        raise SourceError(f"{root} has class folders but no files in them: nothing to write")
+    paths = [p for c in classes for p in files[c]]
+    labels = np.concatenate([np.full(len(files[c]), k, np.int32) for k, c in enumerate(classes)])
+    return Listing(root=root, paths=paths, labels=labels, classes=classes)
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise SourceError(f"{path} is empty: expected a header line `path,label[,split]` and one row per image")
+        header = [h.strip() for h in header]
+        missing = {"path", "label"} - set(header)
+        if missing:
+            raise SourceError(f"{path}:1: header {header} lacks {sorted(missing)}; expected `path,label[,split]`")
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise SourceError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}: {row}")
+            yield reader.line_num, dict(zip(header, (c.strip() for c in row), strict=True))
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{n}: not valid JSON ({e.msg}): {line.strip()[:80]}") from None
+            if not isinstance(row, dict):
+                raise SourceError(f"{path}:{n}: expected an object with path and label, got {line.strip()[:80]}")
+            yield n, row
+
+
+def list_file(path: Path) -> Listing:
+    """A `.csv` (with a header) or `.jsonl` list; relative paths resolve against the list's folder."""
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    paths, names, splits, lines = [], [], [], []
+    for n, row in rows:
+        p, label, split = row.get("path"), row.get("label"), row.get("split")
+        if not isinstance(p, str) or not p.strip():
+            raise SourceError(f"{path}:{n}: missing or empty `path`")
+        if label is None or isinstance(label, (dict, list, bool)) or str(label).strip() == "":
+            raise SourceError(f"{path}:{n}: missing or empty `label` (a class name or integer)")
+        if split is not None and split != "" and not SPLIT_NAME.fullmatch(str(split)):
+            raise SourceError(f"{path}:{n}: split {split!r} must be letters, digits or _ (it names the shards)")
+        paths.append(p.strip())
+        names.append(str(label).strip())
+        splits.append(str(split) if split not in (None, "") else None)
+        lines.append(n)
+    if not paths:
+        raise SourceError(f"{path} lists no images: nothing to write")
+    has_split = [s is not None for s in splits]
+    if any(has_split) and not all(has_split):
+        raise SourceError(f"{path}:{lines[has_split.index(False)]}: row has no split while others do; "
+                          "give every row a split or none")
+    classes = sort_classes(names)
+    index = {c: i for i, c in enumerate(classes)}
+    listing = Listing(root=path.parent, paths=paths, labels=np.array([index[c] for c in names], np.int32),
+                      classes=classes)
+    if all(has_split):
+        listing.split_names = tuple(sort_splits(set(splits)))
+        sid = {s: i for i, s in enumerate(listing.split_names)}
+        listing.split_ids = np.array([sid[s] for s in splits], np.int16)
+    return listing
+
+
+def sort_splits(names: Iterable[str]) -> list[str]:
+    """train first, then val, then the rest by name."""
+    rank = {"train": 0, "val": 1}
+    return sorted(set(names), key=lambda s: (rank.get(s, 2), s))
+
+
+def list_source(src: str | os.PathLike, map_fn: Callable = map) -> Listing:
+    """List an ImageFolder tree or a `.csv`/`.jsonl` list; a clear `SourceError` if it can't be used."""
+    src = Path(src)
+    if not src.exists():
+        raise SourceError(f"source {src} does not exist: give an ImageFolder tree or a .csv/.jsonl list")
+    if src.is_dir():
+        return list_image_folder(src.resolve(), map_fn)
+    if src.suffix.lower() in LIST_SUFFIXES:
+        return list_file(src.resolve())
+    raise SourceError(f"source {src} is a file but not a .csv or .jsonl list (columns path,label[,split])")

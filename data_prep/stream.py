@@ -1,0 +1,278 @@
+"""The streaming loader that feeds training and evaluation from WebDataset shards (DESIGN contract 2).
+
+    loader = build_loader("data/dataset.json", "train", train=True, image_size=224, global_batch=4096,
+                          micro_batch=128, dist_env=env, workers=8, seed=0)
+    for images, labels in loader:        # one epoch from the current position; uint8 (B, 3, H, W), int64 (B,)
+        x = normalize(images, device="cuda")
+        ...
+    ckpt["stream"] = loader.state_dict()  # any rank's copy serves every rank
+
+Guarantees:
+- Training: every rank yields exactly `len(loader) = steps_per_epoch * accumulation` micro-batches per
+  epoch, `steps_per_epoch = samples_per_epoch // global_batch`, whatever the shard sizes and faults.
+  With a dataset.json and `resampled=False`, no sample appears twice in an epoch and at most the remainder
+  `samples_per_epoch - steps_per_epoch * global_batch` is left out.
+- Order: a pure function of (seed, epoch, world size, workers, micro-batch). `loader.epoch` and
+  `loader.position` name the next micro-batch to yield (after the last batch of an epoch: epoch + 1, 0).
+  `state_dict()` between any two batches holds them; after `load_state_dict()` the loader yields exactly
+  the batches (keys, crops, flips) an uninterrupted run would have yielded next. The state is the same on
+  every rank, so rank 0's copy in a checkpoint serves all ranks.
+- Eval (`train=False`): the split in written order, each sample exactly once across ranks, the last partial
+  batch included. Every rank yields the same number of micro-batches (ZeRO-3 forwards are collectives),
+  so the short ranks are padded with filler samples: zero images with label -1, to be ignored when
+  counting top-1/top-5 (`labels >= 0`).
+- Faults: a corrupt image, missing image or bad label is counted in `loader.stats` and replaced by a good
+  neighbour of its micro-batch (train) or a label -1 filler (eval); a truncated or unreadable shard is
+  counted and the reader moves on. Nothing is fatal except a source with no readable sample at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
+from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
+from data_prep.stream_worker import FILLER_LABEL, ShardStream, StreamConfig, substitute_index
+from data_prep.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_crop_on_device,
+    normalize,
+    seeded_torch_rng,
+    to_hw,
+)
+from runtime.dist import DistEnv, accumulation_steps
+
+__all__ = ["build_loader", "StreamLoader", "normalize", "mixup_cutmix", "smooth_one_hot",
+           "soft_target_cross_entropy", "IMAGENET_MEAN", "IMAGENET_STD", "FILLER_LABEL"]
+
+STATE_FORMAT = "vitscale-stream/1"
+# what the sample order depends on: a saved position means nothing if one of these changed
+LAYOUT_KEYS = ("seed", "world_size", "workers", "micro_batch", "samples_per_epoch", "batches", "split", "train",
+               "resampled")
+SAMPLE_FAULTS = ("corrupt_image", "missing_image", "bad_label")
+SHARD_FAULTS = ("truncated_shard", "unreadable_shard")
+
+
+class StreamLoader:
+    """One rank's view of the stream: iterate for one epoch, `state_dict()` to save the position."""
+
+    def __init__(self, dataset: ShardStream, *, workers: int, steps_per_epoch: int, global_batch: int,
+                 device: torch.device, pin_memory: bool, prefetch: int, timeout_s: float, with_keys: bool):
+        self.dataset = dataset
+        self.cfg: StreamConfig = dataset.cfg
+        self.steps_per_epoch = steps_per_epoch
+        self.global_batch = global_batch
+        self.device = device
+        self.with_keys = with_keys
+        self.epoch = 0
+        self.position = 0  # micro-batches of this epoch already yielded
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._bad_shards: set[str] = set()
+        self._active: weakref.ref | None = None
+        # the private generator keeps the DataLoader from drawing its worker seeds from the trainer's RNG
+        # (the stream seeds itself from `seed`)
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                  persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
+                                  timeout=timeout_s if workers else 0, generator=torch.Generator())
+
+    def __len__(self) -> int:
+        """Micro-batches per rank per epoch."""
+        return self.cfg.batches
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Class names by label (from dataset.json; None for a URL list)."""
+        return self.cfg.source.classes
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.cfg.source.classes) if self.cfg.source.classes else None
+
+    def __iter__(self) -> Iterator[tuple]:
+        gen = self._epoch()
+        self._active = weakref.ref(gen)
+        return gen
+
+    def _epoch(self) -> Iterator[tuple]:
+        cfg, workers = self.cfg, self.cfg.workers
+        if self.position >= len(self):  # a state from before positions wrapped eagerly: start the next epoch
+            self.epoch, self.position = self.epoch + 1, 0
+        epoch, start = self.epoch, self.position
+        self.dataset.set_position(epoch, start)
+        i = start
+        for batch in self._loader:
+            if (batch["slot"], batch["index"]) != (i % workers, i // workers):
+                raise RuntimeError(f"stream out of order at micro-batch {i}: got slot {batch['slot']} batch "
+                                   f"{batch['index']}; the DataLoader no longer asks its workers round-robin")
+            self._merge(batch["stats"])
+            images, labels, keys = (self._device_batch(batch, epoch) if cfg.decode == "gpu"
+                                    else (batch["images"], batch["labels"], batch["keys"]))
+            i += 1
+            # (epoch, position) always name the next batch to yield, so a state saved now resumes after this one
+            self.epoch, self.position = (epoch + 1, 0) if i == len(self) else (epoch, i)
+            yield (images, labels, keys) if self.with_keys else (images, labels)
+        if i != len(self):
+            raise RuntimeError(f"rank {cfg.rank}: the stream ended after {i} of {len(self)} micro-batches of "
+                               f"epoch {epoch} (started at {start})")
+
+    def _device_batch(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """decode="gpu": decode the micro-batch's JPEGs on the device, crop, flip; replace what fails."""
+        cfg = self.cfg
+        labels, keys = batch["labels"].clone(), list(batch["keys"])
+        lengths = batch["lengths"]
+        blobs = torch.split(batch["data"][: int(lengths.sum())], lengths.tolist())
+        present = [i for i, n in enumerate(lengths.tolist()) if n > 0]
+        images = torch.zeros((len(keys), 3, *cfg.size), dtype=torch.uint8, device=self.device)
+        ok = [False] * len(keys)
+        if present:
+            decoded, good = decode_crop_on_device([blobs[i] for i in present], batch["boxes"][present],
+                                                  batch["flips"][present], cfg.size, self.device)
+            images[present] = decoded
+            for i, g in zip(present, good, strict=True):
+                ok[i] = g
+        for i in present:
+            if ok[i]:
+                continue
+            self._counts["corrupt_image"] += 1
+            self._counts["samples"] -= 1
+            j = substitute_index(ok, i) if cfg.train else None
+            if j is None:
+                images[i], labels[i], keys[i] = 0, FILLER_LABEL, ""
+                self._counts["filler"] += 1
+            else:
+                images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
+                self._counts["substituted"] += 1
+        if self.dataset.randaugment is not None:
+            with seeded_torch_rng(derive_seed(cfg.seed, epoch, cfg.rank, batch["slot"], batch["index"], "ra")):
+                for i in range(len(keys)):
+                    images[i] = self.dataset.randaugment(images[i])
+        return images, labels, keys
+
+    def _merge(self, delta: dict) -> None:
+        self._counts.update(delta["counts"])
+        for name in delta["shards"]:
+            if len(self._bad_shards) < MAX_SHARD_NAMES:
+                self._bad_shards.add(name)
+
+    @property
+    def stats(self) -> dict:
+        """This rank's counters since the start (restored by `load_state_dict`)."""
+        c = self._counts
+        return {
+            "samples": c["samples"],  # good samples delivered
+            "skipped": sum(c[r] for r in SAMPLE_FAULTS),
+            "by_reason": {r: c[r] for r in SAMPLE_FAULTS + SHARD_FAULTS},
+            "substituted": c["substituted"],  # faulty samples replaced by a neighbour (train)
+            "filler": c["filler"],  # faulty samples replaced by a label -1 filler
+            "padding": c["padding"],  # eval padding so that every rank has the same batch count
+            "shards_with_errors": sorted(self._bad_shards),
+        }
+
+    def state_dict(self) -> dict:
+        """The stream position and the layout it depends on; valid between any two batches, on any rank."""
+        cfg = self.cfg
+        layout = {k: getattr(cfg, k) for k in LAYOUT_KEYS}
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "position": self.position, **layout,
+                "global_batch": self.global_batch, "stats": {"counts": dict(self._counts),
+                                                             "shards": sorted(self._bad_shards)}}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue from a saved position. With `strict=False` a changed layout (world size, workers,
+        micro-batch...) restarts the saved epoch at the same share of its samples, which is not exact."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a stream state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        changed = [f"{k}={state.get(k)!r} (now {getattr(self.cfg, k)!r})" for k in LAYOUT_KEYS
+                   if state.get(k) != getattr(self.cfg, k)]
+        position = int(state["position"])
+        if changed:
+            if strict:
+                raise ValueError(f"stream state was saved with {', '.join(changed)}; the sample order depends on "
+                                 "these: rebuild the loader with the saved values, or load with strict=False to "
+                                 "restart the saved epoch at the nearest position (not exact)")
+            done = position * state["micro_batch"] * state["world_size"]  # samples the job had consumed
+            position = min(len(self), done // (self.cfg.micro_batch * self.cfg.world_size))
+        self._close_active()
+        self.epoch, self.position = int(state["epoch"]), position
+        self._counts = collections.Counter(state["stats"]["counts"])
+        self._bad_shards = set(state["stats"]["shards"])
+
+    def _close_active(self) -> None:
+        gen = self._active() if self._active else None
+        if gen is not None:
+            gen.close()
+
+    def close(self) -> None:
+        """Stop the workers now (they also stop when the loader is garbage-collected)."""
+        self._close_active()
+        self._loader._iterator = None  # the DataLoader shuts persistent workers down when its iterator dies
+
+
+def _plan(src: Source, *, train: bool, global_batch: int, micro_batch: int, world: int, readers: int,
+          samples_per_epoch: int | None, resampled: bool) -> tuple[int, int, int]:
+    """(samples_per_epoch, steps_per_epoch, micro-batches per rank per epoch), or a clear error."""
+    if not train:
+        if not src.counted:
+            raise ValueError("an exact eval pass needs per-shard sample counts: pass the split's dataset.json "
+                             "(with shard_root= for remote shards) instead of a URL list")
+        if samples_per_epoch not in (None, src.samples):
+            raise ValueError(f"eval covers the whole split ({src.samples} samples); drop samples_per_epoch "
+                             f"({samples_per_epoch})")
+        batches = math.ceil(math.ceil(src.samples / world) / micro_batch)  # the most any rank needs
+        return src.samples, batches, batches
+    accumulation = accumulation_steps(global_batch, micro_batch, world)
+    samples = samples_per_epoch if samples_per_epoch is not None else src.samples
+    if samples is None:
+        raise ValueError("tar URLs carry no sample count: pass samples_per_epoch (the number of samples in "
+                         "these shards), or pass the dataset.json written by data_prep")
+    steps = samples // global_batch
+    if steps < 1:
+        raise ValueError(f"samples_per_epoch {samples} is less than one global batch ({global_batch})")
+    if not resampled and len(src.shards) < world * readers:
+        raise ValueError(f"{len(src.shards)} shards for {world} ranks x {readers} workers = {world * readers} "
+                         "readers: every reader needs a shard of its own. Write more (smaller) shards, use fewer "
+                         "workers, or pass resampled=True to draw shards with replacement")
+    return samples, steps, steps * accumulation
+
+
+def build_loader(source: str | Path | Sequence[str], split: str, *, train: bool, image_size: int | tuple[int, int],
+                 global_batch: int, micro_batch: int, dist_env: DistEnv, workers: int, seed: int,
+                 samples_per_epoch: int | None = None, resampled: bool = False, decode: str = "cpu",
+                 crop_pct: float = 0.875, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, randaugment: str | None = None,
+                 device: torch.device | str | None = None, shard_root: str | None = None, shuffle_buffer: int = 500,
+                 prefetch: int = 2, timeout_s: float = 600.0, with_keys: bool = False) -> StreamLoader:
+    """Build one rank's loader over `split` of `source` (dataset.json, its folder, a brace pattern or URLs).
+
+    train: random-resized crops + flips (+ RandAugment, e.g. "rand-m9-n2"), shuffled; else the eval pass
+    (resize to image_size / crop_pct, centre crop; written order; label -1 padding). decode: "cpu" decodes
+    in the workers (JPEG draft mode); "gpu" ships the encoded bytes and decodes on `device` in this process.
+    shard_root: where remote shards live, e.g. "pipe:curl -s https://host/ds/{name}" (names from dataset.json).
+    with_keys: yield (images, labels, keys). timeout_s: seconds a batch may take before the loader fails.
+    Training checks global = micro x accumulation x world (clear error otherwise); eval ignores global_batch.
+    """
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
+    if workers < 0 or micro_batch < 1:
+        raise ValueError(f"workers ({workers}) must be >= 0 and micro_batch ({micro_batch}) >= 1")
+    src = resolve_source(source, split, shard_root)
+    readers = max(1, workers)
+    samples, steps, batches = _plan(src, train=train, global_batch=global_batch, micro_batch=micro_batch,
+                                    world=dist_env.world_size, readers=readers, samples_per_epoch=samples_per_epoch,
+                                    resampled=resampled)
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = StreamConfig(source=src, split=split, train=train, size=to_hw(image_size), micro_batch=micro_batch,
+                       batches=batches, rank=dist_env.rank, world_size=dist_env.world_size, workers=readers, seed=seed,
+                       samples_per_epoch=samples, resampled=resampled, decode=decode, crop_pct=crop_pct,
+                       scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, randaugment=randaugment,
+                       shuffle_buffer=shuffle_buffer)
+    pin = decode == "cpu" and dev.type == "cuda" and torch.cuda.is_available()
+    return StreamLoader(ShardStream(cfg), workers=workers, steps_per_epoch=steps, global_batch=global_batch,
+                        device=dev, pin_memory=pin, prefetch=prefetch, timeout_s=timeout_s, with_keys=with_keys)

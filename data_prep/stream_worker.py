@@ -1,0 +1,210 @@
+"""The part of the stream that runs inside DataLoader workers: raw samples -> uint8 micro-batches.
+
+Each worker of each rank is a "reader slot" that produces a fixed list of micro-batches per epoch: batch i of
+the rank (0-based) is made by slot i % workers. Its samples, crops and flips are a pure function of (seed,
+epoch, rank, slot, batch index), so a resumed worker regenerates its sequence and skips, without decoding,
+the batches already delivered. The DataLoader asks workers round-robin starting at worker 0, so a pass that
+begins at batch k rotates the slots: worker w plays slot (w + k) % workers, which keeps the order exact.
+
+Faulty samples never change the batch size or the position arithmetic: in training a corrupt image, missing
+image or bad label is replaced by its nearest good neighbour in the same micro-batch (a filler with label -1
+if there is none); in eval it becomes a filler with label -1, which the trainers leave out of top-1/top-5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_prep.stream_source import (
+    IMAGE_EXTS,
+    Counters,
+    Source,
+    batches_of,
+    derive_seed,
+    range_samples,
+    train_samples,
+)
+from data_prep.transforms import (
+    center_crop_box,
+    crop_resize_pil,
+    image_size_of,
+    parse_randaugment,
+    pil_to_chw,
+    random_resized_crop_box,
+    seeded_torch_rng,
+)
+
+FILLER_LABEL = -1
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything a worker needs; identical on every rank except `rank`."""
+
+    source: Source
+    split: str
+    train: bool
+    size: tuple[int, int]  # (H, W) of the output images
+    micro_batch: int
+    batches: int  # micro-batches per rank per epoch
+    rank: int
+    world_size: int
+    workers: int  # reader slots per rank: DataLoader workers, or 1 without workers
+    seed: int
+    samples_per_epoch: int
+    resampled: bool = False
+    decode: str = "cpu"  # "cpu": decode in workers; "gpu": workers ship bytes + boxes
+    crop_pct: float = 0.875
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    randaugment: str | None = None
+    shuffle_buffer: int = 500
+
+
+def substitute_index(ok: list[bool], i: int) -> int | None:
+    """The nearest good entry to a failed entry `i` of a micro-batch (earlier one first), or None."""
+    for d in range(1, len(ok)):
+        for j in (i - d, i + d):
+            if 0 <= j < len(ok) and ok[j]:
+                return j
+    return None
+
+
+class ShardStream(IterableDataset):
+    """Yields one rank's micro-batches of the epoch set in `position`, as dicts (see `_assemble`)."""
+
+    def __init__(self, cfg: StreamConfig):
+        super().__init__()
+        self.cfg = cfg
+        # [epoch, first batch] of the next pass, written by the main process before each pass; shared memory
+        # so that persistent workers see it when the DataLoader restarts them
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self.randaugment = parse_randaugment(cfg.randaugment) if cfg.train else None
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.position.copy_(torch.tensor([epoch, batch]))
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg, info = self.cfg, get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None:
+            # Preemption signals (SLURM sends them to every process of the job) are the training process's to
+            # handle: it checkpoints, then stops these workers itself. A worker dying of one would crash the run.
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+        if info is not None and info.num_workers != cfg.workers:
+            raise RuntimeError(f"stream built for {cfg.workers} workers runs in {info.num_workers}")
+        epoch, start = self.position.tolist()
+        slot = (worker + start) % cfg.workers
+        done, total = batches_of(slot, start, cfg.workers), batches_of(slot, cfg.batches, cfg.workers)
+        counters = Counters()
+        raw = self._raw_samples(epoch, slot, counters)
+        counters.muted = True  # what is skipped was counted by the run that delivered it
+        for _ in itertools.islice(raw, done * cfg.micro_batch):
+            pass
+        counters.muted = False
+        for j in range(done, total):
+            items = list(itertools.islice(raw, cfg.micro_batch))
+            yield self._batch(items, epoch, slot, j, counters)
+
+    def _raw_samples(self, epoch: int, slot: int, counters: Counters) -> Iterator[dict | None]:
+        """This slot's raw samples for the epoch; None entries are eval padding."""
+        cfg, mb, w = self.cfg, self.cfg.micro_batch, self.cfg.workers
+        before = sum(batches_of(s, cfg.batches, w) for s in range(slot)) * mb  # earlier slots of this rank
+        mine = batches_of(slot, cfg.batches, w) * mb
+        if cfg.train:
+            return train_samples(cfg.source, seed=cfg.seed, epoch=epoch, slot=cfg.rank * w + slot,
+                                 slots=cfg.world_size * w, start=cfg.rank * cfg.batches * mb + before, needed=mine,
+                                 resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, counters=counters)
+        # eval: rank r holds samples [r T / world, (r + 1) T / world) in written order, slot by slot, then padding
+        total = cfg.samples_per_epoch
+        lo, hi = cfg.rank * total // cfg.world_size, (cfg.rank + 1) * total // cfg.world_size
+        a, b = min(lo + before, hi), min(lo + before + mine, hi)
+        return itertools.chain(range_samples(cfg.source, a, b, counters), itertools.repeat(None))
+
+    def _prepare(self, item: dict | None, rng: random.Random, counters: Counters) -> tuple | None:
+        """(image tensor or (bytes, box, flip), label, key) for one raw sample; None if padding or faulty."""
+        cfg = self.cfg
+        if item is None:
+            return None
+        url = item.get("__url__")
+        try:
+            label = int(item["cls"])
+            if label < 0 or (cfg.source.classes and label >= len(cfg.source.classes)):
+                raise ValueError(label)
+        except (KeyError, ValueError):
+            counters.add("bad_label", shard=url)
+            return None
+        ext = next((e for e in IMAGE_EXTS if e in item), None)
+        if ext is None:
+            counters.add("missing_image", shard=url)
+            return None
+        data = item[ext]
+        try:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, DecompressionBombError)
+            width, height = image_size_of(data)
+            if cfg.train:
+                box = random_resized_crop_box(width, height, rng, cfg.scale, cfg.ratio)
+                flip = rng.random() < cfg.hflip
+            else:
+                box, flip = center_crop_box(width, height, cfg.size, cfg.crop_pct), False
+            if cfg.decode == "gpu":
+                return (data, box, flip), label, item["__key__"]
+            img = crop_resize_pil(data, box, cfg.size, flip)
+            if self.randaugment is not None:
+                img = self.randaugment(img)
+            return pil_to_chw(img), label, item["__key__"]
+        except Exception:
+            counters.add("corrupt_image", shard=url)
+            return None
+
+    def _batch(self, items: list[dict | None], epoch: int, slot: int, index: int, counters: Counters) -> dict:
+        cfg = self.cfg
+        rng = random.Random(derive_seed(cfg.seed, epoch, cfg.rank, slot, index, "aug"))
+        ra_seed = derive_seed(cfg.seed, epoch, cfg.rank, slot, index, "randaugment")
+        with seeded_torch_rng(ra_seed) if self.randaugment is not None else contextlib.nullcontext():
+            prepared = [self._prepare(item, rng, counters) for item in items]
+        ok = [p is not None for p in prepared]
+        for i, p in enumerate(prepared):
+            if p is None:
+                if items[i] is None:
+                    counters.add("padding")
+                    continue
+                j = substitute_index(ok, i) if cfg.train else None
+                prepared[i] = prepared[j] if j is not None else None
+                counters.add("substituted" if j is not None else "filler")
+        counters.add("samples", sum(ok))
+        out = self._assemble(prepared)
+        out.update(slot=slot, index=index, stats=counters.take())
+        return out
+
+    def _assemble(self, prepared: list[tuple | None]) -> dict:
+        """Stack a micro-batch: labels int64 (B,), keys, and images uint8 (B, 3, H, W) or, for device
+        decoding, `data` uint8 (total bytes,) with `lengths` (B,), `boxes` (B, 4) and `flips` (B,)."""
+        h, w = self.cfg.size
+        n = len(prepared)
+        labels = torch.tensor([p[1] if p else FILLER_LABEL for p in prepared], dtype=torch.int64)
+        keys = [p[2] if p else "" for p in prepared]
+        if self.cfg.decode != "gpu":
+            images = torch.zeros((n, 3, h, w), dtype=torch.uint8)
+            for i, p in enumerate(prepared):
+                if p is not None:
+                    images[i] = p[0]
+            return {"images": images, "labels": labels, "keys": keys}
+        blobs = [p[0][0] if p else b"" for p in prepared]
+        return {
+            "data": torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8),
+            "lengths": torch.tensor([len(b) for b in blobs], dtype=torch.int64),
+            "boxes": torch.tensor([p[0][1] if p else (0, 0, 1, 1) for p in prepared], dtype=torch.int64),
+            "flips": torch.tensor([bool(p and p[0][2]) for p in prepared]),
+            "labels": labels,
+            "keys": keys,
+        }

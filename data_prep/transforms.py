@@ -1,0 +1,200 @@
+"""Image transforms of the stream: crop boxes, JPEG draft decoding, device decoding and normalisation.
+
+Every random choice (crop box, flip) is made in a DataLoader worker from a seeded generator and expressed
+as a box in the source image's pixel coordinates. The box is applied either by PIL in the worker
+(`decode="cpu"`) or on the device after `torchvision.io.decode_jpeg` (`decode="gpu"`), so both paths crop
+the same region. Batches stay uint8 until `normalize` runs on the device (4x less traffic than float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import random
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Box = tuple[int, int, int, int]  # (left, top, width, height) in source pixels
+
+
+def to_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """`224` -> (224, 224); `(h, w)` stays (h, w)."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """Inception-style crop box: the algorithm of torchvision's `RandomResizedCrop.get_params`.
+
+    Drawn from `rng` instead of torch's global generator, so that a worker's crops are a pure function of
+    its seed (exact resume) and drawing them never disturbs the trainer's RNG when there are no workers.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # fallback: the largest centre crop within the ratio range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, size: tuple[int, int], crop_pct: float = 0.875) -> Box:
+    """Eval box: resize so the image covers `size / crop_pct` (aspect kept), then centre-crop `size`.
+
+    For a square size this is the classic "shorter side to image_size / crop_pct, centre crop".
+    """
+    th, tw = size
+    scale = max(th / crop_pct / height, tw / crop_pct / width)  # source px -> resized px
+    w = min(width, max(1, round(tw / scale)))
+    h = min(height, max(1, round(th / scale)))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header alone (no pixel decoding); raises on a non-image."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+def crop_resize_pil(data: bytes, box: Box, size: tuple[int, int], flip: bool) -> Image.Image:
+    """Decode `data`, crop `box`, resize to `size` (h, w), flip; returns an RGB PIL image.
+
+    JPEGs are decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 during the inverse DCT when the crop
+    is at least that much larger than the output, which skips most of the decoding work.
+    """
+    th, tw = size
+    left, top, w, h = box
+    img = Image.open(io.BytesIO(data))
+    full_w, full_h = img.size
+    if img.format == "JPEG":
+        # request the smallest image in which the crop still covers the output size
+        img.draft("RGB", (max(1, math.ceil(full_w * tw / w)), max(1, math.ceil(full_h * th / h))))
+    sx, sy = img.size[0] / full_w, img.size[1] / full_h
+    img = img.convert("RGB")
+    out = img.resize((tw, th), Image.Resampling.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def pil_to_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W) tensor (no float conversion)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # np.array: a writable copy of PIL's buffer
+
+
+def parse_randaugment(spec: str | None) -> v2.RandAugment | None:
+    """`"rand-m9-n2"` (timm's notation: magnitude M of 10, N ops) -> torchvision `v2.RandAugment`."""
+    if not spec:
+        return None
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"randaugment {spec!r}: expected 'rand-m<magnitude 0-10>[-n<ops>]', e.g. 'rand-m9-n2'")
+    magnitude, num_ops = 9, 2
+    for part in parts[1:]:
+        m = re.fullmatch(r"([mn])(\d+)", part)
+        if not m:
+            raise ValueError(f"randaugment {spec!r}: unknown part {part!r}; supported: m<0-10>, n<ops>")
+        if m.group(1) == "m":
+            magnitude = int(m.group(2))
+        else:
+            num_ops = int(m.group(2))
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"randaugment {spec!r}: magnitude must be within 0..10")
+    # 11 bins so that magnitude m means m/10 of each op's range, as in timm
+    return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
+
+
+@contextlib.contextmanager
+def seeded_torch_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU generator seeded to `seed`, restoring the caller's state afterwards.
+
+    torchvision's RandAugment draws from that global generator; this makes its choices a pure function of
+    the seed without disturbing the trainer's RNG (the CUDA generators are not touched).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One image on `device`, falling back to the CPU decoders (PNG, WebP, CMYK JPEG); None if unreadable."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        return None
+
+
+def decode_crop_on_device(blobs: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                          size: tuple[int, int], device: torch.device | str) -> tuple[torch.Tensor, list[bool]]:
+    """Decode encoded images on `device`, crop each box, resize to `size` (h, w), flip.
+
+    blobs: uint8 (n_bytes,) CPU tensors, one per image; boxes: (B, 4) as (left, top, width, height);
+    flips: (B,) bool. Returns uint8 (B, 3, H, W) on `device` and per-image success flags (a failed image
+    is left as zeros for the caller to replace).
+    """
+    device = torch.device(device)
+    try:  # one batched call (nvjpeg on CUDA); any bad image makes it fail as a whole
+        decoded: list[torch.Tensor | None] = list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        decoded = [_decode_one(b, device) for b in blobs]
+    th, tw = size
+    out = torch.zeros((len(blobs), 3, th, tw), dtype=torch.uint8, device=device)
+    ok = []
+    for i, img in enumerate(decoded):
+        left, top, w, h = boxes[i].tolist()
+        if img is None or img.shape[-2] < top + h or img.shape[-1] < left + w:
+            ok.append(False)
+            continue
+        crop = F.resized_crop(img, top, left, h, w, [th, tw], antialias=True)
+        out[i] = crop.flip(-1) if flips[i] else crop
+        ok.append(True)
+    return out, ok
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    # cached so that a step does not copy two tiny tensors host -> device every time
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
+    inv = 1 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
+    return m.to(device), inv.to(device)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+              dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) or (3, H, W) -> `(x / 255 - mean) / std` as `dtype` on `device` (default: where it is).
+
+    The copy to the device is non-blocking (the loader pins its batches), and the arithmetic runs there.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images from the stream, got {images.dtype}")
+    x = images.to(device, non_blocking=True) if device is not None else images
+    m, inv = _mean_std(tuple(mean), tuple(std), x.device)
+    return ((x.float() - m) * inv).to(dtype)

@@ -1,0 +1,245 @@
+"""`write_shards`: a source -> WebDataset tar shards + dataset.json (DESIGN contract 1).
+
+The parent lists the source and plans; worker processes do every per-file step (hash, decode, resize,
+encode) and each writes whole shards, so the bytes never depend on `workers`. A shard is written as
+`name.tar.tmp`, its receipt is saved, then it is renamed: a rerun after a crash or `kill -9` keeps the
+finished shards (receipt and size match the plan) and rewrites the rest, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from data_prep.images import ImageOptions, Reject, encode_image
+from data_prep.manifest import (
+    ManifestError,
+    finalize,
+    load_json,
+    load_receipt,
+    parts_dir,
+    receipt_path,
+    size_bin,
+    summary_table,
+)
+from data_prep.plan import Plan, build_index, make_plan
+from data_prep.pool import worker_pool
+from data_prep.sources import Listing, list_source
+from data_prep.verify import iter_samples
+from runtime.io import atomic_write_json
+
+TAR_MTIME = 0  # fixed member times: reruns are byte-identical
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs besides the shard's own items."""
+
+    root: str
+    out: str
+    opts: ImageOptions
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.bytes += len(b)
+        return self.f.write(b)
+
+
+def _stats_add(stats: dict, w: int, h: int, nbytes: int) -> None:
+    if not stats:
+        stats.update(n=0, width_min=w, width_max=w, height_min=h, height_max=h, width_sum=0, height_sum=0,
+                     image_bytes=0, shorter_side=Counter())
+    stats["n"] += 1
+    stats["width_sum"] += w
+    stats["height_sum"] += h
+    stats["image_bytes"] += nbytes
+    stats["width_min"], stats["width_max"] = min(stats["width_min"], w), max(stats["width_max"], w)
+    stats["height_min"], stats["height_max"] = min(stats["height_min"], h), max(stats["height_max"], h)
+    stats["shorter_side"][size_bin(min(w, h))] += 1
+
+
+def _read(root: str, rel: str, want_sha: str) -> tuple[bytes, str]:
+    try:
+        with open(os.path.join(root, rel), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise Reject("unreadable", e.strerror or str(e)) from None
+    sha = hashlib.sha256(data).hexdigest()
+    if want_sha and sha != want_sha:
+        raise Reject("changed", "file changed after it was indexed; rerun to index it again")
+    return data, sha
+
+
+def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
+    """Worker: write one whole shard (tmp -> receipt -> rename) and return its receipt."""
+    job, name, split, items, fingerprint = args
+    out = Path(job.out)
+    tmp = out / f"{name}.tmp"
+    rejects, labels, stats = [], Counter(), {}
+    with open(tmp, "wb") as f:
+        hf = _HashingWriter(f)
+        with TarWriter(hf, encoder=False, compress=False, mtime=TAR_MTIME, user="vitscale", group="vitscale") as tw:
+            for key, rel, label, label_name, want_sha in items:
+                try:
+                    data, src_sha = _read(job.root, rel, want_sha)
+                    enc = encode_image(data, job.opts)
+                except Reject as r:
+                    rejects.append({"path": rel, "reason": r.reason, "detail": r.detail})
+                    continue
+                sha = src_sha if enc.data is data else hashlib.sha256(enc.data).hexdigest()
+                meta = json.dumps({"label": label_name, "src": rel, "width": enc.width, "height": enc.height,
+                                   "sha256": sha, "src_sha256": src_sha})
+                tw.write({"__key__": key, enc.ext: enc.data, "cls": str(label).encode(), "json": meta.encode()})
+                labels[str(label)] += 1
+                _stats_add(stats, enc.width, enc.height, len(enc.data))
+        f.flush()
+        os.fsync(f.fileno())
+    receipt = {"fingerprint": fingerprint, "name": name, "split": split, "samples": sum(labels.values()),
+               "bytes": hf.bytes, "sha256": hf.sha.hexdigest(), "label_counts": dict(sorted(labels.items())),
+               "image_stats": stats, "rejects": rejects, "inputs": len(items)}
+    atomic_write_json(receipt_path(out, name), receipt, indent=None)
+    os.replace(tmp, out / name)
+    return receipt
+
+
+def resolve_nodes(num_nodes: int | None, node_rank: int | None, env=os.environ) -> tuple[int, int]:
+    """(rank, count): the arguments, else a SLURM job array's task id and count, else (0, 1).
+
+    An explicit `--num-nodes 1` opts out of the SLURM defaults (an array used for something else)."""
+    from_slurm = num_nodes is None and bool(env.get("SLURM_ARRAY_TASK_COUNT"))
+    if from_slurm:
+        num_nodes = int(env["SLURM_ARRAY_TASK_COUNT"])
+    if node_rank is None and (from_slurm or (num_nodes or 1) > 1) and env.get("SLURM_ARRAY_TASK_ID"):
+        node_rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    num_nodes, node_rank = num_nodes or 1, node_rank or 0
+    if not 0 <= node_rank < num_nodes:
+        raise ValueError(f"--node-rank {node_rank} must be in [0, --num-nodes {num_nodes})")
+    return node_rank, num_nodes
+
+
+def load_exclude_hashes(path: str | os.PathLike) -> set[bytes]:
+    """sha256 digests to keep out: a text file (one hex digest a line) or another dataset's dataset.json
+    (or its folder), whose samples' source and stored hashes are read from its shards."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--exclude-hashes {path} does not exist")
+    if path.suffix == ".json":
+        manifest, hashes = load_json(path), set()
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                for _, sample in iter_samples(path.parent / shard["name"]):
+                    meta = json.loads(sample["json"])
+                    hashes.update(bytes.fromhex(meta[k]) for k in ("sha256", "src_sha256") if k in meta)
+        return hashes
+    hashes = set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if line:
+            try:
+                hashes.add(bytes.fromhex(line))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not a hex sha256 digest: {line[:80]}") from None
+    return hashes
+
+
+def _check_plan(out: Path, plan: Plan, options: dict) -> None:
+    """Save the plan; refuse to mix shards of a different plan into the same folder."""
+    path = parts_dir(out) / "plan.json"
+    if path.exists() and load_json(path).get("fingerprint") != plan.fingerprint:
+        raise ValueError(f"{out} already holds shards planned from other inputs or options; "
+                         "write to an empty folder (or delete this one) to start over")
+    splits: dict[str, list[str]] = {s: [] for s in plan.split_names()}
+    for s in plan.shards:
+        splits[s.split].append(s.name)
+    atomic_write_json(path, {"fingerprint": plan.fingerprint, "classes": plan.classes, "splits": splits,
+                             "shard_fingerprints": {s.name: shard_fingerprint(plan, s.name) for s in plan.shards},
+                             "rejects": plan.rejects, "options": options}, indent=None)
+
+
+def shard_fingerprint(plan: Plan, name: str) -> str:
+    return hashlib.sha256(f"{plan.fingerprint}/{name}".encode()).hexdigest()
+
+
+def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterator[tuple]:
+    for s in shards:
+        items = [(f"{i:08d}", listing.paths[i], int(listing.labels[i]), plan.classes[listing.labels[i]],
+                  index.sha[i].tobytes().hex() if index is not None else "") for i in s.entries.tolist()]
+        yield job, s.name, s.split, items, shard_fingerprint(plan, s.name)
+
+
+def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
+                 samples_per_shard: int = 1000, max_shard_bytes: int | None = None, seed: int = 0,
+                 resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
+                 quality: int = 90, min_size: int = 16, dedup: bool = True,
+                 exclude_hashes: str | os.PathLike | None = None, workers: int = 1, num_nodes: int | None = None,
+                 node_rank: int | None = None, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Write `src` (ImageFolder tree or .csv/.jsonl list) as shards into `out`; return the manifest.
+
+    With several nodes this writes the node's share only and returns a node report
+    (`{"node_rank", "num_nodes", "shards", "written"}`); `merge(out)` then writes the manifest.
+    """
+    t0 = time.perf_counter()
+    opts = ImageOptions(resize_shorter, resize_longer, format, quality, min_size)
+    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1:
+        raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
+                         "--max-shard-bytes >= 1")
+    node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
+    out = Path(out)
+    if Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve()):
+        raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
+                         "images of a class; write somewhere else")
+    out.mkdir(parents=True, exist_ok=True)
+    exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
+    options = {"source": str(Path(src).resolve()), "val_fraction": val_fraction,
+               "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed,
+               **{k: v for k, v in asdict(opts).items()}, "dedup": dedup,
+               "exclude_hashes": str(Path(exclude_hashes).resolve()) if exclude_hashes else None}
+    with worker_pool(workers) as (imap, imap_unordered):
+        listing = list_source(src, map_fn=imap)
+        index = None
+        if dedup or exclude or max_shard_bytes:  # needs every file's contents before planning
+            with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
+                index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
+        plan = make_plan(listing, index, {**options, "_exclude": exclude})
+        _check_plan(out, plan, options)
+        job = ShardJob(str(listing.root), str(out), opts)
+        mine = plan.node_share(node_rank, num_nodes)
+        todo = [s for s in mine if load_receipt(out, s.name, shard_fingerprint(plan, s.name)) is None]
+        processed = 0
+        with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
+            for receipt in imap_unordered(write_shard, _tasks(listing, plan, index, job, todo)):
+                bar.update(receipt["inputs"])
+                processed += receipt["inputs"]
+    if num_nodes > 1:
+        report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
+                  "written": len(todo)}
+        if log:
+            log(f"node {node_rank}/{num_nodes}: {len(mine)} shards ({len(todo)} written now); "
+                f"run `python -m data_prep merge {out}` once every node is done")
+        return report
+    manifest = finalize(out)
+    if log:
+        log(summary_table(manifest, time.perf_counter() - t0, processed))
+    return manifest
+
+
+__all__ = ["ManifestError", "ShardJob", "load_exclude_hashes", "resolve_nodes", "write_shard", "write_shards"]

@@ -1,0 +1,142 @@
+"""Checkpoints: DeepSpeed's layout plus our trainer state, one tag directory per save.
+
+run.dir/checkpoints/
+  global_step{N}/            DeepSpeed model + optimizer shards (every rank writes its own)
+    trainer_state.json       step, epoch, stream position, world size, config hash, class names
+    rng_rank{r}.safetensors  each rank's RNG states (dropout, drop-path, mixup draws)
+    ema.safetensors          EMA weights, when enabled
+  latest                     tag of the newest COMPLETE checkpoint: written by rank 0 only after
+                             every rank has finished writing (a barrier), atomically
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
+from safetensors.torch import load_file, save_file
+
+from runtime.dist import DistEnv, barrier
+from runtime.io import atomic_path, atomic_write, atomic_write_json
+
+STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The newest complete checkpoint's tag, or None when there is none."""
+    f = Path(ckpt_dir) / "latest"
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    if not (Path(ckpt_dir) / tag / STATE_FILE).exists():
+        raise RuntimeError(f"{f} names {tag!r} but {Path(ckpt_dir) / tag / STATE_FILE} is missing; "
+                           "delete `latest` or point it at a complete checkpoint directory")
+    return tag
+
+
+def read_state(ckpt_dir: str | Path, tag: str) -> dict:
+    """The trainer state saved with checkpoint `tag`."""
+    return json.loads((Path(ckpt_dir) / tag / STATE_FILE).read_text())
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save(engine, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, keep: int,
+         ema: dict[str, torch.Tensor] | None = None) -> str:
+    """Save a checkpoint on every rank; `latest` moves only after all ranks finished. Returns the tag."""
+    ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
+    client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    tag_dir = ckpt_dir / tag
+    with atomic_path(tag_dir / f"rng_rank{env.rank}.safetensors") as tmp:
+        save_file(_rng_state(), str(tmp))
+    if env.is_main:
+        if ema is not None:
+            with atomic_path(tag_dir / EMA_FILE) as tmp:
+                save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
+        atomic_write_json(tag_dir / STATE_FILE, {**state, "step": step, "world_size": env.world_size})
+    barrier()  # every rank's shards are on disk before the checkpoint becomes `latest`
+    if env.is_main:
+        atomic_write(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, keep, tag)
+    barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:
+    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir() and not p.name.endswith("_universal")),
+                  key=lambda p: int(p.name.removeprefix("global_step")))
+    for old in tags[: max(0, len(tags) - keep)]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str | Path, tag: str, env: DistEnv, universal: bool) -> None:
+    """Restore model, optimizer, schedule and (same world size) this rank's RNG from checkpoint `tag`."""
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True, load_module_strict=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    rng_file = Path(ckpt_dir) / tag.removesuffix("_universal") / f"rng_rank{env.rank}.safetensors"
+    if not universal and rng_file.exists():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def load_ema(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor] | None:
+    f = Path(ckpt_dir) / tag.removesuffix("_universal") / EMA_FILE
+    return load_file(str(f)) if f.exists() else None
+
+
+def convert_universal(ckpt_dir: str | Path, tag: str) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (one folder per parameter), once."""
+    src = Path(ckpt_dir) / tag
+    dst = Path(ckpt_dir) / f"{tag}_universal"
+    if not (dst / "zero").exists():
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"universal checkpoint conversion failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+    return dst
+
+
+def to_universal(ckpt_dir: str | Path, tag: str, env: DistEnv) -> str:
+    """Rank 0 converts checkpoint `tag` to the universal format while the others wait; returns its tag."""
+    if env.is_main:
+        convert_universal(ckpt_dir, tag)
+    barrier()
+    return f"{tag}_universal"
+
+
+def universal_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of checkpoint `tag` through its universal form (works for every ZeRO stage and precision)."""
+    zero = convert_universal(ckpt_dir, tag) / "zero"
+    return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+            for p in sorted(zero.iterdir()) if (p / "fp32.pt").exists()}

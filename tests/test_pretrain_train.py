@@ -1,0 +1,210 @@
+"""Pre-training end to end on real images (sklearn digits as shards), real DeepSpeed on gloo, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, free_port, run_torchrun
+
+pytestmark = pytest.mark.slow
+STEPS = 120  # debug_cpu: checkpoints at 60 and 120, loss logged every 20 steps
+
+
+def _train(data: Path, run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 400, **kw) -> tuple[int, str]:
+    args = ["-m", "pretrain", "train", "debug_cpu", f"data.path={data}", f"run.dir={run_dir}", *overrides]
+    proc = run_torchrun(args, nproc=nproc, **kw)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]} | {
+        "_images": acc.Tags()["images"]}
+
+
+def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """(rank, micro-batch index) -> keys; a resumed run's rewrite of an index replaces the old line."""
+    seen: dict[tuple[int, int], list[str]] = {}
+    for f in sorted((run_dir / "keys").glob("rank*.txt")):
+        rank, batches = int(f.stem.removeprefix("rank")), {}
+        for line in f.read_text().splitlines():
+            i, key = line.split("\t")
+            batches.setdefault(int(i), {})[key] = None  # a rewritten index starts again below
+        for i, keys in batches.items():
+            seen[(rank, i)] = list(keys)
+    return seen
+
+
+def _data_path(run_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"]
+
+
+def _export(run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
+    out = run_dir / "export" / "model.safetensors"
+    subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out), *extra],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return load_file(str(out))
+
+
+@pytest.fixture(scope="module")
+def baseline(digits_shards: Path, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process ZeRO-2 bf16 run that several tests read."""
+    run_dir = tmp_path_factory.mktemp("baseline")
+    rc, out = _train(digits_shards, run_dir, "debug.record_keys=true", "log.peak_tflops=0.001")
+    assert rc == 0, out[-4000:]
+    return run_dir
+
+
+def test_learns_digits_zero2(baseline: Path) -> None:
+    report = _report(baseline)
+    assert report["step"] == STEPS
+    assert report["eval/top1"] >= 0.3, report  # chance is 0.10; ~0.4 seen
+    manifest = json.loads(Path(_data_path(baseline)).read_text())
+    assert report["eval/samples"] == manifest["splits"]["val"]["samples"]  # the whole val split, each image once
+    losses = [v for _, v in _scalars(baseline)["train/loss"]]
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_tensorboard_has_the_scalars(baseline: Path) -> None:
+    s = _scalars(baseline)
+    wanted = {"train/loss", "train/lr", "train/grad_norm", "perf/img_per_s", "perf/img_per_s_per_gpu", "perf/mfu",
+              "perf/data_wait_share", "perf/step_time", "eval/top1", "eval/top5", "train/skipped_steps"}
+    assert wanted <= set(s), wanted - set(s)
+    assert [step for step, _ in s["train/loss"]] == list(range(20, STEPS + 1, 20))
+    assert s["train/lr"][-1][1] < s["train/lr"][0][1]  # cosine decay after warm-up
+    assert s["_images"] == ["train/batch"]
+    assert all(v > 0 for _, v in s["perf/img_per_s"])
+
+
+def test_export_equals_live_model(baseline: Path) -> None:
+    exported = _export(baseline)
+    # DeepSpeed's module weights at the last save are the bf16 copy of the fp32 master weights we export.
+    live = torch.load(baseline / "checkpoints" / f"global_step{STEPS}" / "mp_rank_00_model_states.pt",
+                      map_location="cpu", weights_only=False)["module"]
+    assert exported.keys() == live.keys()
+    for k, v in live.items():
+        assert torch.equal(exported[k].to(v.dtype), v), k
+    from vit.weights import read_metadata
+
+    meta = read_metadata(baseline / "export" / "model.safetensors")
+    assert meta["step"] == STEPS and meta["class_names"] == [str(i) for i in range(10)]
+
+
+def test_eval_verb_matches_training_eval(baseline: Path, digits_shards: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pretrain", "eval", str(baseline), f"data.path={digits_shards}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    assert metrics["samples"] == _report(baseline)["eval/samples"]
+    assert abs(metrics["top1"] - _report(baseline)["eval/top1"]) < 0.03  # fp32 vs bf16 forward
+
+
+def test_kill_and_resume_gives_the_same_model(baseline: Path, digits_shards: Path, tmp_path: Path) -> None:
+    rc, out = _train(digits_shards, tmp_path, "debug.record_keys=true", "log.peak_tflops=0.001",
+                     "debug.kill_at_step=90", "debug.kill_rank=1")
+    assert rc != 0, "the job should die with its rank"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step60"
+    rc, out = _train(digits_shards, tmp_path, "debug.record_keys=true", "log.peak_tflops=0.001")
+    assert rc == 0, out[-4000:]
+    assert "resumed from global_step60" in out
+    a, b = _export(baseline), _export(tmp_path)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert _keys(tmp_path) == _keys(baseline)  # the same samples, in the same micro-batches, on the same ranks
+
+
+def test_resume_at_another_world_size(baseline: Path, digits_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"global_step{STEPS}")  # as if the 2-rank job had stopped at step 60
+    (run_dir / "checkpoints" / "latest").write_text("global_step60")
+    (run_dir / "report.json").unlink()
+    rc, out = _train(digits_shards, run_dir, "log.peak_tflops=0.001", nproc=1)
+    assert rc == 0, out[-4000:]
+    assert "world size changed 2 -> 1" in out
+    assert _report(run_dir)["step"] == STEPS and _report(run_dir)["eval/top1"] > 0.25
+    assert (run_dir / "checkpoints" / "global_step60_universal").is_dir()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path) -> None:
+    ema = ["train.ema_decay=0.9"] if stage == 1 else []  # EMA needs full weights on every rank: ZeRO <= 2
+    rc, out = _train(digits_shards, tmp_path, f"zero.stage={stage}", "train.steps=20", "checkpoint.every=0",
+                     "log.every=5", *ema)
+    assert rc == 0, out[-4000:]
+    losses = [v for _, v in _scalars(tmp_path)["train/loss"]]
+    assert losses[-1] < losses[0] and _report(tmp_path)["eval/top1"] > 0.15
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
+    weights = _export(tmp_path)
+    if ema:
+        averaged = _export(tmp_path, "--ema")
+        assert averaged.keys() == weights.keys()
+        assert 0 < max((averaged[k] - weights[k]).abs().max().item() for k in weights) < 0.5
+
+
+def test_two_nodes_on_loopback(digits_shards: Path, tmp_path: Path) -> None:
+    port = free_port()
+    args = ["-m", "pretrain", "train", "debug_cpu", f"data.path={digits_shards}", f"run.dir={tmp_path}",
+            "train.steps=10", "eval.every=0", "checkpoint.every=0"]
+    procs = [run_torchrun(args, nproc=1, nnodes=2, node_rank=n, port=port) for n in (0, 1)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert _report(tmp_path)["step"] == 10 and "on 2 ranks" in outs[0]
+
+
+def test_sigterm_checkpoints_then_exits(digits_shards: Path, tmp_path: Path) -> None:
+    proc = run_torchrun(["-m", "pretrain", "train", "debug_cpu", f"data.path={digits_shards}", f"run.dir={tmp_path}",
+                         "train.steps=100000", "checkpoint.every=0", "eval.every=0", "log.every=5",
+                         "checkpoint.signal_check_every=5"])
+    log, deadline = tmp_path / "log.txt", time.time() + 300
+    while not (log.exists() and "step 10/" in log.read_text(errors="ignore")):
+        assert proc.poll() is None and time.time() < deadline, "training did not reach step 10"
+        time.sleep(0.5)
+    for child in psutil.Process(proc.pid).children(recursive=True):  # SLURM signals every task, not torchrun
+        child.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "preempted: checkpoint saved at step" in out
+    tag = (tmp_path / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("global_step"))
+    assert step >= 10 and step % 5 == 0
+    assert _export(tmp_path)["pos_embed"].shape == (1, 17, 32)  # the checkpoint loads and consolidates
+
+
+def test_bad_configs_fail_before_training(digits_shards: Path, tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pretrain", "train", "debug_cpu", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli(f"run.dir={tmp_path}")
+    assert r.returncode == 2 and "data.path is required" in r.stderr
+    r = cli(f"run.dir={tmp_path}", "data.path=/nope/dataset.json")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = cli(f"run.dir={tmp_path}", f"data.path={digits_shards}", "train.lr=0.1")
+    assert r.returncode == 2 and "unknown config key 'train.lr'" in r.stderr
+    t0 = time.time()
+    rc, out = _train(digits_shards, tmp_path, "train.global_batch=30", timeout=120)
+    assert rc != 0 and "global batch 30 is not divisible by micro-batch 8 x world size 2" in out
+    assert time.time() - t0 < 100 and not (tmp_path / "checkpoints").exists()
