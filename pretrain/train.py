@@ -8,6 +8,7 @@ device and is read every `log.every` steps, so the host never waits on the devic
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,10 @@ from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
 from vit import VisionTransformer, ViTConfig, vit_config
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: what SLURM and shells expect from a job stopped by SIGTERM
+# Exit codes after a signal-triggered checkpoint. SIGTERM (preemption, scancel, `scontrol requeue`): 143 =
+# 128 + SIGTERM, what SLURM and shells expect of a terminated job. SIGUSR1 (SLURM's warning before the time
+# limit, `--signal=B:USR1@T`; `launch` then requeues the job): 0, a planned stop.
+EXIT_AFTER_SIGNAL = {signal.SIGTERM: 143, signal.SIGUSR1: 0}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,11 +73,12 @@ class _Preemption:
 
     def __init__(self):
         self.flag = False
+        self.signum = signal.SIGTERM
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.flag = True
+        self.flag, self.signum = True, signal.Signals(signum)
 
     def agreed(self, device: torch.device) -> bool:
         if not torch_dist.is_initialized():
@@ -140,6 +145,7 @@ def train(cfg: PretrainConfig) -> dict:
     monitor = Monitor(cfg, env, vcfg, run_dir, steps)
     result = _Loop(engine, loader, val_loader, ema, cfg, env, steps, names, monitor, log).run()
     monitor.close(result)
+    result["rank_digests"] = _rank_digests(engine, cfg)
     if env.is_main:
         atomic_write_json(run_dir / "report.json", result)
     return result
@@ -159,6 +165,20 @@ def _resume(engine, loader, ema, ckpt_dir, tag, saved, env, cfg, log, universal)
     if ema is not None and (shadow := ckpt.load_ema(ckpt_dir, tag)) is not None:
         ema.load(shadow)
     log.info(f"resumed from {tag} (step {saved['step']})")
+
+
+def _rank_digests(engine, cfg: PretrainConfig) -> list[str] | None:
+    """Every rank's hash of its full model weights (equal when the ranks are in sync); None for ZeRO-3,
+    where no rank holds the full weights."""
+    if cfg.zero.stage == 3:
+        return None
+    h = hashlib.sha256()
+    for name, p in sorted(engine.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    digests = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(digests, h.hexdigest()[:16])
+    return digests
 
 
 class _Loop:
@@ -237,8 +257,9 @@ class _Loop:
         if _every(step, cfg.checkpoint.signal_check_every) and self.preempt.agreed(self.device):
             if not saved:
                 self.save(step)
-            self.log.warning(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
-            raise SystemExit(PREEMPTED_EXIT)
+            self.log.warning(f"preempted ({self.preempt.signum.name}): checkpoint saved at step {step}; rerun the "
+                             "same command to resume")
+            raise SystemExit(EXIT_AFTER_SIGNAL[self.preempt.signum])
 
     def save(self, step: int) -> None:
         state = {"stream": self.loader.state_dict(), "config_hash": config_hash(self.cfg),

@@ -80,6 +80,7 @@ def baseline(digits_shards: Path, tmp_path_factory) -> Path:
 def test_learns_digits_zero2(baseline: Path) -> None:
     report = _report(baseline)
     assert report["step"] == STEPS
+    assert len(report["rank_digests"]) == 2 and len(set(report["rank_digests"])) == 1  # ranks hold one model
     assert report["eval/top1"] >= 0.3, report  # chance is 0.10; ~0.4 seen
     manifest = json.loads(Path(_data_path(baseline)).read_text())
     assert report["eval/samples"] == manifest["splits"]["val"]["samples"]  # the whole val split, each image once
@@ -157,6 +158,8 @@ def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path
     losses = [v for _, v in _scalars(tmp_path)["train/loss"]]
     assert losses[-1] < losses[0] and _report(tmp_path)["eval/top1"] > 0.15
     assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
+    digests = _report(tmp_path)["rank_digests"]
+    assert digests is None if stage == 3 else (len(digests) == 2 and digests[0] == digests[1])
     weights = _export(tmp_path)
     if ema:
         averaged = _export(tmp_path, "--ema")
@@ -172,6 +175,8 @@ def test_two_nodes_on_loopback(digits_shards: Path, tmp_path: Path) -> None:
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert _report(tmp_path)["step"] == 10 and "on 2 ranks" in outs[0]
+    digests = _report(tmp_path)["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # both nodes end with the same model
 
 
 def test_sigterm_checkpoints_then_exits(digits_shards: Path, tmp_path: Path) -> None:
@@ -186,7 +191,7 @@ def test_sigterm_checkpoints_then_exits(digits_shards: Path, tmp_path: Path) -> 
         child.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "preempted: checkpoint saved at step" in out
+    assert "preempted (SIGTERM): checkpoint saved at step" in out
     tag = (tmp_path / "checkpoints" / "latest").read_text()
     step = int(tag.removeprefix("global_step"))
     assert step >= 10 and step % 5 == 0
