@@ -11,6 +11,7 @@ Debian package skips with the reason (`make sysdeps` installs them).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -26,12 +27,21 @@ import pytest
 
 from tests.conftest import ROOT, free_port
 
-# The job every launch test starts. Until the trainer exists this is runtime's 2-process check; switch it to
-# a short `pretrain train debug_cpu` run (and the assertions on its output) when the trainer lands.
+# The cheap job of the launcher-mechanics tests (pdsh, --no_ssh, loopback): runtime's 2-process check, which
+# prints one JSON line per rank. The runs across real hosts start the trainer itself (`pretrain_job`).
 JOB = [sys.executable, "-m", "runtime", "dist-check"]
-# A distributed job that saves its step on SIGTERM/SIGUSR1 and resumes from it (the SLURM requeue test).
-RESUMABLE_JOB = [sys.executable, "-m", "tests.launch_job"]
 SSHD = "/usr/sbin/sshd"
+
+
+def pretrain_job(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """`python -m pretrain train debug_cpu` (tiny ViT, ZeRO-2 on gloo) on the digits shards, writing to run_dir."""
+    return [sys.executable, "-m", "pretrain", "train", "debug_cpu", f"data.path={data}", f"run.dir={run_dir}",
+            "eval.every=0", *overrides]
+
+
+def report(run_dir: Path) -> dict:
+    """The trainer's run_dir/report.json (written by rank 0 at the end)."""
+    return json.loads((run_dir / "report.json").read_text())
 
 
 def need_root(*tools: str) -> None:
