@@ -13,6 +13,7 @@ import time
 from tests.conftest import ROOT, free_port
 from tests.launch_fixtures import (  # noqa: F401
     JOB,
+    ds_ops_env,
     launch,
     netns_pair,
     pretrain_job,
@@ -25,9 +26,8 @@ from tests.test_launch import NASTY, rank_lines
 # What gloo raises on a rank whose peer vanished: "pair.cc:545] Read error [10.200.0.2]:PORT: Connection reset
 # by peer" (or "Connection closed by peer [ADDR]"), naming the lost peer's address.
 PREEMPTED = r"preempted \((SIGUSR1|SIGTERM)\): checkpoint saved at step (\d+)"
-# The launcher on node1 starts with a bare environment (what it needs must travel by itself), and the PATH an
-# ssh login gets on node2: the same on both, so torch finds the same CUDA_HOME on both and DeepSpeed's JIT
-# ops are not rebuilt (tens of seconds) for a changed compiler environment.
+# The launcher on node1 starts with a bare environment (what the job needs must travel by itself): the PATH an
+# ssh login gets on node2.
 NETNS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GLOO_LOST_PEER = r"gloo/transport/tcp/pair\.cc:\d+\] .*\[10\.200\.0\.2\]"
 
@@ -74,13 +74,13 @@ def _netns_run(pair, tmp_path, job: list[str], timeout: float, *opts: str) -> su
                             env={"PATH": NETNS_PATH, "OMP_NUM_THREADS": "1"})
 
 
-def test_netns_two_hosts_pretrain(tmp_path, netns_pair, digits_shards):  # noqa: F811
+def test_netns_two_hosts_pretrain(tmp_path, netns_pair, digits_shards, ds_ops_env):  # noqa: F811
     """Two hosts that see each other only over a veth pair (node2 reached over ssh) pre-train together:
     preflight checks the real dataset, both nodes exit 0 and both ranks end with the same weights."""
     run = tmp_path / "run"
     job = pretrain_job(digits_shards, run, "train.steps=10", "checkpoint.every=0", "log.every=5")
-    proc = _netns_run(netns_pair, tmp_path, job, 420, "--dataset", str(digits_shards), "--workers", "1",
-                      "--global-batch", "32", "--micro-batch", "8")
+    proc = _netns_run(netns_pair, tmp_path, job, 420, *ds_ops_env, "--dataset", str(digits_shards), "--workers",
+                      "1", "--global-batch", "32", "--micro-batch", "8")
     out = proc.communicate(timeout=450)[0]
     assert proc.returncode == 0, out[-4000:]
     assert "preflight: ok (2 nodes, 2 processes)" in out
@@ -92,13 +92,13 @@ def test_netns_two_hosts_pretrain(tmp_path, netns_pair, digits_shards):  # noqa:
     assert sum("done: step 10" in x for x in logs) == 1 and all("deepspeed" in x.lower() for x in logs)
 
 
-def test_netns_node_killed_mid_run(tmp_path, netns_pair, digits_shards):  # noqa: F811
+def test_netns_node_killed_mid_run(tmp_path, netns_pair, digits_shards, ds_ops_env):  # noqa: F811
     """kill -9 every process of node2 mid-training: node1 fails on its own within the collective timeout
     (before the launcher's grace runs out), the launcher names the lost node and exits non-zero."""
     run = tmp_path / "run"
     job = pretrain_job(digits_shards, run, "train.steps=100000", "checkpoint.every=0", "log.every=5",
                        "dist.timeout=15")
-    proc = _netns_run(netns_pair, tmp_path, job, 420)
+    proc = _netns_run(netns_pair, tmp_path, job, 420, *ds_ops_env)
     lines = []
     deadline = time.monotonic() + 360
     while time.monotonic() < deadline:
@@ -131,11 +131,11 @@ def _wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _sbatch(cluster, tmp_path, job: list[str]) -> str:
+def _sbatch(cluster, tmp_path, job: list[str], opts: list[str]) -> str:
     """`launch sbatch --submit` a 2-node CPU job; return its id."""
     args = ["sbatch", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1", "--time", "00:10:00",
             "--run-dir", str(tmp_path / "run"), "--master-port", str(free_port()), "--grace", "20", "--submit",
-            "--", *job]
+            *opts, "--", *job]
     r = launch(args, 120, env=cluster.env)
     assert r.returncode == 0 and "launch: sbatch exit 0: job " in r.stdout, r.stdout + r.stderr
     return r.stdout.split("job ")[-1].split()[0]
@@ -148,7 +148,7 @@ def _requeued(cluster, job_id: str, restarts: int) -> None:
     assert cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
 
 
-def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_shards):  # noqa: F811
+def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_shards, ds_ops_env):  # noqa: F811
     """`launch sbatch --submit` runs the trainer over `-N 2`; the job is preempted twice: SIGUSR1 before the
     time limit (the launcher forwards it to the ranks, they checkpoint and exit 0, the launcher requeues), then
     `scontrol requeue` (SIGTERM to every task: checkpoint, exit 143, SLURM requeues). Each time it resumes from
@@ -156,7 +156,7 @@ def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_
     run, steps = tmp_path / "run", 200
     job = pretrain_job(digits_shards, run, f"train.steps={steps}", "checkpoint.every=0", "log.every=5",
                        "checkpoint.signal_check_every=1")
-    job_id = _sbatch(slurm_cluster, tmp_path, job)
+    job_id = _sbatch(slurm_cluster, tmp_path, job, ds_ops_env)
     out_file = run / "logs" / f"slurm-{job_id}.out"
     text = lambda: out_file.read_text() if out_file.exists() else ""  # noqa: E731
     logged = lambda: max(map(int, re.findall(rf"step (\d+)/{steps} ", text())), default=0)  # noqa: E731
