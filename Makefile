@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install sysdeps test lint clean
+
+# Debian packages the multi-node launch tests need (sshd + pdsh, a local SLURM cluster, network namespaces).
+# Installed only when one is missing and only as root; elsewhere those tests skip with their reason.
+SYSDEPS := slurm-wlm munge openssh-server openssh-client pdsh iproute2
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +21,15 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: install
+sysdeps:
+	@missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "sysdeps: not root or no apt-get; missing: $$missing (launch tests needing them will skip)"; exit 0; fi; \
+	echo "sysdeps: installing $$missing"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+
+test: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -144,7 +144,15 @@ def train(cfg: PretrainConfig) -> dict:
     log.info(f"ViT {cfg.model.variant} @ {vcfg.image_hw}, {len(names)} classes; {steps} steps of "
              f"{cfg.train.global_batch} on {env.world_size} ranks, ZeRO-{cfg.zero.stage} {cfg.precision}")
     monitor = Monitor(cfg, env, vcfg, run_dir, steps)
-    result = _Loop(engine, loader, val_loader, ema, cfg, env, steps, names, monitor, log).run()
+    try:
+        result = _Loop(engine, loader, val_loader, ema, cfg, env, steps, names, monitor, log).run()
+    finally:
+        # Stop the loader workers here, on every way out. They ignore SIGTERM (preemption is the trainer's to
+        # handle), so after an error (a peer lost, a collective timed out) multiprocessing's exit handler could
+        # not stop them and this rank would hang at exit instead of failing.
+        for stream in (loader, val_loader):
+            if stream is not None:
+                stream.close()
     monitor.close(result)
     result["rank_digests"] = _rank_digests(engine, cfg)
     if env.is_main:

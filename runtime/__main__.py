@@ -2,6 +2,8 @@
 
 Each rank prints one JSON line (its rank, world, node, launcher and the all-reduced rank sum),
 then all ranks meet at a barrier and tear down. A smoke test for a new cluster or launcher.
+`--hold S` keeps the group up for S seconds first (a barrier every second, each bounded by the
+process-group timeout), so that failure handling can be tried by killing a node mid-run.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as torch_dist
@@ -17,9 +20,27 @@ import torch.distributed as torch_dist
 from runtime.dist import barrier, detect, init_distributed, shutdown
 
 
-def dist_check(timeout_s: float) -> dict:
-    """Init, all-reduce the ranks, barrier, teardown; return what this rank saw."""
+def hold(seconds: float, rank: int) -> None:
+    """Meet the other ranks at a barrier every second for `seconds`; a lost rank fails a barrier."""
+    print(json.dumps({"rank": rank, "holding_s": seconds}), flush=True)
+    deadline = time.monotonic() + seconds
+    step = 0
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        try:
+            barrier()
+        except Exception as e:  # a peer died or the link dropped: say so, then fail the job
+            print(f"dist-check: rank {rank} lost a peer at barrier {step}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        step += 1
+
+
+def dist_check(timeout_s: float, hold_s: float = 0.0) -> dict:
+    """Init, all-reduce the ranks, (hold), barrier, teardown; return what this rank saw."""
     env = init_distributed(detect(), timeout_s=timeout_s)
+    if hold_s > 0:
+        hold(hold_s, env.rank)
     total = torch.tensor([float(env.rank)])
     if torch_dist.is_initialized():
         if torch_dist.get_backend() == "nccl":
@@ -46,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="verb", required=True)
     c = sub.add_parser("dist-check", help="init the process group, all-reduce, barrier, teardown")
     c.add_argument("--timeout", type=float, default=60.0, help="collective timeout, seconds")
+    c.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+                   help="keep the group up this long (a barrier each second) before the check")
     args = p.parse_args(argv)
-    report = dist_check(args.timeout)
+    report = dist_check(args.timeout, args.hold)
     # One write per line: ranks share the console pipe, and a single short write is never interleaved.
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
