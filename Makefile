@@ -1,4 +1,4 @@
-# One command sets everything up on a fresh machine: `make test`.
+# One command sets everything up on a fresh machine: `make test` (or `make demo`, `make bench`).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -38,3 +38,12 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The whole pipeline on bundled real images (scikit-learn's digits), in minutes on a CPU: see README.md.
+.PHONY: demo bench
+demo: install
+	$(BIN)/python scripts/demo.py
+
+# Every benchmark in bench/ with settings this machine can run, then their ratios in one table.
+bench: install
+	$(BIN)/python scripts/bench_all.py

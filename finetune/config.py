@@ -19,25 +19,25 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 @dataclass
 class RunCfg:
     dir: str = ""  # run dir: config.yaml, checkpoints/, tb/, log.txt, best/last.safetensors, report.json
-    seed: int = 0
+    seed: int = 0  # seeds the initial weights, the data order and the augmentations
     resume: bool = True  # continue from run.dir/checkpoints/latest when it exists
 
 
 @dataclass
 class DataCfg:
     path: str = ""  # a dataset.json (or its folder)
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on (a key of dataset.json's splits)
     val_split: str | None = "val"  # None: no evaluation
     num_classes: int | None = None  # None: from the dataset's class list
-    workers: int = 8
-    resampled: bool = False
+    workers: int = 8  # DataLoader worker processes per rank
+    resampled: bool = False  # draw shards with replacement (needed when shards < ranks x workers)
     samples_per_epoch: int | None = None  # required when path is not a dataset.json
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop
-    ratio: tuple[float, float] = (0.75, 4 / 3)
-    hflip: float = 0.5
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    hflip: float = 0.5  # horizontal-flip probability
     crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
     randaugment: str | None = None  # e.g. "rand-m9-n2"
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Literal["cpu", "gpu"] = "cpu"  # where JPEGs are decoded: loader workers (cpu) or the GPU, batched
 
 
 @dataclass
@@ -45,36 +45,36 @@ class ModelCfg:
     variant: str = ""  # expected architecture (L/16, H/14, ...); "" = whatever the checkpoint holds
     image_size: int | tuple[int, int] = 0  # fine-tuning resolution; (h, w) allowed
     pos_interp: Literal["bicubic", "bilinear"] = "bicubic"  # how the position embeddings are resampled
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    grad_checkpointing: bool = False
+    dropout: float = 0.0  # dropout after attention/MLP projections and on the embeddings
+    drop_path: float = 0.0  # stochastic-depth rate of the last block (linear from 0 over depth)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     compile: bool = False  # torch.compile the model (GPU)
 
 
 @dataclass
 class OptimCfg:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"  # SGD with momentum (the paper) or AdamW (MAE-style recipes)
     lr: float = 0.01  # peak learning rate at the global batch, reached after warm-up
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # learning rate at the end of the decay
     momentum: float = 0.9  # sgd
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # weight decay; not applied to biases, norms, pos-embed, cls token
     layer_decay: float = 1.0  # layer-wise LR decay: block i of L gets lr * decay^(L - i); 1 = off
     clip: float = 1.0  # global gradient-norm clip (0 = off)
-    warmup_steps: int = 500
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 500  # linear warm-up from ~0 to lr, in optimizer steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to min_lr
 
 
 @dataclass
 class TrainCfg:
     steps: int | None = None  # duration: exactly one of steps, epochs, samples
-    epochs: float | None = None
-    samples: int | None = None
-    global_batch: int = 0
-    micro_batch: int = 0
-    label_smoothing: float = 0.0
+    epochs: float | None = None  # duration in passes over the train split (fractions allowed)
+    samples: int | None = None  # duration in images seen
+    global_batch: int = 0  # images per optimizer step over all ranks = micro_batch x accumulation x world size
+    micro_batch: int = 0  # images per rank per forward/backward
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0
+    cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off (with mixup: one of the two per batch)
     ema_decay: float = 0.0  # Polyak/EMA of the weights (paper: 0.9999); 0 = off
 
 
@@ -99,7 +99,7 @@ class CheckpointCfg:
 @dataclass
 class DeepSpeedCfg:
     zero_stage: int = 0  # 0 = plain data parallel; 2 = Accelerate's DeepSpeed plugin with ZeRO-2 (for L/H)
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # with zero_stage 2: keep optimizer state on the CPU
 
 
 @dataclass
@@ -110,7 +110,7 @@ class FinetuneConfig:
     model: ModelCfg = field(default_factory=ModelCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype of the forward/backward (weights stay fp32)
     eval: EvalCfg = field(default_factory=EvalCfg)
     log: LogCfg = field(default_factory=LogCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)

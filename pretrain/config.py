@@ -19,73 +19,73 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 @dataclass
 class RunCfg:
     dir: str = ""  # run dir: config.yaml, checkpoints/, tb/, log.txt, export/
-    seed: int = 0
+    seed: int = 0  # seeds the initial weights, the data order and the augmentations
 
 
 @dataclass
 class DataCfg:
     path: str = ""  # a dataset.json
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on (a key of dataset.json's splits)
     val_split: str | None = "val"  # None: no evaluation
-    workers: int = 8
-    resampled: bool = False
+    workers: int = 8  # DataLoader worker processes per rank
+    resampled: bool = False  # draw shards with replacement (needed when shards < ranks x workers)
     samples_per_epoch: int | None = None  # required when path is not a dataset.json
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop
-    ratio: tuple[float, float] = (0.75, 4 / 3)
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5  # horizontal-flip probability (0 for data where left/right matters, e.g. digits)
     crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
     randaugment: str | None = None  # e.g. "rand-m9-n2"
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Literal["cpu", "gpu"] = "cpu"  # where JPEGs are decoded: loader workers (cpu) or the GPU, batched
 
 
 @dataclass
 class ModelCfg:
     variant: str = ""  # B/16, L/16, H/14, ..., debug
-    image_size: int = 0
+    image_size: int = 0  # training resolution in pixels (square)
     num_classes: int | None = None  # None: from the dataset's class list
     representation_size: int | None = None  # the paper's tanh pre-logits layer width (None = linear head)
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    grad_checkpointing: bool = False
+    dropout: float = 0.0  # dropout after attention/MLP projections and on the embeddings
+    drop_path: float = 0.0  # stochastic-depth rate of the last block (linear from 0 over depth)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     compile: bool = False  # torch.compile the model (GPU)
 
 
 @dataclass
 class OptimCfg:
     lr: float = 1e-3  # peak learning rate, reached after warm-up
-    min_lr: float = 0.0
-    weight_decay: float = 0.03
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    weight_decay: float = 0.03  # decoupled (AdamW) weight decay; not applied to biases, norms, pos-embed, cls token
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
     clip: float = 1.0  # global gradient-norm clip (0 = off)
-    warmup_steps: int = 10_000
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 10_000  # linear warm-up from ~0 to lr, in optimizer steps
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up, to min_lr
 
 
 @dataclass
 class TrainCfg:
     steps: int | None = None  # duration: exactly one of steps, epochs, samples
-    epochs: float | None = None
-    samples: int | None = None
-    global_batch: int = 0
-    micro_batch: int = 0
-    loss: Literal["softmax", "sigmoid"] = "softmax"
-    label_smoothing: float = 0.0
+    epochs: float | None = None  # duration in passes over the train split (fractions allowed)
+    samples: int | None = None  # duration in images seen
+    global_batch: int = 0  # images per optimizer step over all ranks = micro_batch x accumulation x world size
+    micro_batch: int = 0  # images per rank per forward/backward
+    loss: Literal["softmax", "sigmoid"] = "softmax"  # softmax cross-entropy, or per-class sigmoid (BCE)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0
+    cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off (with mixup: one of the two per batch)
     ema_decay: float = 0.0  # 0 = no EMA
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
 
 
 @dataclass
 class ZeroCfg:
-    stage: int = -1
-    offload_optimizer: bool = False
+    stage: int = -1  # DeepSpeed ZeRO stage 0-3: 1 shards optimizer state, 2 also gradients, 3 also weights
+    offload_optimizer: bool = False  # keep optimizer state (and its step) on the CPU
     offload_params: bool = False  # stage 3 only
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = True  # overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduce-scatter/all-reduce bucket
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather bucket
 
 
 @dataclass
@@ -122,7 +122,7 @@ class DebugCfg:
     """For tests and debugging: fault injection and a record of the sample keys each rank trained on."""
 
     kill_at_step: int | None = None  # rank `kill_rank` SIGKILLs itself right after this optimizer step
-    kill_rank: int = 0
+    kill_rank: int = 0  # the rank that kill_at_step kills
     record_keys: bool = False  # append "micro-batch index<TAB>key" lines to run.dir/keys/rank{r}.txt
 
 
@@ -134,7 +134,7 @@ class PretrainConfig:
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     zero: ZeroCfg = field(default_factory=ZeroCfg)
-    precision: Literal["bf16", "fp16", "fp32", ""] = ""
+    precision: Literal["bf16", "fp16", "fp32", ""] = ""  # bf16, fp16 (dynamic loss scaling) or fp32
     eval: EvalCfg = field(default_factory=EvalCfg)
     log: LogCfg = field(default_factory=LogCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
