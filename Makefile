@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every process the tests and the demo start (torchrun, launch's per-node commands) finds the venv's tools
+# first: DeepSpeed JIT-builds a CPU op with `ninja`, and two different ninjas on PATH rebuild it each switch.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install sysdeps test lint clean
 
@@ -29,9 +32,11 @@ sysdeps:
 	echo "sysdeps: installing $$missing"; \
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
 
+# One BLAS thread per process: the multi-process tests run 2+ ranks on 2 cores, and their accuracy
+# thresholds were set with single-threaded (deterministic-order) numerics.
 test: install sysdeps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .
