@@ -10,7 +10,12 @@ import pytest
 from tests.faults.harness import Ctx
 
 
+@pytest.fixture(scope="session")
+def fault_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fault-cache")
+
+
 @pytest.fixture
-def ctx(tmp_path: Path, digits_shards: Path) -> Ctx:
+def ctx(tmp_path: Path, digits_shards: Path, fault_cache: Path) -> Ctx:
     """A CI-sized trial with fixed random draws (seed 0), so a failure reruns identically."""
-    return Ctx(work=tmp_path, rng=random.Random(0), full=False, digits=digits_shards)
+    return Ctx(work=tmp_path, rng=random.Random(0), full=False, digits=digits_shards, cache=fault_cache)

@@ -24,6 +24,7 @@ class Ctx:
     rng: random.Random  # every random choice of the trial comes from here
     full: bool  # False: CI-sized (make test); True: the longer randomised version (make faults)
     digits: Path  # dataset.json of the shared digits shards (read-only; copy before breaking anything)
+    cache: Path  # shared by every trial of one session: reusable expensive results (e.g. an uninterrupted run)
 
 
 @dataclass
@@ -61,5 +62,6 @@ def wait_exit(procs: list[subprocess.Popen], since: float, timeout: float) -> fl
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"process {p.pid} ({p.args!r:.120}) still running {timeout:.0f} s after the fault")
+            msg = f"process {p.pid} ({p.args!r:.120}) still running {timeout:.0f} s after the fault"
+            raise AssertionError(msg) from None
     return time.time() - since
