@@ -52,3 +52,9 @@ demo: install
 # Every benchmark in bench/ with settings this machine can run, then their ratios in one table.
 bench: install
 	$(BIN)/python scripts/bench_all.py
+
+# The randomised, full-size fault suite (tests/faults/ scenarios, several trials each; tens of minutes),
+# which rewrites docs/reliability.md. FAULTS_ARGS passes options, e.g. FAULTS_ARGS="--scenario preemption".
+.PHONY: faults
+faults: install sysdeps
+	OMP_NUM_THREADS=1 $(BIN)/python bench/faults.py $(FAULTS_ARGS)

@@ -38,12 +38,16 @@ def port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
+def write_digits_shards(root: Path) -> Path:
     """sklearn's 1797 real 8x8 digits, upscaled to 32 px PNGs, written as shards: ~80 % train, 20 % val."""
     from data_prep import write_example_images, write_shards
 
-    root = tmp_path_factory.mktemp("digits")
     write_example_images(root / "images", "digits", size=32)
     write_shards(root / "images", root / "shards", val_fraction=0.2, samples_per_shard=100, workers=1)
     return root / "shards" / "dataset.json"
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The digits shards (write_digits_shards), written once per test session."""
+    return write_digits_shards(tmp_path_factory.mktemp("digits"))

@@ -38,16 +38,27 @@ class Outcome:
 
 
 Scenario = Callable[[Ctx], Outcome]
-SCENARIOS: dict[str, tuple[Scenario, str]] = {}  # name -> (function, what it proves in one line)
 
 
-def scenario(name: str, proves: str) -> Callable[[Scenario], Scenario]:
-    """Register a scenario under `name` for bench/faults.py; `proves` is its row text in docs/reliability.md."""
+@dataclass
+class Entry:
+    """A registered scenario."""
+
+    fn: Scenario
+    proves: str  # what a survived trial proves, one line (its row text in docs/reliability.md)
+    trials: int  # trials of the randomised run (bench/faults.py) unless --trials says otherwise
+
+
+SCENARIOS: dict[str, Entry] = {}
+
+
+def scenario(name: str, proves: str, trials: int = 3) -> Callable[[Scenario], Scenario]:
+    """Register a scenario under `name` for bench/faults.py (`trials`: its default count there)."""
 
     def register(fn: Scenario) -> Scenario:
         if name in SCENARIOS:
             raise ValueError(f"fault scenario {name!r} registered twice")
-        SCENARIOS[name] = (fn, proves)
+        SCENARIOS[name] = Entry(fn, proves, trials)
         return fn
 
     return register
