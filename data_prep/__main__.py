@@ -19,7 +19,7 @@ from data_prep.images import FORMATS
 from data_prep.manifest import ManifestError, merge, summary_table
 from data_prep.sources import SourceError
 from data_prep.verify import preview, stats_table, verify
-from data_prep.writer import write_shards
+from data_prep.writer import DiskFullError, write_shards
 
 
 def _write_parser(sub) -> None:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (SourceError, ManifestError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (SourceError, ManifestError, ValueError, FileNotFoundError, FileExistsError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
