@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from data_prep.images import ImageOptions, Reject, encode_image
+from data_prep.images import MIN_SIZE, ImageOptions, Reject, encode_image
 from data_prep.manifest import (
     ManifestError,
     finalize,
@@ -232,7 +232,7 @@ def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterat
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
                  samples_per_shard: int = 1000, max_shard_bytes: int | None = None, seed: int = 0,
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
-                 quality: int = 90, min_size: int = 16, dedup: bool = True,
+                 quality: int = 90, min_size: int = MIN_SIZE, dedup: bool = True,
                  exclude_hashes: str | os.PathLike | None = None, workers: int = 1, num_nodes: int | None = None,
                  node_rank: int | None = None, progress: bool = False,
                  log: Callable[[str], None] | None = None) -> dict:
