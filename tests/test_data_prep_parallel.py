@@ -105,3 +105,18 @@ def test_node_defaults_from_a_slurm_array():
     assert resolve_nodes(None, 3, array) == (3, 4)
     assert resolve_nodes(1, None, array) == (0, 1)  # explicit single node: the array is not ours
     assert resolve_nodes(None, None, {}) == (0, 1)
+
+
+def test_temp_file_cleanup_touches_only_its_own_shards_on_a_node(tmp_path):
+    from data_prep.writer import remove_temp_files
+
+    names = ["a.tar.tmp", "b.tar.tmp", ".parts/shards/.a.tar.json.12.tmp", ".parts/shards/.b.tar.json.9.tmp",
+             ".dataset.json.5.tmp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    remove_temp_files(tmp_path, ["a.tar"])  # a node of several: another node may be writing b.tar right now
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp")) == sorted(
+        [".dataset.json.5.tmp", ".parts/shards/.b.tar.json.9.tmp", "b.tar.tmp"])
+    remove_temp_files(tmp_path)  # a single-node write owns the folder
+    assert not list(tmp_path.rglob("*.tmp"))
