@@ -118,7 +118,7 @@ def check_rank(rows: list[dict]) -> dict:
 @scenario("stream-load", "2 ranks x 2 workers stream many tiny shards for a sustained run: RSS flat, no fd leak, "
                          "throughput steady")
 def stream_load(ctx: Ctx) -> Outcome:
-    shards, seconds, interval = (2000, 600, 10.0) if ctx.full else (200, 24, 2.0)
+    shards, seconds, interval = (2000, 600, 10.0) if ctx.full else (200, 20, 2.0)
     data = tiny_shards(ctx.work / "data", shards)
     out = ctx.work / "figures"
     out.mkdir()
