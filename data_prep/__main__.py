@@ -15,11 +15,11 @@ import os
 import sys
 
 from data_prep.examples import DATASETS, write_example_images
-from data_prep.images import FORMATS
+from data_prep.images import FORMATS, MIN_SIZE
 from data_prep.manifest import ManifestError, merge, summary_table
 from data_prep.sources import SourceError
 from data_prep.verify import preview, stats_table, verify
-from data_prep.writer import write_shards
+from data_prep.writer import DiskFullError, write_shards
 
 
 def _write_parser(sub) -> None:
@@ -36,7 +36,7 @@ def _write_parser(sub) -> None:
     g.add_argument("--resize-longer", type=int, default=None, help="longer side to at most S px")
     g.add_argument("--format", choices=FORMATS, default="keep", help="keep passes JPEG/PNG/WebP through if unchanged")
     g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
-    g.add_argument("--min-size", type=int, default=16, help="reject images whose shorter side is under this")
+    g.add_argument("--min-size", type=int, default=MIN_SIZE, help="reject images whose shorter side is under this")
     g.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicates")
     g.add_argument("--exclude-hashes", default=None,
                    help="skip images whose sha256 is listed: a text file of hex digests, or a dataset.json")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (SourceError, ManifestError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (SourceError, ManifestError, ValueError, FileNotFoundError, FileExistsError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,9 @@ class Reject(Exception):
         self.detail = detail
 
 
+MIN_SIZE = 16  # default shorter-side minimum: the writer rejects smaller images, the stream skips them
+
+
 @dataclass(frozen=True)
 class ImageOptions:
     """What the writer does to every image."""
@@ -44,7 +47,7 @@ class ImageOptions:
     resize_longer: int | None = None  # longer side to at most this many pixels
     format: str = "keep"  # keep | jpeg | webp
     quality: int = 90  # JPEG / WebP quality when re-encoding
-    min_size: int = 16  # shorter side below this: rejected as too_small
+    min_size: int = MIN_SIZE  # shorter side below this: rejected as too_small
 
     def __post_init__(self):
         if self.format not in FORMATS:

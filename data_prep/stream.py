@@ -21,9 +21,11 @@ Guarantees:
   batch included. Every rank yields the same number of micro-batches (ZeRO-3 forwards are collectives),
   so the short ranks are padded with filler samples: zero images with label -1, to be ignored when
   counting top-1/top-5 (`labels >= 0`).
-- Faults: a corrupt image, missing image or bad label is counted in `loader.stats` and replaced by a good
-  neighbour of its micro-batch (train) or a label -1 filler (eval); a truncated or unreadable shard is
-  counted and the reader moves on. Nothing is fatal except a source with no readable sample at all.
+- Faults: a corrupt, missing or too small (`min_size`) image or a bad label is counted in `loader.stats` and
+  replaced by a good neighbour of its micro-batch (train) or a label -1 filler (eval); a truncated or
+  unreadable shard is counted and the reader moves on; a tar member with an unsafe name (absolute, `..`) is
+  dropped and counted. Each fault of an epoch is counted once, by the reader whose share holds it. Nothing is
+  fatal except a source with no readable sample at all.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
+from data_prep.images import MIN_SIZE
 from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
 from data_prep.stream_worker import FILLER_LABEL, ShardStream, StreamConfig, substitute_index
 from data_prep.transforms import (
@@ -57,8 +60,8 @@ STATE_FORMAT = "vitscale-stream/1"
 # what the sample order depends on: a saved position means nothing if one of these changed
 LAYOUT_KEYS = ("seed", "world_size", "workers", "micro_batch", "samples_per_epoch", "batches", "split", "train",
                "resampled")
-SAMPLE_FAULTS = ("corrupt_image", "missing_image", "bad_label")
-SHARD_FAULTS = ("truncated_shard", "unreadable_shard")
+SAMPLE_FAULTS = ("corrupt_image", "missing_image", "bad_label", "too_small")
+SHARD_FAULTS = ("truncated_shard", "unreadable_shard", "unsafe_member")
 
 
 class StreamLoader:
@@ -248,7 +251,8 @@ def build_loader(source: str | Path | Sequence[str], split: str, *, train: bool,
                  crop_pct: float = 0.875, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, randaugment: str | None = None,
                  device: torch.device | str | None = None, shard_root: str | None = None, shuffle_buffer: int = 500,
-                 prefetch: int = 2, timeout_s: float = 600.0, with_keys: bool = False) -> StreamLoader:
+                 prefetch: int = 2, timeout_s: float = 600.0, with_keys: bool = False,
+                 min_size: int = MIN_SIZE) -> StreamLoader:
     """Build one rank's loader over `split` of `source` (dataset.json, its folder, a brace pattern or URLs).
 
     train: random-resized crops + flips (+ RandAugment, e.g. "rand-m9-n2"), shuffled; else the eval pass
@@ -256,6 +260,7 @@ def build_loader(source: str | Path | Sequence[str], split: str, *, train: bool,
     in the workers (JPEG draft mode); "gpu" ships the encoded bytes and decodes on `device` in this process.
     shard_root: where remote shards live, e.g. "pipe:curl -s https://host/ds/{name}" (names from dataset.json).
     with_keys: yield (images, labels, keys). timeout_s: seconds a batch may take before the loader fails.
+    min_size: images whose shorter side is under this many pixels are skipped and counted as too_small.
     Training checks global = micro x accumulation x world (clear error otherwise); eval ignores global_batch.
     """
     if decode not in ("cpu", "gpu"):
@@ -272,7 +277,7 @@ def build_loader(source: str | Path | Sequence[str], split: str, *, train: bool,
                        batches=batches, rank=dist_env.rank, world_size=dist_env.world_size, workers=readers, seed=seed,
                        samples_per_epoch=samples, resampled=resampled, decode=decode, crop_pct=crop_pct,
                        scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, randaugment=randaugment,
-                       shuffle_buffer=shuffle_buffer)
+                       shuffle_buffer=shuffle_buffer, min_size=min_size)
     pin = decode == "cpu" and dev.type == "cuda" and torch.cuda.is_available()
     return StreamLoader(ShardStream(cfg), workers=workers, steps_per_epoch=steps, global_batch=global_batch,
                         device=dev, pin_memory=pin, prefetch=prefetch, timeout_s=timeout_s, with_keys=with_keys)

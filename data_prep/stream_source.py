@@ -14,7 +14,7 @@ import json
 import random
 import shlex
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,26 +190,49 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
             long_name = None if kind != b"g" else long_name
 
 
-def read_shard(url: str, counters: Counters, skip: int = 0) -> Iterator[dict]:
+def is_safe_member(name: str) -> bool:
+    """Whether a tar member name is safe to group by key: not absolute and without '..' components (a shard is
+    data, never a set of paths to write, but a name like `../../etc/x.png` marks a hostile or broken shard)."""
+    return not name.startswith(("/", "\\")) and ".." not in name.replace("\\", "/").split("/")
+
+
+Owned = Callable[[int], bool]  # sample index within a shard -> whether this reader counts its faults
+
+
+def read_shard(url: str, counters: Counters, skip: int = 0, owned: Owned | None = None) -> Iterator[dict]:
     """The samples of one tar shard (dicts of member bytes by extension, plus `__key__`), after `skip`.
 
     A shard that cannot be opened, or breaks off mid-way (truncated, damaged header), ends early and is
-    counted; the samples read before the break are kept.
+    counted; the samples read before the break are kept. Members with unsafe names are dropped and counted.
+    `owned(i)`: whether this reader owns the shard's sample i. Readers that share a shard (or read past their
+    share after a truncated one) count only the faults in their own share, so that each fault of an epoch is
+    counted exactly once; every sample carries `__owned__` for the same purpose. None: count everything.
     """
+    mine = owned or (lambda i: True)
     try:
         stream = gopen(url, "rb")
     except Exception:  # missing file, failing command: any of them only costs this shard
-        counters.add("unreadable_shard", shard=url)
+        if mine(0):
+            counters.add("unreadable_shard", shard=url)
         return
     n = 0
+
+    def members() -> Iterator[dict]:
+        for name, data in tar_members(stream):
+            if is_safe_member(name):
+                yield {"fname": name, "data": data, "__url__": url}
+            elif mine(n):
+                counters.add("unsafe_member", shard=url)
+
     try:
-        files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_members(stream))
-        for sample in group_by_keys(files, suffixes=KEPT_MEMBERS):  # .json metadata is not kept in memory
+        for sample in group_by_keys(members(), suffixes=KEPT_MEMBERS):  # .json metadata is not kept in memory
             n += 1
             if n > skip:
+                sample["__owned__"] = mine(n - 1)
                 yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError):  # ValueError: bad numbers, names
-        counters.add("truncated_shard" if n else "unreadable_shard", shard=url)
+        if mine(n):  # the break is where sample n should have been
+            counters.add("truncated_shard" if n else "unreadable_shard", shard=url)
     finally:
         try:
             stream.close()
@@ -217,18 +240,24 @@ def read_shard(url: str, counters: Counters, skip: int = 0) -> Iterator[dict]:
             pass
 
 
-def _endless(urls: Iterable[str], patience: int, counters: Counters, skip: int = 0) -> Iterator[dict]:
-    """Samples of `urls` one shard after another (skipping `skip` in the first); a clear error, not a
-    silent hang, when `patience` shards in a row give nothing."""
+def _endless(shards: Iterable[tuple[str, Owned | None]], patience: int, counters: Counters,
+             skip: int = 0) -> Iterator[dict]:
+    """Samples of `shards` ((url, owned) pairs) one after another (skipping `skip` in the first); a clear
+    error, not a silent hang, when `patience` shards in a row give nothing."""
     empty = 0
-    for i, url in enumerate(urls):
+    for i, (url, owned) in enumerate(shards):
         got = 0
-        for sample in read_shard(url, counters, skip if i == 0 else 0):
+        for sample in read_shard(url, counters, skip if i == 0 else 0, owned):
             got += 1
             yield sample
         empty = 0 if got else empty + 1
         if empty >= patience:
             raise RuntimeError(f"{empty} shards in a row gave no sample (last {url}): the data is unreadable")
+
+
+def _window(base: int, lo: int, hi: int) -> Owned:
+    """Ownership of a shard whose first sample sits at `base` of a sequence, for a reader owning [lo, hi)."""
+    return lambda i: lo <= base + i < hi
 
 
 def shuffled(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
@@ -272,22 +301,27 @@ def train_samples(src: Source, *, seed: int, epoch: int, slot: int, slots: int, 
     n = len(src.shards)
     rng = random.Random(derive_seed(seed, epoch, slot, "samples"))
     if resampled:
-        draws = (src.shards[rng.randrange(n)].url for _ in itertools.count())
+        draws = ((src.shards[rng.randrange(n)].url, None) for _ in itertools.count())
         yield from shuffled(_endless(draws, max(n, 16), counters), shuffle_buffer, rng)
         return
     order = epoch_order(n, seed, epoch)
     if not src.counted:
-        mine = [src.shards[i].url for i in order[slot::slots]]
+        mine = [(src.shards[i].url, None) for i in order[slot::slots]]
         while True:  # pass after pass over this reader's shards, each pass shuffled on its own
             yield from shuffled(_endless(mine, len(mine), counters), shuffle_buffer, rng)
     counts = [src.shards[i].samples for i in order]
-    start %= sum(counts)
+    total = sum(counts)
+    lo = start = start % total
     first = 0
     while start >= counts[first]:  # find the shard holding sample `start` of the epoch sequence
         start -= counts[first]
         first += 1
-    urls = (src.shards[order[(first + k) % n]].url for k in itertools.count())
-    raw = _endless(urls, n, counters, skip=start)
+    bases = list(itertools.accumulate(counts, initial=0))  # position of each shard's first sample in the epoch
+    # this reader's share is [lo, lo + needed) of the sequence; past it (after a truncated shard) the samples
+    # are another reader's, or the next epoch's, and so are their faults
+    shards = ((src.shards[order[k % n]].url, _window(bases[k % n] + k // n * total, lo, lo + needed))
+              for k in itertools.count(first))
+    raw = _endless(shards, n, counters, skip=start)
     yield from shuffled(itertools.islice(raw, needed), shuffle_buffer, rng)
     yield from shuffled(raw, shuffle_buffer, rng)
 
@@ -298,5 +332,5 @@ def range_samples(src: Source, lo: int, hi: int, counters: Counters) -> Iterator
     for shard in src.shards:
         a, b = max(lo, pos), min(hi, pos + shard.samples)
         if a < b:
-            yield from itertools.islice(read_shard(shard.url, counters, skip=a - pos), b - a)
+            yield from itertools.islice(read_shard(shard.url, counters, a - pos, _window(pos, lo, hi)), b - a)
         pos += shard.samples

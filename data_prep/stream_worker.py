@@ -6,9 +6,10 @@ epoch, rank, slot, batch index), so a resumed worker regenerates its sequence an
 the batches already delivered. The DataLoader asks workers round-robin starting at worker 0, so a pass that
 begins at batch k rotates the slots: worker w plays slot (w + k) % workers, which keeps the order exact.
 
-Faulty samples never change the batch size or the position arithmetic: in training a corrupt image, missing
-image or bad label is replaced by its nearest good neighbour in the same micro-batch (a filler with label -1
-if there is none); in eval it becomes a filler with label -1, which the trainers leave out of top-1/top-5.
+Faulty samples never change the batch size or the position arithmetic: in training a corrupt, missing or too
+small image or a bad label is replaced by its nearest good neighbour in the same micro-batch (a filler with
+label -1 if there is none); in eval it becomes a filler with label -1, which the trainers leave out of
+top-1/top-5.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_prep.images import MIN_SIZE
 from data_prep.stream_source import (
     IMAGE_EXTS,
     Counters,
@@ -68,6 +70,7 @@ class StreamConfig:
     hflip: float = 0.5
     randaugment: str | None = None
     shuffle_buffer: int = 500
+    min_size: int = MIN_SIZE  # images whose shorter side is under this are skipped as too_small
 
 
 def substitute_index(ok: list[bool], i: int) -> int | None:
@@ -137,20 +140,27 @@ class ShardStream(IterableDataset):
         if item is None:
             return None
         url = item.get("__url__")
+        # a sample past this reader's share (read after a truncated shard) is another reader's to count
+        count = counters.add if item.get("__owned__", True) else lambda *a, **k: None
         try:
             label = int(item["cls"])
             if label < 0 or (cfg.source.classes and label >= len(cfg.source.classes)):
                 raise ValueError(label)
         except (KeyError, ValueError):
-            counters.add("bad_label", shard=url)
+            count("bad_label", shard=url)
             return None
         ext = next((e for e in IMAGE_EXTS if e in item), None)
         if ext is None:
-            counters.add("missing_image", shard=url)
+            count("missing_image", shard=url)
             return None
         data = item[ext]
         try:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, DecompressionBombError)
             width, height = image_size_of(data)
+            if min(width, height) < cfg.min_size:
+                # the writer's too_small rule, for shards written by other tools: a crop of a 1x1 image
+                # upscaled to the model's size carries no picture, only a label
+                count("too_small", shard=url)
+                return None
             if cfg.train:
                 box = random_resized_crop_box(width, height, rng, cfg.scale, cfg.ratio)
                 flip = rng.random() < cfg.hflip
@@ -163,7 +173,7 @@ class ShardStream(IterableDataset):
                 img = self.randaugment(img)
             return pil_to_chw(img), label, item["__key__"]
         except Exception:
-            counters.add("corrupt_image", shard=url)
+            count("corrupt_image", shard=url)
             return None
 
     def _batch(self, items: list[dict | None], epoch: int, slot: int, index: int, counters: Counters) -> dict:

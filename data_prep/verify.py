@@ -16,17 +16,23 @@ from PIL import Image, ImageDraw
 
 from data_prep.manifest import FORMAT, human_bytes, load_json, summary_table
 from data_prep.pool import worker_pool
+from data_prep.stream_source import is_safe_member
 from runtime.io import atomic_path
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each sample of a shard, members grouped by key as webdataset does."""
+def iter_samples(path: str | os.PathLike, unsafe: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of a shard, members grouped by key as webdataset does.
+    Members with unsafe names (absolute, '..') are left out, and their names appended to `unsafe` if given."""
     key, sample = None, {}
     with tarfile.open(path) as tar:
         for m in tar:
             if not m.isfile():
+                continue
+            if not is_safe_member(m.name):
+                if unsafe is not None:
+                    unsafe.append(m.name)
                 continue
             k, _, ext = m.name.partition(".")
             if k != key and sample:
@@ -83,15 +89,17 @@ def check_shard(args: tuple[str, dict, list[str], bool]) -> tuple[list[str], lis
         problems.append(f"{name}: {size} bytes, dataset.json says {expected['bytes']}")
     if sha != expected["sha256"]:
         problems.append(f"{name}: sha256 differs from dataset.json (changed or corrupt)")
-    keys, counts = [], Counter()
+    keys, counts, unsafe = [], Counter(), []
     try:
-        for key, sample in iter_samples(path):
+        for key, sample in iter_samples(path, unsafe):
             keys.append(key)
             sample_problems, label = _check_sample(key, sample, classes, decode)
             problems += [f"{name}: {p}" for p in sample_problems]
             counts[label] += 1
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{name}: not a readable tar ({e})")
+    problems += [f"{name}: member {m!r} has an unsafe name (absolute or '..'; never written by data_prep): the "
+                 "shard was tampered with or made by another tool, rewrite it with `data_prep write`" for m in unsafe]
     if len(keys) != expected["samples"]:
         problems.append(f"{name}: {len(keys)} samples, dataset.json says {expected['samples']}")
     return problems, keys, counts

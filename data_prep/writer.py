@@ -8,6 +8,8 @@ finished shards (receipt and size match the plan) and rewrites the rest, byte fo
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from data_prep.images import ImageOptions, Reject, encode_image
+from data_prep.images import MIN_SIZE, ImageOptions, Reject, encode_image
 from data_prep.manifest import (
     ManifestError,
     finalize,
@@ -91,6 +93,17 @@ def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
     job, name, split, items, fingerprint = args
     out = Path(job.out)
     tmp = out / f"{name}.tmp"
+    try:
+        return _write_tmp_then_rename(job, name, split, items, fingerprint, out, tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # never leave a half-written shard behind (disk full, I/O error)
+        if e.filename is None:  # a failed write() names no file: name the shard for the error message
+            raise OSError(e.errno, e.strerror, str(out / name)) from None
+        raise
+
+
+def _write_tmp_then_rename(job: ShardJob, name: str, split: str, items: list, fingerprint: str, out: Path,
+                           tmp: Path) -> dict:
     rejects, labels, stats = [], Counter(), {}
     with open(tmp, "wb") as f:
         hf = _HashingWriter(f)
@@ -116,6 +129,37 @@ def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
     atomic_write_json(receipt_path(out, name), receipt, indent=None)
     os.replace(tmp, out / name)
     return receipt
+
+
+class DiskFullError(OSError):
+    """The output device filled up during a write: free space and rerun (finished shards are kept)."""
+
+
+def remove_temp_files(out: Path, names: list[str] | None = None) -> None:
+    """Delete temporary files that a killed or failed write left behind: every `*.tmp` under `out`, or with
+    `names` only those of these shards (`name.tmp` and their receipts' atomic temps), so that a node of a
+    multi-node write never touches a temp file that another node is still writing."""
+    if names is None:
+        paths = list(out.rglob("*.tmp"))
+    else:
+        receipts = receipt_path(out, "x").parent
+        paths = [out / f"{n}.tmp" for n in names] + [p for n in names for p in receipts.glob(f".{n}.json.*.tmp")]
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _disk_full_is_clear(out: Path, names: list[str] | None) -> Iterator[None]:
+    """A full disk (ENOSPC/EDQUOT) anywhere in the block -> temp files removed and one clear error."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        remove_temp_files(out, names)  # the pool stopped the other workers mid-shard
+        raise DiskFullError(f"{errno.errorcode[e.errno]}: no space left on the device while writing "
+                            f"{e.filename or out}: free space (or write to a bigger disk) and rerun the same "
+                            "command; the finished shards are kept and the rerun resumes") from None
 
 
 def resolve_nodes(num_nodes: int | None, node_rank: int | None, env=os.environ) -> tuple[int, int]:
@@ -188,7 +232,7 @@ def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterat
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
                  samples_per_shard: int = 1000, max_shard_bytes: int | None = None, seed: int = 0,
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
-                 quality: int = 90, min_size: int = 16, dedup: bool = True,
+                 quality: int = 90, min_size: int = MIN_SIZE, dedup: bool = True,
                  exclude_hashes: str | os.PathLike | None = None, workers: int = 1, num_nodes: int | None = None,
                  node_rank: int | None = None, progress: bool = False,
                  log: Callable[[str], None] | None = None) -> dict:
@@ -213,7 +257,9 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed,
                **{k: v for k, v in asdict(opts).items()}, "dedup": dedup,
                "exclude_hashes": str(Path(exclude_hashes).resolve()) if exclude_hashes else None}
-    with worker_pool(workers) as (imap, imap_unordered):
+    # a single-node write owns its folder; a node of several may only clean up after its own shards
+    own: list[str] | None = None if num_nodes == 1 else []
+    with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
         listing = list_source(src, map_fn=imap)
         index = None
         if dedup or exclude or max_shard_bytes:  # needs every file's contents before planning
@@ -224,6 +270,9 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         job = ShardJob(str(listing.root), str(out), opts)
         mine = plan.node_share(node_rank, num_nodes)
         todo = [s for s in mine if load_receipt(out, s.name, shard_fingerprint(plan, s.name)) is None]
+        if own is not None:
+            own += [s.name for s in todo]
+        remove_temp_files(out, own)  # what a killed earlier run left behind
         processed = 0
         with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
             for receipt in imap_unordered(write_shard, _tasks(listing, plan, index, job, todo)):
@@ -236,10 +285,12 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
             log(f"node {node_rank}/{num_nodes}: {len(mine)} shards ({len(todo)} written now); "
                 f"run `python -m data_prep merge {out}` once every node is done")
         return report
-    manifest = finalize(out)
+    with _disk_full_is_clear(out, None):
+        manifest = finalize(out)
     if log:
         log(summary_table(manifest, time.perf_counter() - t0, processed))
     return manifest
 
 
-__all__ = ["ManifestError", "ShardJob", "load_exclude_hashes", "resolve_nodes", "write_shard", "write_shards"]
+__all__ = ["DiskFullError", "ManifestError", "ShardJob", "load_exclude_hashes", "resolve_nodes", "write_shard",
+           "write_shards"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 import torchvision
 
 from pretrain.config import PretrainConfig
@@ -50,8 +51,20 @@ class Monitor:
             grid = torchvision.utils.make_grid(images[:32].cpu(), nrow=8)  # uint8 (3, H', W')
             self.tb.image("train/batch", grid, step)
 
-    def log_train(self, engine, step: int) -> None:
-        """Read the loss (the one host sync), then log everything for the window since the last call."""
+    @staticmethod
+    def data_faults(stream_stats: dict, device: torch.device) -> dict[str, int]:
+        """Every rank's stream fault counts since the start, summed over ranks (a collective: call on all ranks)."""
+        reasons = sorted(stream_stats["by_reason"])
+        # on the engine's device: NCCL reduces only CUDA tensors
+        counts = torch.tensor([stream_stats["by_reason"][r] for r in reasons], dtype=torch.int64, device=device)
+        if torch_dist.is_initialized():
+            torch_dist.all_reduce(counts)
+        return dict(zip(reasons, counts.tolist(), strict=True))
+
+    def log_train(self, engine, step: int, stream_stats: dict | None = None) -> None:
+        """Read the loss (the one host sync), then log everything for the window since the last call.
+        `stream_stats`: this rank's `loader.stats`; the skipped samples and broken shards of all ranks are logged
+        as data/skipped_<reason> (totals since the start)."""
         loss = (self._loss_sum / max(self._loss_count, 1)).item() if self._loss_sum is not None else float("nan")
         self._loss_sum, self._loss_count = None, 0
         s = self.meter.summary()
@@ -65,10 +78,14 @@ class Monitor:
             "perf/mfu": s["mfu"], "perf/data_wait_share": s["data_wait_share"], "perf/step_time": s["step_time"],
             "perf/gpu_mem_gib": mem, "train/skipped_steps": engine.skipped_steps,
         }, step)
+        faults = self.data_faults(stream_stats, engine.device) if stream_stats is not None else {}
+        self.tb.scalars({f"data/skipped_{r}": n for r, n in faults.items()}, step)
+        skipped = ", ".join(f"{r} {n}" for r, n in faults.items() if n)
         eta = (self.total_steps - step) * (s["step_time"] or 0.0)
         mfu = f" mfu {s['mfu']:.1%}" if s["mfu"] is not None else ""
         self.log.info(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} | {s['img_per_s']:.0f} img/s{mfu} "
-                      f"data-wait {s['data_wait_share']:.0%} | eta {eta / 60:.1f} min")
+                      f"data-wait {s['data_wait_share']:.0%} | eta {eta / 60:.1f} min"
+                      + (f" | data skipped: {skipped}" if skipped else ""))
 
     def log_eval(self, metrics: dict, step: int) -> None:
         self.tb.scalars({"eval/top1": metrics["top1"], "eval/top5": metrics["top5"]}, step)

@@ -256,7 +256,7 @@ class _Loop:
         if self.ema is not None:
             self.ema.update(self.engine.module)
         if step % cfg.log.every == 0 or last:
-            self.monitor.log_train(self.engine, step)
+            self.monitor.log_train(self.engine, step, self.loader.stats)
         if self.val_loader is not None and (_every(step, cfg.eval.every) or last):
             self.metrics = evaluate(self.engine, self.val_loader, self.prepare)
             self.monitor.log_eval(self.metrics, step)

@@ -51,13 +51,19 @@ def ds_ops_env() -> list[str]:
     ~/.cache/torch_extensions is rebuilt whenever a process finds another `ninja` first on PATH (the venv's
     or the system's: they do not read each other's build log), so ranks would compile it again under a test's
     timeout. Built as `launch node` runs the ranks: with the venv's bin first on PATH."""
-    ext = Path(tempfile.gettempdir()) / "vitscale-launch-torch-extensions"
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **ds_ops_vars(), "OMP_NUM_THREADS": "1"}
     build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     subprocess.run(["timeout", "-k", "5", "900", sys.executable, "-c", build], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=930)
-    return ["--env", f"TORCH_EXTENSIONS_DIR={ext}"]
+    return ["--env", f"TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']}"]
+
+
+def ds_ops_vars() -> dict[str, str]:
+    """The environment under which trainer processes find (or build once) the tests' own DeepSpeed op cache:
+    TORCH_EXTENSIONS_DIR, and the venv's bin first on PATH (see ds_ops_env)."""
+    ext = Path(tempfile.gettempdir()) / "vitscale-launch-torch-extensions"
+    return {"TORCH_EXTENSIONS_DIR": str(ext),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def need_root(*tools: str) -> None:

@@ -17,18 +17,7 @@ from data_prep.__main__ import main
 from data_prep.examples import write_odd_images
 from data_prep.manifest import ManifestError
 from tests.conftest import ROOT
-
-
-def _files(out: Path) -> dict[str, bytes]:
-    """Every file of an output folder (not the bookkeeping under .parts) -> its bytes."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
-
-
-def _cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    """`python -m data_prep ...` in its own process group (so a kill reaches its workers too)."""
-    return subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--no-progress"], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+from tests.data_prep_fixtures import data_prep_cli, output_files
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def test_same_output_for_any_worker_count(digits, tmp_path):
     two = write_shards(digits, tmp_path / "b" / "out", workers=2, **opts)
     assert one == two
     assert len(one["splits"]["train"]["shards"]) > 4 and one["rejects"]["count"] > 0
-    assert _files(tmp_path / "a" / "out") == _files(tmp_path / "b" / "out")
+    assert output_files(tmp_path / "a" / "out") == output_files(tmp_path / "b" / "out")
 
 
 def test_max_shard_bytes(digits, tmp_path):
@@ -60,7 +49,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     args = ["--format", "webp", "--quality", "90", "--samples-per-shard", "4", "--seed", "5"]
     write_shards(src, tmp_path / "ref" / "out", format="webp", quality=90, samples_per_shard=4, seed=5)
     out = tmp_path / "run" / "out"
-    proc = _cli(["write", str(src), str(out), "--workers", "2", *args])
+    proc = data_prep_cli(["write", str(src), str(out), "--workers", "2", *args])
     receipts, k = out / ".parts" / "shards", random.randint(0, 6)  # kill once k shards are finished
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -74,7 +63,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     assert not (out / "dataset.json").exists()  # killed mid-run
     assert len(list(out.glob("*.tar"))) < 30
     assert main(["write", str(src), str(out), "--workers", "2", "--no-progress", *args]) == 0
-    assert _files(out) == _files(tmp_path / "ref" / "out")
+    assert output_files(out) == output_files(tmp_path / "ref" / "out")
     assert not list(out.glob("*.tmp"))
 
 
@@ -82,7 +71,7 @@ def test_two_nodes_then_merge_equals_one_node(digits, tmp_path):
     opts = ["--val-fraction", "0.2", "--samples-per-shard", "16", "--seed", "11"]
     ref = write_shards(digits, tmp_path / "one" / "out", val_fraction=0.2, samples_per_shard=16, seed=11)
     out = tmp_path / "two" / "out"
-    node0 = _cli(["write", str(digits), str(out), "--num-nodes", "2", "--node-rank", "0", *opts])
+    node0 = data_prep_cli(["write", str(digits), str(out), "--num-nodes", "2", "--node-rank", "0", *opts])
     # node 1 through the sbatch template, as task 4 of an array 3-4: rank and count come from SLURM's variables
     slurm = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "3",
              "SLURM_CPUS_PER_TASK": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
@@ -96,7 +85,7 @@ def test_two_nodes_then_merge_equals_one_node(digits, tmp_path):
     names = [s["name"] for split in ref["splits"].values() for s in split["shards"]]
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(names)
     assert main(["merge", str(out)]) == 0
-    assert _files(out) == _files(tmp_path / "one" / "out")
+    assert output_files(out) == output_files(tmp_path / "one" / "out")
 
 
 def test_merge_before_every_node_is_done_names_the_missing_shards(digits, tmp_path):
@@ -116,3 +105,18 @@ def test_node_defaults_from_a_slurm_array():
     assert resolve_nodes(None, 3, array) == (3, 4)
     assert resolve_nodes(1, None, array) == (0, 1)  # explicit single node: the array is not ours
     assert resolve_nodes(None, None, {}) == (0, 1)
+
+
+def test_temp_file_cleanup_touches_only_its_own_shards_on_a_node(tmp_path):
+    from data_prep.writer import remove_temp_files
+
+    names = ["a.tar.tmp", "b.tar.tmp", ".parts/shards/.a.tar.json.12.tmp", ".parts/shards/.b.tar.json.9.tmp",
+             ".dataset.json.5.tmp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    remove_temp_files(tmp_path, ["a.tar"])  # a node of several: another node may be writing b.tar right now
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp")) == sorted(
+        [".dataset.json.5.tmp", ".parts/shards/.b.tar.json.9.tmp", "b.tar.tmp"])
+    remove_temp_files(tmp_path)  # a single-node write owns the folder
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -82,7 +82,8 @@ def _fault_epoch(source: Path, decode: str) -> tuple[list[tuple[str, int]], list
     assert len(pairs) == 64 and all(lab == true_label(k) for k, lab in pairs)  # substitutes keep their label
     assert not {k for k, _ in pairs} & {k for k in CORRUPT if k.startswith("train")}
     stats = [ld.stats for ld in lds]
-    assert sum(s["skipped"] for s in stats) == sum(s["substituted"] for s in stats)
+    # a fault is counted once, by the reader whose share holds it; it is replaced wherever it is read
+    assert sum(s["skipped"] for s in stats) <= sum(s["substituted"] for s in stats)
     assert sum(s["samples"] + s["substituted"] for s in stats) == 64
     return pairs, stats
 
@@ -97,8 +98,9 @@ def _reasons(stats: list[dict]) -> Counter:
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_faulty_samples_are_replaced_and_counted(bad_data: Path, decode: str) -> None:
     pairs, stats = _fault_epoch(bad_data, decode)
-    assert _reasons(stats) == {"corrupt_image": 2, "bad_label": 1, "missing_image": 1, "truncated_shard": 0,
-                               "unreadable_shard": 0}
+    assert sum(s["skipped"] for s in stats) == sum(s["substituted"] for s in stats)  # no share overran
+    assert _reasons(stats) == {"corrupt_image": 2, "bad_label": 1, "missing_image": 1, "too_small": 0,
+                               "truncated_shard": 0, "unreadable_shard": 0, "unsafe_member": 0}
     assert len({k for k, _ in pairs}) == 60  # each fault replaced by a neighbour of its micro-batch
 
 
@@ -108,8 +110,9 @@ def test_truncated_shard_and_corrupt_jpeg_never_fatal(bad_data: Path, tmp_path: 
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
     pairs, stats = _fault_epoch(tmp_path / "ds" / "dataset.json", "cpu")
     reasons = _reasons(stats)
-    # a reader whose share was cut short reads on into the following samples, so a fault may be met twice
-    assert reasons["truncated_shard"] >= 1 and reasons["corrupt_image"] >= 2 and reasons["bad_label"] >= 1
+    # a reader whose share was cut short reads on into the following samples, but each fault counts once
+    assert reasons == {"corrupt_image": 2, "bad_label": 1, "missing_image": 1, "too_small": 0, "truncated_shard": 1,
+                       "unreadable_shard": 0, "unsafe_member": 0}
     assert "train000043" not in {k for k, _ in pairs}  # lost with the end of the shard
     assert any(name.endswith("train-000003.tar") for s in stats for name in s["shards_with_errors"])
 

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from data_prep.stream_source import Counters, read_shard, tar_members
+from data_prep.stream_source import Counters, is_safe_member, read_shard, tar_members
 
 
 def _tar(members: dict[str, bytes], fmt: int) -> bytes:
@@ -56,3 +56,17 @@ def test_cut_and_damaged_streams_raise() -> None:
         list(tar_members(io.BytesIO(bytes(damaged))))
     with pytest.raises(tarfile.ReadError, match="empty"):
         list(tar_members(io.BytesIO(b"")))
+
+
+def test_unsafe_member_names_are_dropped_and_counted(tmp_path):
+    assert is_safe_member("000001.png") and is_safe_member("a/b.cls")
+    for bad in ("../x.png", "/etc/x.png", "a/../../x.png", "..\\x.png", "\\x.png"):
+        assert not is_safe_member(bad), bad
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name in ("k1.png", "k1.cls", "../../etc/k2.png", "/abs/k3.png", "k4.png", "k4.cls"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    counters = Counters()
+    assert [s["__key__"] for s in read_shard(str(tmp_path / "s.tar"), counters)] == ["k1", "k4"]
+    assert counters.counts == {"unsafe_member": 2}

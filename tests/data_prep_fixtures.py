@@ -1,0 +1,23 @@
+"""Helpers shared by the shard-writer tests and the fault scenarios: run the CLI in its own process group and
+read an output folder back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file of an output folder (not the bookkeeping under .parts) -> its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def data_prep_cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """`python -m data_prep ...` in its own process group (so a kill reaches its workers too)."""
+    return subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--no-progress"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

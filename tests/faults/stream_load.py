@@ -1,0 +1,140 @@
+"""Stream load: 2 ranks x 2 workers over many tiny shards for a sustained run; memory flat, no fd leak, steady.
+
+`python -m tests.faults.stream_load DATA OUT SECONDS INTERVAL` (under torchrun) is the per-rank driver: it
+iterates the training stream epoch after epoch and, every INTERVAL seconds, records the samples delivered and
+the RSS and open file descriptors of the rank and its DataLoader workers in OUT/rank{r}.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import run_torchrun
+from tests.faults.harness import Ctx, Outcome, scenario
+
+SAMPLES_PER_SHARD = 8
+MICRO_BATCH = 32
+WORKERS = 2
+RSS_BOUND_MIB = 48  # allowed RSS growth of a rank with its workers, second window -> end
+
+
+def tiny_shards(folder: Path, shards: int, classes: int = 10) -> Path:
+    """`shards` tar shards of 16x16 PNGs in the DESIGN contract 1 format plus dataset.json; fast (the images
+    are encoded once per class and the tars written directly). Returns the dataset.json path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for c in range(classes):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (25 * c, 255 - 25 * c, 128)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    entries, key = [], 0
+    for s in range(shards):
+        name = f"train-{s:06d}.tar"
+        with tarfile.open(folder / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for _ in range(SAMPLES_PER_SHARD):
+                label = key % classes
+                meta = {"label": str(label), "src": f"{label}/{key}.png", "width": 16, "height": 16,
+                        "sha256": hashlib.sha256(pngs[label]).hexdigest()}
+                members = (("png", pngs[label]), ("cls", str(label).encode()), ("json", json.dumps(meta).encode()))
+                for ext, data in members:
+                    info = tarfile.TarInfo(f"{key:08d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                key += 1
+        raw = (folder / name).read_bytes()
+        entries.append({"name": name, "samples": SAMPLES_PER_SHARD, "bytes": len(raw),
+                        "sha256": hashlib.sha256(raw).hexdigest()})
+    manifest = {"format": "vitscale-shards/1", "classes": [str(c) for c in range(classes)],
+                "splits": {"train": {"samples": key, "shards": entries}}}
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    return folder / "dataset.json"
+
+
+def _usage(proc) -> tuple[int, int]:
+    """(RSS bytes, open fds) of a process and its children (the DataLoader workers)."""
+    rss = fds = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            rss, fds = rss + p.memory_info().rss, fds + p.num_fds()
+        except Exception:  # a worker between epochs may just have exited
+            pass
+    return rss, fds
+
+
+def drive(data: str, out: str, seconds: float, interval: float) -> None:
+    """One rank: iterate the stream for `seconds`, one JSON line of figures per `interval`."""
+    import psutil
+
+    from data_prep.stream import build_loader
+    from runtime.dist import detect
+
+    env = detect()
+    loader = build_loader(data, "train", train=True, image_size=16, global_batch=MICRO_BATCH * env.world_size,
+                          micro_batch=MICRO_BATCH, dist_env=env, workers=WORKERS, seed=0, device="cpu")
+    me = psutil.Process()
+    t0 = last = time.monotonic()
+    n = 0
+    with open(Path(out) / f"rank{env.rank}.jsonl", "w", buffering=1) as f:
+        while time.monotonic() - t0 < seconds:
+            for images, _ in loader:  # uint8 (B, 3, 16, 16)
+                n += images.shape[0]
+                now = time.monotonic()
+                if now - last >= interval:
+                    rss, fds = _usage(me)
+                    f.write(json.dumps({"t": now - t0, "samples": n, "rate": n / (now - last), "rss": rss,
+                                        "fds": fds, "epoch": loader.epoch}) + "\n")
+                    n, last = 0, now
+                if now - t0 >= seconds:
+                    break
+    loader.close()
+
+
+def check_rank(rows: list[dict]) -> dict:
+    """Flat memory, no fd growth and steady throughput for one rank's samples; returns its figures."""
+    q = max(1, len(rows) // 4)
+    second, last = rows[q:2 * q], rows[-q:]  # the first window holds the warm-up (imports, buffers filling)
+    base_rss, end_rss = statistics.median(r["rss"] for r in second), statistics.median(r["rss"] for r in last)
+    growth = (end_rss - base_rss) / 2**20
+    assert growth < RSS_BOUND_MIB, f"RSS grew {growth:.1f} MiB (bound {RSS_BOUND_MIB}) from {base_rss / 2**20:.0f} MiB"
+    base_fds, end_fds = max(r["fds"] for r in second), max(r["fds"] for r in last)
+    assert end_fds <= base_fds + WORKERS, f"open fds grew from {base_fds} to {end_fds}"  # one shard a worker
+    median = statistics.median(r["rate"] for r in rows)
+    late = [r["rate"] for r in rows[len(rows) // 2:]]
+    assert min(late) >= median / 2, f"throughput fell to {min(late):.0f} samples/s (median {median:.0f})"
+    return {"rss_mib": round(base_rss / 2**20, 1), "rss_growth_mib": round(growth, 1), "fds": [base_fds, end_fds],
+            "samples_per_s_median": round(median), "samples_per_s_min_late": round(min(late)),
+            "epochs": rows[-1]["epoch"], "intervals": len(rows)}
+
+
+@scenario("stream-load", "2 ranks x 2 workers stream many tiny shards for a sustained run: RSS flat, no fd leak, "
+                         "throughput steady")
+def stream_load(ctx: Ctx) -> Outcome:
+    shards, seconds, interval = (2000, 600, 10.0) if ctx.full else (200, 20, 2.0)
+    data = tiny_shards(ctx.work / "data", shards)
+    out = ctx.work / "figures"
+    out.mkdir()
+    proc = run_torchrun(["-m", "tests.faults.stream_load", str(data), str(out), str(seconds), str(interval)],
+                        nproc=2)
+    log = proc.communicate(timeout=seconds + 300)[0]
+    assert proc.returncode == 0, f"the stream driver failed:\n{log[-4000:]}"
+    figures = {}
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert len(rows) >= 8, f"rank {rank}: only {len(rows)} intervals recorded"
+        figures[f"rank{rank}"] = check_rank(rows)
+    rates = [f["samples_per_s_median"] for f in figures.values()]
+    return Outcome(detail=f"{shards} shards, {seconds} s, {sum(rates)} samples/s over 2 ranks x {WORKERS} workers",
+                   extra=figures)
+
+
+if __name__ == "__main__":
+    drive(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
