@@ -32,6 +32,7 @@ from deepspeed.checkpoint.constants import (
 )
 from safetensors.torch import load_file, save_file
 
+from runtime.config import ConfigError
 from runtime.dist import DistEnv, barrier
 from runtime.io import atomic_path, atomic_write, atomic_write_json
 
@@ -47,8 +48,9 @@ DEEPSPEED_GLOBALS = frozenset({
 })
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file that could run code when unpickled, or that is not a torch checkpoint at all."""
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file that could run code when unpickled, or that is not a torch checkpoint at all.
+    (A bad input like a bad config: the CLIs report it on one line with exit code 2.)"""
 
 
 def check_pickles(folder: str | Path) -> int:
