@@ -197,6 +197,34 @@ def bad_inputs(ctx: Ctx) -> Outcome:
                    extra={"cases": len(cases)})
 
 
+def make_checkpoints(out: str | Path, combos: list[str]) -> None:
+    """Real DeepSpeed checkpoints of the trainer's engine, one per "STAGE-PRECISION" combo (e.g. "3-bf16"),
+    each after one optimizer step, as OUT/z{combo}/global_step1: what `check_pickles` must accept."""
+    import deepspeed
+    import torch
+
+    from pretrain.config import load_pretrain_config
+    from pretrain.engine import build_engine
+    from pretrain.steps import micro_step
+    from pretrain.train import model_config
+    from runtime.dist import detect, init_distributed
+    from vit import VisionTransformer
+
+    env = init_distributed(detect(), timeout_s=60, single=True)
+    deepspeed.init_distributed()
+    for combo in combos:
+        stage, precision = combo.split("-")
+        cfg = load_pretrain_config("debug_cpu", ["data.path=unused", "run.dir=unused", f"zero.stage={stage}",
+                                                 f"precision={precision}", "train.global_batch=8"])
+        torch.manual_seed(0)
+        engine = build_engine(VisionTransformer(model_config(cfg, 10)), cfg, env, total_steps=4)
+        dtype = next(engine.module.parameters()).dtype
+        x, y = torch.randn(8, 3, 32, 32, dtype=dtype), torch.arange(8) % 10
+        micro_step(engine, x.to(engine.device), y.to(engine.device), "softmax", 0.0)
+        engine.save_checkpoint(str(Path(out) / f"z{combo}"), tag="global_step1", save_latest=False)
+        engine.destroy()
+
+
 def _serve(spec_file: str, out_dir: str) -> None:
     """Run each case's `python -m ARGV` in a forked child of this (warm) interpreter; write results.json."""
     import runpy
@@ -241,5 +269,7 @@ def _serve(spec_file: str, out_dir: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["cli"]:
         _serve(*sys.argv[2:4])
+    elif sys.argv[1:2] == ["checkpoints"]:
+        make_checkpoints(sys.argv[2], sys.argv[3:])
     else:
-        raise SystemExit("usage: python -m tests.faults.inputs cli CASES.json OUT_DIR")
+        raise SystemExit("usage: python -m tests.faults.inputs cli CASES.json OUT_DIR | checkpoints OUT STAGE-PREC...")
