@@ -24,13 +24,13 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch.serialization import get_unsafe_globals_in_checkpoint
 from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 from safetensors.torch import load_file, save_file
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from runtime.config import ConfigError
 from runtime.dist import DistEnv, barrier
