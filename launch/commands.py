@@ -184,10 +184,15 @@ def node_wrapper(argv: list[str], env: dict[str, str], cwd: str, supervise: bool
     return ["env", f"--chdir={cwd}", *assigns, *wrap, *argv]
 
 
+# A node that drops off the network leaves its ssh session idle, not closed: without keepalives the launcher's
+# ssh would wait forever. With them, ssh exits 255 ("connection lost") after 3 unanswered probes 5 s apart.
+SSH_ALIVE = ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+
+
 def ssh_argv(host: str, remote: list[str], ssh_config: str | None = None, ssh_port: int | None = None,
              connect_timeout: int = 10) -> list[str]:
     """ssh to `host` running the argument list `remote`, quoted as one shell-safe line."""
-    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}"]
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}", *SSH_ALIVE]
     if ssh_config:
         opts += ["-F", ssh_config]
     if ssh_port:
@@ -197,5 +202,5 @@ def ssh_argv(host: str, remote: list[str], ssh_config: str | None = None, ssh_po
 
 def pdsh_ssh_args(ssh_config: str | None) -> str:
     """PDSH_SSH_ARGS_APPEND for pdsh's ssh module (non-interactive, our ssh config)."""
-    parts = ["-o", "BatchMode=yes"] + (["-F", ssh_config] if ssh_config else [])
+    parts = ["-o", "BatchMode=yes", *SSH_ALIVE] + (["-F", ssh_config] if ssh_config else [])
     return shlex.join(parts)
