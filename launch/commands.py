@@ -174,13 +174,16 @@ def deepspeed_pdsh(plan: Plan, ssh_port: int | None = None) -> list[str]:
     return cmd + ["--no_local_rank", "--module", "launch", "exec", payload]
 
 
-def node_wrapper(argv: list[str], env: dict[str, str], cwd: str, supervise: bool = True) -> list[str]:
+def node_wrapper(argv: list[str], env: dict[str, str], cwd: str, supervise: bool = True,
+                 log: str | None = None) -> list[str]:
     """`argv` with this cwd and env, under `launch node` (venv on PATH, stops when the launcher goes away).
 
-    With supervise=False: the plain command to paste on a node by hand.
+    With supervise=False: the plain command to paste on a node by hand. `log`: the node also keeps its own
+    copy of its output and exit code there (what the launcher cannot see once the node is unreachable).
     """
     assigns = [f"{k}={v}" for k, v in sorted(env.items())]
-    wrap = [sys.executable, "-m", "launch", "node", "--watch-stdin", "--"] if supervise else []
+    logs = ["--log", log] if log else []
+    wrap = [sys.executable, "-m", "launch", "node", "--watch-stdin", *logs, "--"] if supervise else []
     return ["env", f"--chdir={cwd}", *assigns, *wrap, *argv]
 
 
