@@ -18,7 +18,7 @@ from tests.faults.inputs import Payload, bad_inputs, write_payload_pt
 from tests.launch_fixtures import ds_ops_env  # noqa: F401
 
 pytestmark = pytest.mark.slow
-COMBOS = ["0-fp32", "1-bf16", "2-bf16", "3-bf16", "3-fp32"]  # every ZeRO stage (fp16 needs a GPU: see below)
+COMBOS = ["0-fp32", "1-bf16", "2-bf16", "3-bf16"]  # every ZeRO stage (fp16 needs a GPU: see below)
 
 
 def test_bad_inputs(ctx):

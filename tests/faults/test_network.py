@@ -12,4 +12,3 @@ pytestmark = pytest.mark.slow
 def test_network_loss(ctx):
     out = network_loss(ctx)
     assert out.data_lost == 0 and out.exit_s is not None
-    print(out)
