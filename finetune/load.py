@@ -37,7 +37,8 @@ def export_run_dir(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     cmd = [sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 2 and proc.stderr.strip():  # a bad input (e.g. an unsafe checkpoint): its one line
-        raise ConfigError(f"cannot use pretrain run dir {run_dir}: {proc.stderr.strip().splitlines()[-1]}")
+        why = proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
+        raise ConfigError(f"could not export pretrain run dir {run_dir}: {why}; fix that or pass the .safetensors file")
     if proc.returncode != 0 or not Path(out).is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"could not export pretrain run dir {run_dir} (`{' '.join(cmd)}` exited "

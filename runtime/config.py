@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
     def __init__(self, message: object = ""):
         lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        self.lines = lines  # the message as given (a heading, then one problem per line)
         super().__init__(" ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else "")
 
 
