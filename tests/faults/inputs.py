@@ -90,7 +90,7 @@ def _weights(sandbox: Path, marker: Path) -> dict[str, Path]:
 
 def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
     """The table of bad inputs, their files written into `sandbox`."""
-    d = {"data": f"data.path={digits}"}
+    data = f"data.path={digits}"
     evil = _evil_run_dir(sandbox, digits, marker)
     w = _weights(sandbox, marker)
     (sandbox / "evil.yaml").write_text(f"optim: {{lr: {PAYLOAD_TAG} ['touch {marker}']}}\n")
@@ -100,15 +100,16 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
     v2 = sandbox / "v2" / "dataset.json"
     v2.parent.mkdir()
     v2.write_text(json.dumps({**json.loads(digits.read_text()), "format": "vitscale-shards/2"}))
-    pt = ["pretrain", "train", "debug_cpu", d["data"]]
+    pt = ["pretrain", "train", "debug_cpu", data]
 
-    def pre(name: str, *over: str, expect: str, code: int = 2) -> Case:
-        return Case(name, [*pt, f"run.dir=run-{name}", *over], expect, code, f"run-{name}")
+    def pre(name: str, *over: str, expect: str) -> Case:
+        return Case(name, [*pt, f"run.dir=run-{name}", *over], expect, 2, f"run-{name}")
 
-    ft = ["finetune", "train", "debug_cpu", d["data"]]
+    ft = ["finetune", "train", "debug_cpu", data]
 
     def fin(name: str, *over: str, expect: str) -> Case:  # fine-tuning sets up its run dir's log first
         return Case(name, [*ft, *over, f"run.dir=run-{name}"], expect, 2, f"run-{name}", run_dir_made=True)
+
     return [
         pre("negative-lr", "optim.lr=-0.1", expect="optim.lr must be >= 0"),
         pre("batch-arithmetic", "train.global_batch=30", expect="global batch 30 is not divisible"),
@@ -121,13 +122,13 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
         pre("zero-stage-5", "zero.stage=5", expect="zero.stage must be 0, 1, 2 or 3"),
         pre("precision-literal", "precision=fp8", expect="precision must be one of"),
         pre("override-yaml-tag", f"optim.lr={PAYLOAD_TAG} ['touch {marker}']", expect="python tags are refused"),
-        Case("recipe-yaml-tag", ["pretrain", "train", str(sandbox / "evil.yaml"), d["data"], "run.dir=run-tag"],
+        Case("recipe-yaml-tag", ["pretrain", "train", str(sandbox / "evil.yaml"), data, "run.dir=run-tag"],
              "python tags are refused", run_dir="run-tag"),
-        Case("finetune-recipe-yaml-tag", ["finetune", "train", str(sandbox / "evil_ft.yaml"), d["data"],
+        Case("finetune-recipe-yaml-tag", ["finetune", "train", str(sandbox / "evil_ft.yaml"), data,
                                           "run.dir=run-ft-tag"], "python tags are refused", run_dir="run-ft-tag"),
-        Case("unknown-recipe", ["pretrain", "train", "debug_cpuu", d["data"], "run.dir=run-r"],
+        Case("unknown-recipe", ["pretrain", "train", "debug_cpuu", data, "run.dir=run-r"],
              "no recipe 'debug_cpuu': did you mean debug_cpu", run_dir="run-r"),
-        Case("resume-pickle-payload", ["pretrain", "train", "debug_cpu", d["data"], f"run.dir={evil}"],
+        Case("resume-pickle-payload", ["pretrain", "train", "debug_cpu", data, f"run.dir={evil}"],
              "posix.system"),
         Case("export-pickle-payload", ["pretrain", "export", str(evil), "--out", "out/model.safetensors"],
              "posix.system", run_dir="out"),
