@@ -84,7 +84,7 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
         return None
     tag = f.read_text().strip()
     if not (Path(ckpt_dir) / tag / STATE_FILE).exists():
-        raise RuntimeError(f"{f} names {tag!r} but {Path(ckpt_dir) / tag / STATE_FILE} is missing; "
+        raise ConfigError(f"{f} names {tag!r} but {Path(ckpt_dir) / tag / STATE_FILE} is missing; "
                            "delete `latest` or point it at a complete checkpoint directory")
     return tag
 

@@ -97,6 +97,9 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
     (sandbox / "evil_ft.yaml").write_text(f"init: {PAYLOAD_TAG} ['touch {marker}']\n")
     (sandbox / "hosts").write_text(f"node1 slots=1\nnode2;touch${{IFS}}{marker} slots=1\n")
     (sandbox / "hosts_sub").write_text(f"$(touch${{IFS}}{marker}) slots=1\n")
+    dangling = sandbox / "dangling-run" / "checkpoints"
+    dangling.mkdir(parents=True)
+    (dangling / "latest").write_text("global_step8")  # names a checkpoint that was never completed
     v2 = sandbox / "v2" / "dataset.json"
     v2.parent.mkdir()
     v2.write_text(json.dumps({**json.loads(digits.read_text()), "format": "vitscale-shards/2"}))
@@ -130,6 +133,7 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
              "no recipe 'debug_cpuu': did you mean debug_cpu", run_dir="run-r"),
         Case("resume-pickle-payload", ["pretrain", "train", "debug_cpu", data, f"run.dir={evil}"],
              "posix.system"),
+        Case("latest-names-missing-checkpoint", [*pt, f"run.dir={dangling.parent}"], "delete `latest` or point it"),
         Case("export-pickle-payload", ["pretrain", "export", str(evil), "--out", "out/model.safetensors"],
              "posix.system", run_dir="out"),
         fin("finetune-from-pickle-run-dir", f"init={evil}", expect="posix.system"),
