@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from runtime.config import ConfigError
 from vit.config import ViTConfig, variant_names, vit_config
 from vit.model import VisionTransformer
 from vit.weights import FORMAT, adapt_pos_embed, from_timm, load_weights
@@ -35,6 +36,9 @@ def export_run_dir(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Consolidate a pretrain run dir's latest ZeRO checkpoint into weight file `out` (a subprocess)."""
     cmd = [sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 2 and proc.stderr.strip():  # a bad input (e.g. an unsafe checkpoint): its one line
+        why = proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
+        raise ConfigError(f"could not export pretrain run dir {run_dir}: {why}; fix that or pass the .safetensors file")
     if proc.returncode != 0 or not Path(out).is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"could not export pretrain run dir {run_dir} (`{' '.join(cmd)}` exited "
@@ -67,12 +71,12 @@ def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[
     """(state dict in vitscale key names, its ViTConfig, class names) of a vitscale or timm safetensors file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no weight file at {path}: pass a .safetensors file or a pretrain run dir")
+        raise ConfigError(f"no weight file at {path}: pass a .safetensors file or a pretrain run dir")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # not safetensors at all (e.g. a pickled .pth): refuse, never unpickle
-        raise ValueError(f"{path} is not a safetensors file ({e}); convert it to safetensors first "
+        raise ConfigError(f"{path} is not a safetensors file ({e}); convert it to safetensors first "
                          "(safetensors.torch.save_file(state_dict, ...))") from e
     if meta.get("format") == FORMAT:
         sd, meta = load_weights(path)
@@ -92,7 +96,7 @@ def finetune_config(src: ViTConfig, *, image_size: int | tuple[int, int], num_cl
         diff = [f"{k}: checkpoint {getattr(src, k)} vs {variant} {getattr(want, k)}" for k in ARCH_FIELDS
                 if k not in ("in_chans", "qkv_bias", "pool") and getattr(src, k) != getattr(want, k)]
         if diff:
-            raise ValueError(f"the checkpoint is not a {variant} model ({'; '.join(diff)}); "
+            raise ConfigError(f"the checkpoint is not a {variant} model ({'; '.join(diff)}); "
                              "use a matching checkpoint or set model.variant to its architecture (or '')")
     return src.replace(image_size=image_size, num_classes=num_classes, representation_size=None,
                        dropout=dropout, attn_dropout=0.0, drop_path=drop_path)
@@ -104,7 +108,7 @@ def check_compatible(src: ViTConfig, dst: ViTConfig) -> None:
             if getattr(src, k) != getattr(dst, k)]
     if diff:
         hint = " (the patch embedding only fits its own patch size)" if src.patch_size != dst.patch_size else ""
-        raise ValueError(f"checkpoint does not fit the fine-tuning model: {'; '.join(diff)}{hint}; "
+        raise ConfigError(f"checkpoint does not fit the fine-tuning model: {'; '.join(diff)}{hint}; "
                          "fine-tune at a new image size, not a new architecture")
 
 

@@ -174,20 +174,28 @@ def deepspeed_pdsh(plan: Plan, ssh_port: int | None = None) -> list[str]:
     return cmd + ["--no_local_rank", "--module", "launch", "exec", payload]
 
 
-def node_wrapper(argv: list[str], env: dict[str, str], cwd: str, supervise: bool = True) -> list[str]:
+def node_wrapper(argv: list[str], env: dict[str, str], cwd: str, supervise: bool = True,
+                 log: str | None = None) -> list[str]:
     """`argv` with this cwd and env, under `launch node` (venv on PATH, stops when the launcher goes away).
 
-    With supervise=False: the plain command to paste on a node by hand.
+    With supervise=False: the plain command to paste on a node by hand. `log`: the node also keeps its own
+    copy of its output and exit code there (what the launcher cannot see once the node is unreachable).
     """
     assigns = [f"{k}={v}" for k, v in sorted(env.items())]
-    wrap = [sys.executable, "-m", "launch", "node", "--watch-stdin", "--"] if supervise else []
+    logs = ["--log", log] if log else []
+    wrap = [sys.executable, "-m", "launch", "node", "--watch-stdin", *logs, "--"] if supervise else []
     return ["env", f"--chdir={cwd}", *assigns, *wrap, *argv]
+
+
+# A node that drops off the network leaves its ssh session idle, not closed: without keepalives the launcher's
+# ssh would wait forever. With them, ssh exits 255 ("connection lost") after 3 unanswered probes 5 s apart.
+SSH_ALIVE = ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
 
 
 def ssh_argv(host: str, remote: list[str], ssh_config: str | None = None, ssh_port: int | None = None,
              connect_timeout: int = 10) -> list[str]:
     """ssh to `host` running the argument list `remote`, quoted as one shell-safe line."""
-    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}"]
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}", *SSH_ALIVE]
     if ssh_config:
         opts += ["-F", ssh_config]
     if ssh_port:
@@ -197,5 +205,5 @@ def ssh_argv(host: str, remote: list[str], ssh_config: str | None = None, ssh_po
 
 def pdsh_ssh_args(ssh_config: str | None) -> str:
     """PDSH_SSH_ARGS_APPEND for pdsh's ssh module (non-interactive, our ssh config)."""
-    parts = ["-o", "BatchMode=yes"] + (["-F", ssh_config] if ssh_config else [])
+    parts = ["-o", "BatchMode=yes", *SSH_ALIVE] + (["-F", ssh_config] if ssh_config else [])
     return shlex.join(parts)

@@ -49,6 +49,8 @@ def _per_node(plan: Plan, argv_of, remote_ok: bool, ssh_config: str | None, ssh_
         if only is not None or is_local(host.name):
             runs.append(NodeRun(label, wrapped, shown=shown))
         elif remote_ok:
+            own_log = str(plan.run_dir / "logs" / f"node-{i}.on-node.log")  # survives a lost connection
+            wrapped = node_wrapper(argv_of(plan, i), plan.env, plan.cwd, log=own_log)
             runs.append(NodeRun(label, ssh_argv(host.name, wrapped, ssh_config, ssh_port), shown=shown))
         else:
             raise LaunchError(f"host {host.name} is not this machine and --launcher nossh never uses ssh: run "

@@ -2,7 +2,8 @@
 
 `launch node` starts the node's command in its own session and
 - puts the venv's bin folder first on PATH, so `python`/`torchrun` mean the same interpreter everywhere;
-- copies its output to a log file when asked (under srun, where there is no launcher process to do it);
+- copies its output, then its exit code, to a log file when asked (under srun, where there is no launcher
+  process to do it, and on nodes reached over ssh, whose output the launcher loses with the connection);
 - with --watch-stdin, stops the command when its stdin closes: the launcher (or the ssh link to it) is gone,
   so a node never keeps training on its own;
 - forwards SIGTERM/SIGINT/SIGHUP to the command's process group, and SIGUSR1 to the ranks (the grandchildren:
@@ -110,7 +111,11 @@ def run_node(argv: list[str], log: str | None = None, watch_stdin: bool = False)
             break
         except subprocess.TimeoutExpired:
             continue
-    return code if code >= 0 else 128 - code
+    code = code if code >= 0 else 128 - code
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"launch node: exit code {code}\n")
+    return code
 
 
 def exec_payload(payload: str) -> None:

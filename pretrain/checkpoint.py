@@ -7,6 +7,11 @@ run.dir/checkpoints/
     ema.safetensors          EMA weights, when enabled
   latest                     tag of the newest COMPLETE checkpoint: written by rank 0 only after
                              every rank has finished writing (a barrier), atomically
+
+DeepSpeed reads its own files with a full unpickler (torch.load(weights_only=False)), which runs whatever
+code a crafted pickle names. So before a checkpoint folder is handed to DeepSpeed (resume, export,
+universal conversion), `check_pickles` reads the pickle of every *.pt in it WITHOUT running it and refuses
+any class or function outside torch's weights-only set and the few DeepSpeed classes its checkpoints hold.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,12 +30,47 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 from safetensors.torch import load_file, save_file
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
+from runtime.config import ConfigError
 from runtime.dist import DistEnv, barrier
 from runtime.io import atomic_path, atomic_write, atomic_write_json
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+# The pickle globals outside torch's weights-only set that DeepSpeed's own checkpoints contain (seen in real
+# ZeRO 0-3 checkpoints in bf16, fp16 and fp32): plain data classes whose construction runs no user code.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file that could run code when unpickled, or that is not a torch checkpoint at all.
+    (A bad input like a bad config: the CLIs report it on one line with exit code 2.)"""
+
+
+def check_pickles(folder: str | Path) -> int:
+    """Refuse `folder` unless every *.pt under it is a torch zip checkpoint whose pickle names only safe
+    globals; returns the number of files checked. Nothing is unpickled: the pickle opcodes are only read
+    (an opcode the reader does not know, e.g. one that builds a global from the stack, is refused too)."""
+    files = sorted(Path(folder).rglob("*.pt"))
+    for f in files:
+        if not zipfile.is_zipfile(f):
+            raise UnsafeCheckpointError(f"{f} is not a torch zip checkpoint (a legacy or foreign pickle); refusing "
+                                        "to load it: restore this checkpoint from a trusted copy or delete it")
+        try:
+            bad = sorted(set(get_unsafe_globals_in_checkpoint(f)) - DEEPSPEED_GLOBALS)
+        except Exception as e:  # unknown opcode, no data.pkl, torchscript archive, truncated zip...
+            raise UnsafeCheckpointError(f"{f} cannot be checked as a safe checkpoint ({type(e).__name__}: {e}); "
+                                        "refusing to load it: restore it from a trusted copy or delete it") from None
+        if bad:
+            raise UnsafeCheckpointError(f"{f} names {', '.join(bad)} in its pickle, which could run code when "
+                                        "loaded; refusing it: only resume/export checkpoints from a trusted source")
+    return len(files)
 
 
 def tag_for(step: int) -> str:
@@ -43,7 +84,7 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
         return None
     tag = f.read_text().strip()
     if not (Path(ckpt_dir) / tag / STATE_FILE).exists():
-        raise RuntimeError(f"{f} names {tag!r} but {Path(ckpt_dir) / tag / STATE_FILE} is missing; "
+        raise ConfigError(f"{f} names {tag!r} but {Path(ckpt_dir) / tag / STATE_FILE} is missing; "
                            "delete `latest` or point it at a complete checkpoint directory")
     return tag
 
@@ -93,6 +134,7 @@ def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:
 
 def load(engine, ckpt_dir: str | Path, tag: str, env: DistEnv, universal: bool) -> None:
     """Restore model, optimizer, schedule and (same world size) this rank's RNG from checkpoint `tag`."""
+    check_pickles(Path(ckpt_dir) / tag)  # DeepSpeed unpickles without restriction: check first
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True, load_module_strict=True)
     if path is None:
@@ -114,6 +156,7 @@ def convert_universal(ckpt_dir: str | Path, tag: str) -> Path:
     """Convert checkpoint `tag` to DeepSpeed's universal format (one folder per parameter), once."""
     src = Path(ckpt_dir) / tag
     dst = Path(ckpt_dir) / f"{tag}_universal"
+    check_pickles(src)  # ds_to_universal unpickles without restriction
     if not (dst / "zero").exists():
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

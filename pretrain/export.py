@@ -1,7 +1,8 @@
 """`python -m pretrain export` and `eval`: consolidate ZeRO shards into one weight file; evaluate weights.
 
-Consolidation reads DeepSpeed's own checkpoint files from the run dir (DeepSpeed's format is a
-pickle, so only run dirs you produced should be exported); what we write is safetensors.
+Consolidation reads DeepSpeed's own checkpoint files from the run dir (DeepSpeed's format is a pickle:
+every file is first checked by `checkpoint.check_pickles`, which refuses anything that could run code);
+what we write is safetensors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False) 
     tag = tag or ckpt.latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint (no `latest`); train first")
+    ckpt.check_pickles(ckpt_dir / tag)  # zero_to_fp32 and ds_to_universal unpickle without restriction
     state = ckpt.read_state(ckpt_dir, tag)
     cfg = load_config(PretrainConfig, run_dir / "config.yaml")
     vcfg = model_config(cfg, len(state["class_names"]))

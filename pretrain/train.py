@@ -21,6 +21,7 @@ import torch
 import torch.distributed as torch_dist
 
 from data_prep.stream import build_loader, mixup_cutmix, normalize
+from data_prep.stream_source import resolve_source
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.engine import build_engine
@@ -104,15 +105,22 @@ def _loaders(cfg: PretrainConfig, env: DistEnv, vcfg: ViTConfig):
 
 
 def preflight(cfg: PretrainConfig, env: DistEnv) -> None:
-    """Checks that must fail on every rank alike, before any collective could wait on a failed peer."""
+    """Checks that must fail on every rank alike, before any collective could wait on a failed peer
+    (and before anything is written): batch arithmetic, model, dataset, and the checkpoint to resume."""
+    local = "://" not in cfg.data.path and not cfg.data.path.startswith("pipe:") and "{" not in cfg.data.path
+    if local and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"data.path {cfg.data.path} does not exist; write shards with "
+                                "`python -m data_prep write SRC OUT` and pass OUT/dataset.json")
     try:
         accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+        vit_config(cfg.model.variant, image_size=cfg.model.image_size)  # unknown variant, size vs patch size
+        if local:
+            resolve_source(cfg.data.path, cfg.data.train_split)  # format version, split, shards present
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if "://" not in cfg.data.path and not cfg.data.path.startswith("pipe:") and "{" not in cfg.data.path:
-        if not Path(cfg.data.path).exists():
-            raise FileNotFoundError(f"data.path {cfg.data.path} does not exist; write shards with "
-                                    "`python -m data_prep write SRC OUT` and pass OUT/dataset.json")
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    if tag := ckpt.latest_tag(ckpt_dir):  # DeepSpeed would unpickle it: refuse an unsafe one now
+        ckpt.check_pickles(ckpt_dir / tag)
 
 
 def train(cfg: PretrainConfig) -> dict:

@@ -25,7 +25,27 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message says what and how to fix it."""
+    """A recipe or override that cannot be used; the message says what and how to fix it.
+
+    The message is kept to one line (a list of problems is joined with '; '): the CLIs print it as the
+    single line of their error, which logs and schedulers show whole.
+    """
+
+    def __init__(self, message: object = ""):
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        self.lines = lines  # the message as given (a heading, then one problem per line)
+        super().__init__(" ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else "")
+
+
+def _yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`; a YAML error (a syntax error, or a `!!python/...` tag, which safe_load never
+    constructs) becomes a one-line ConfigError naming `where`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())
+        hint = "; python tags are refused: write plain values" if "!!python" in why or "python/" in why else ""
+        raise ConfigError(f"{where} is not valid plain YAML ({why[:300]}){hint}") from None
 
 
 def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
@@ -110,7 +130,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _yaml(raw, f"override {key.strip()!r}") if raw.strip() else ""
     return key.strip().split("."), value
 
 
@@ -156,7 +176,7 @@ def load_config(cls: type[T], recipe: str | os.PathLike | None, overrides: list[
     data: dict = {}
     if recipe is not None:
         path = find_recipe(recipe, recipes_dir) if recipes_dir else Path(recipe)
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return from_dict(cls, apply_overrides(cls, data, list(overrides)))

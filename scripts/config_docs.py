@@ -48,7 +48,7 @@ def _required(validate, cls) -> list[str]:
     try:
         validate(cls())
     except ConfigError as e:
-        return [line.strip() for line in str(e).splitlines()[1:]]
+        return e.lines[1:]
     return []
 
 

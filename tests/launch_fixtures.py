@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +46,7 @@ def report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def ds_ops_env() -> list[str]:
+def build_ds_ops() -> list[str]:
     """`--env TORCH_EXTENSIONS_DIR=...` for the trainer's runs: DeepSpeed's CPU comm op (JIT-compiled with g++,
     minutes on a loaded machine), built here once into a cache of these tests' own. The shared
     ~/.cache/torch_extensions is rebuilt whenever a process finds another `ninja` first on PATH (the venv's
@@ -64,6 +65,12 @@ def ds_ops_vars() -> dict[str, str]:
     ext = Path(tempfile.gettempdir()) / "vitscale-launch-torch-extensions"
     return {"TORCH_EXTENSIONS_DIR": str(ext),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="session")
+def ds_ops_env() -> list[str]:
+    """build_ds_ops() once per session."""
+    return build_ds_ops()
 
 
 def need_root(*tools: str) -> None:
@@ -160,11 +167,16 @@ class NetnsPair:
     addrs: tuple[str, str]
     ssh: Ssh
     sshd: list[subprocess.Popen]
+    links: tuple[str, str]  # each host's end of the veth pair (in its namespace)
 
     def prefix(self, i: int, hostname: str | None = None) -> list[str]:
         """Run a command as host i: inside its namespace, with its own hostname."""
         return ["ip", "netns", "exec", self.names[i], "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
                 hostname or f"node{i + 1}"]
+
+    def set_link(self, i: int, up: bool) -> None:
+        """Take host i's network link down (the node drops off the network, its processes live on) or up."""
+        _ip("-n", self.names[i], "link", "set", self.links[i], "up" if up else "down")
 
     def kill_host(self, i: int) -> int:
         """Kill -9 every process in namespace i (a node dying); return how many."""
@@ -182,11 +194,11 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
 
-@pytest.fixture(scope="module")
-def netns_pair(tmp_path_factory):
-    """Two hosts node1 (10.200.0.1) and node2 (10.200.0.2) in network namespaces, each running sshd."""
-    need_root("ip", "unshare", SSHD, "ssh")
-    tag = f"{os.getpid() % 100000}"
+@contextmanager
+def make_netns_pair(ssh_dir: Path, suffix: str = "") -> Iterator[NetnsPair]:
+    """Two hosts node1 (10.200.0.1) and node2 (10.200.0.2) in network namespaces, each running sshd; removed
+    on exit. `suffix` tells apart pairs made by one process."""
+    tag = f"{os.getpid() % 100000}{suffix}"
     names = (f"vsA{tag}", f"vsB{tag}")
     addrs = ("10.200.0.1", "10.200.0.2")
     hosts = "127.0.0.1 localhost\n" + "".join(f"{a} node{i + 1}\n" for i, a in enumerate(addrs))
@@ -205,8 +217,8 @@ def netns_pair(tmp_path_factory):
             _ip("-n", n, "link", "set", "lo", "up")
             # Notice a dead peer in seconds rather than the default ~15 minutes of TCP retries.
             subprocess.run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.tcp_retries2=3"], check=True)
-        ssh = make_ssh_keys(tmp_path_factory.mktemp("netns-ssh"), 2222, list(addrs))
-        pair = NetnsPair(names, addrs, ssh, procs)
+        ssh = make_ssh_keys(ssh_dir, 2222, list(addrs))
+        pair = NetnsPair(names, addrs, ssh, procs, (f"va{tag}", f"vb{tag}"))
         for i, addr in enumerate(addrs):
             cfg = ssh.dir / f"sshd_config_{i}"
             cfg.write_text((ssh.dir / "sshd_config").read_text().replace(
@@ -218,9 +230,34 @@ def netns_pair(tmp_path_factory):
     finally:
         stop(procs)
         for i, n in enumerate(made):
-            NetnsPair(names, addrs, None, []).kill_host(i)
+            NetnsPair(names, addrs, None, [], ("", "")).kill_host(i)
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
             shutil.rmtree(f"/etc/netns/{n}", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def netns_pair(tmp_path_factory):
+    """make_netns_pair for a test module."""
+    need_root("ip", "unshare", SSHD, "ssh")
+    with make_netns_pair(tmp_path_factory.mktemp("netns-ssh")) as pair:
+        yield pair
+
+
+# The launcher on node1 starts with a bare environment (what the job needs must travel by itself): the PATH an
+# ssh login gets on node2.
+NETNS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def netns_launch(pair: NetnsPair, work: Path, job: list[str], timeout: float, *opts: str,
+                 grace: float = 30) -> subprocess.Popen:
+    """`launch run --launcher torchrun` from node1 over both namespaces (node2 over ssh); run dir work/run."""
+    hf = work / "hosts"
+    hf.write_text("".join(f"{a} slots=1\n" for a in pair.addrs))
+    args = ["run", "--hostfile", str(hf), "--launcher", "torchrun", "--ssh-config", str(pair.ssh.config),
+            "--master-port", "29555", "--run-dir", str(work / "run"), "--grace", str(grace), *opts, "--", *job]
+    argv = [*pair.prefix(0), "timeout", "-k", "5", str(timeout), sys.executable, "-m", "launch", *args]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"PATH": NETNS_PATH, "OMP_NUM_THREADS": "1"})
 
 
 @dataclass

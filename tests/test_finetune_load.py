@@ -183,6 +183,6 @@ def test_recipes_load_and_bad_configs_are_refused() -> None:
 
 
 def test_a_folder_that_is_no_run_dir_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="could not export pretrain run dir .* pass the .safetensors file"):
+    with pytest.raises(ConfigError, match="could not export pretrain run dir .* pass the .safetensors file"):
         export_run_dir(tmp_path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()

@@ -6,8 +6,6 @@ Needs root and `make sysdeps`; skips with the reason otherwise.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 
 from tests.conftest import ROOT, free_port
@@ -15,6 +13,7 @@ from tests.launch_fixtures import (  # noqa: F401
     JOB,
     ds_ops_env,
     launch,
+    netns_launch,
     netns_pair,
     pretrain_job,
     report,
@@ -26,9 +25,6 @@ from tests.test_launch import NASTY, rank_lines
 # What gloo raises on a rank whose peer vanished: "pair.cc:545] Read error [10.200.0.2]:PORT: Connection reset
 # by peer" (or "Connection closed by peer [ADDR]"), naming the lost peer's address.
 PREEMPTED = r"preempted \((SIGUSR1|SIGTERM)\): checkpoint saved at step (\d+)"
-# The launcher on node1 starts with a bare environment (what the job needs must travel by itself): the PATH an
-# ssh login gets on node2.
-NETNS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GLOO_LOST_PEER = r"gloo/transport/tcp/pair\.cc:\d+\] .*\[10\.200\.0\.2\]"
 
 
@@ -63,23 +59,12 @@ def test_pdsh_shell_syntax_arrives_as_data(tmp_path, sshd):  # noqa: F811
     assert not list(ROOT.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
 
 
-def _netns_run(pair, tmp_path, job: list[str], timeout: float, *opts: str) -> subprocess.Popen:
-    """`launch run --launcher torchrun` from node1 over both namespaces (node2 over ssh); run dir tmp_path/run."""
-    hf = tmp_path / "hosts"
-    hf.write_text("".join(f"{a} slots=1\n" for a in pair.addrs))
-    args = ["run", "--hostfile", str(hf), "--launcher", "torchrun", "--ssh-config", str(pair.ssh.config),
-            "--master-port", "29555", "--run-dir", str(tmp_path / "run"), "--grace", "30", *opts, "--", *job]
-    argv = [*pair.prefix(0), "timeout", "-k", "5", str(timeout), sys.executable, "-m", "launch", *args]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={"PATH": NETNS_PATH, "OMP_NUM_THREADS": "1"})
-
-
 def test_netns_two_hosts_pretrain(tmp_path, netns_pair, digits_shards, ds_ops_env):  # noqa: F811
     """Two hosts that see each other only over a veth pair (node2 reached over ssh) pre-train together:
     preflight checks the real dataset, both nodes exit 0 and both ranks end with the same weights."""
     run = tmp_path / "run"
     job = pretrain_job(digits_shards, run, "train.steps=10", "checkpoint.every=0", "log.every=5")
-    proc = _netns_run(netns_pair, tmp_path, job, 420, *ds_ops_env, "--dataset", str(digits_shards), "--workers",
+    proc = netns_launch(netns_pair, tmp_path, job, 420, *ds_ops_env, "--dataset", str(digits_shards), "--workers",
                       "1", "--global-batch", "32", "--micro-batch", "8")
     out = proc.communicate(timeout=450)[0]
     assert proc.returncode == 0, out[-4000:]
@@ -98,7 +83,7 @@ def test_netns_node_killed_mid_run(tmp_path, netns_pair, digits_shards, ds_ops_e
     run = tmp_path / "run"
     job = pretrain_job(digits_shards, run, "train.steps=100000", "checkpoint.every=0", "log.every=5",
                        "dist.timeout=15")
-    proc = _netns_run(netns_pair, tmp_path, job, 420, *ds_ops_env)
+    proc = netns_launch(netns_pair, tmp_path, job, 420, *ds_ops_env)
     lines = []
     deadline = time.monotonic() + 360
     while time.monotonic() < deadline:
