@@ -27,6 +27,8 @@ import traceback
 from datetime import date
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scenarios live in the test tree, which is not an installed package
 
@@ -48,6 +50,10 @@ def run_scenario(name: str, entry: Entry, trials: int, seed: int, first: int, tm
         t0 = time.time()
         try:
             out = entry.fn(ctx)
+        except pytest.skip.Exception as e:  # e.g. not root: no tmpfs or network namespaces here
+            failures.append(f"trial {t}: skipped: {e.msg}")
+            print(f"[{name}] trial {t} skipped: {e.msg}", flush=True)
+            continue
         except Exception as e:  # an AssertionError is a broken promise; anything else a broken scenario
             failures.append(f"trial {t}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
             print(f"[{name}] trial {t} FAILED after {time.time() - t0:.0f} s\n{traceback.format_exc()}", flush=True)

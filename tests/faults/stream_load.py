@@ -116,7 +116,7 @@ def check_rank(rows: list[dict]) -> dict:
 
 
 @scenario("stream-load", "2 ranks x 2 workers stream many tiny shards for a sustained run: RSS flat, no fd leak, "
-                         "throughput steady")
+          "throughput steady", trials=1)
 def stream_load(ctx: Ctx) -> Outcome:
     shards, seconds, interval = (2000, 600, 10.0) if ctx.full else (200, 20, 2.0)
     data = tiny_shards(ctx.work / "data", shards)
