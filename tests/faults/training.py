@@ -32,7 +32,8 @@ class Job:
     def __init__(self, run_dir: Path, data: Path, *overrides: str, **kw):
         self.proc = run_torchrun(train_args(data, run_dir, *overrides), **kw)
         self.lines: list[tuple[float, str]] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -45,10 +46,13 @@ class Job:
         """Time at which a line containing `text` was printed; fails if the job ends or times out first."""
         deadline = time.time() + timeout
         while time.time() < deadline:
+            ended = self.proc.poll() is not None
+            if ended:
+                self.reader.join(timeout=10)  # the lines printed just before the end
             for t, line in list(self.lines):
                 if text in line:
                     return t
-            assert self.proc.poll() is None or self.lines, f"job ended before {text!r}:\n{self.output()[-3000:]}"
+            assert not ended, f"job ended before {text!r}:\n{self.output()[-3000:]}"
             time.sleep(0.05)
         raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{self.output()[-3000:]}")
 
@@ -141,9 +145,7 @@ def train_kill_rank(ctx: Ctx) -> Outcome:
     job.wait_for("ViT debug")
     procs = job.processes()
     victim = ranks(procs)[rank]
-    while not gone(victim):
-        assert job.proc.poll() is None or gone(victim)
-        time.sleep(0.02)
+    wait_gone([victim], time.time(), timeout=300)  # it kills itself at `step`
     exit_s = wait_gone(procs, time.time())
     assert job.proc.wait() != 0, "torchrun should fail when a rank dies"
     lost = resume_equals_baseline(ctx, run)
@@ -190,8 +192,7 @@ def train_kill_in_checkpoint(ctx: Ctx) -> Outcome:
     job.wait_for("ViT debug")
     procs = job.processes()
     victim = ranks(procs)[rank]
-    while not gone(victim):
-        time.sleep(0.02)
+    wait_gone([victim], time.time(), timeout=300)
     exit_s = wait_gone(procs, time.time())
     assert job.proc.wait() != 0
     assert (run / "checkpoints" / f"global_step{step}").is_dir(), "the kill came before the write"
