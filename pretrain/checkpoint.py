@@ -26,6 +26,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from runtime.dist import DistEnv, barrier
@@ -117,7 +118,7 @@ def _write(engine, ckpt_dir: Path, tag: str, step: int, state: dict, env: DistEn
                 with atomic_path(tag_dir / EMA_FILE) as tmp:
                     save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
             atomic_write_json(tag_dir / STATE_FILE, {**state, "step": step, "world_size": env.world_size})
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
         return _describe(err, ckpt_dir)
     return None
 

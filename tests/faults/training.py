@@ -42,6 +42,12 @@ class Job:
     def output(self) -> str:
         return "".join(line for _, line in self.lines)
 
+    def why(self) -> str:
+        """For failure messages: every rank's error lines, then the end of the output."""
+        out = self.output()
+        errors = [x for x in out.splitlines() if "Error" in x and "Warning" not in x]
+        return "\n".join(errors[-20:]) + "\n...\n" + out[-2000:]
+
     def wait_for(self, text: str, timeout: float = 300) -> float:
         """Time at which a line containing `text` was printed; fails if the job ends or times out first."""
         deadline = time.time() + timeout
@@ -52,9 +58,9 @@ class Job:
             for t, line in list(self.lines):
                 if text in line:
                     return t
-            assert not ended, f"job ended before {text!r}:\n{self.output()[-3000:]}"
+            assert not ended, f"job ended before {text!r}:\n{self.why()}"
             time.sleep(0.05)
-        raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{self.output()[-3000:]}")
+        raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n{self.why()}")
 
     def processes(self) -> list[psutil.Process]:
         """The agent, its ranks and their loader workers (taken while the job runs)."""
