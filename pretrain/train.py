@@ -37,6 +37,8 @@ from vit import VisionTransformer, ViTConfig, vit_config
 # 128 + SIGTERM, what SLURM and shells expect of a terminated job. SIGUSR1 (SLURM's warning before the time
 # limit, `--signal=B:USR1@T`; `launch` then requeues the job): 0, a planned stop.
 EXIT_AFTER_SIGNAL = {signal.SIGTERM: 143, signal.SIGUSR1: 0}
+# The launcher that started this process (torchrun's agent), read at import, before it could have died.
+LAUNCHER_PID = os.getppid()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -209,7 +211,7 @@ class _Loop:
         self.engine, self.loader, self.val_loader, self.ema = engine, loader, val_loader, ema
         self.cfg, self.env, self.steps, self.names, self.monitor, self.log = cfg, env, steps, names, monitor, log
         self.device, self.dtype = engine.device, next(engine.module.parameters()).dtype
-        self.preempt = _Preemption(os.getppid() if env.launcher in ("torchrun", "deepspeed") else None)
+        self.preempt = _Preemption(LAUNCHER_PID if env.launcher in ("torchrun", "deepspeed") else None)
         self.bad = 0
         self.metrics: dict = {}
         self.keys: list[str] = []

@@ -69,13 +69,14 @@ class Job:
 
 
 def ranks(procs: list[psutil.Process]) -> dict[int, psutil.Process]:
+    """RANK -> process, among the agent (first) and its descendants."""
     out = {}
     for p in procs:
         try:
             env = p.environ()
         except psutil.Error:
             continue
-        if "RANK" in env and "pretrain" in " ".join(p.cmdline()) and p.ppid() in {q.pid for q in procs[:1]}:
+        if "RANK" in env and p.ppid() == procs[0].pid:  # the agent's children are the ranks
             out[int(env["RANK"])] = p
     return out
 
@@ -246,7 +247,7 @@ def nan_injection(ctx: Ctx) -> Outcome:
     out = job.output()
     # the stop names the batch: the keys rank `rank` recorded for that step's first micro-batch
     micro = (bad[-1] - 1) * 2  # 2 micro-batches per step (global 32 = micro 8 x 2 x 2 ranks)
-    keys = [k for (r, i), ks in _keys(run).items() if r == rank and i == micro for k in ks][:8]
+    keys = _keys(run)[(rank, micro)][:8]
     line = next(x for x in out.splitlines() if x.startswith("error:") and f"on rank {rank}:" in x)
     assert ", ".join(keys) in line, (keys, line)
     return Outcome(0, exit_s, f"NaN at step {one} skipped; steps {bad} stopped the run")
