@@ -20,7 +20,11 @@ def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
 
 def _train(data: Path, run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 400, **kw) -> tuple[int, str]:
     proc = run_torchrun(train_args(data, run_dir, *overrides), nproc=nproc, **kw)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the agent; its workers notice their launcher is gone and stop
+        raise
     return proc.returncode, out
 
 

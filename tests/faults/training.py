@@ -3,12 +3,14 @@ a full disk during a checkpoint. Each must end every process promptly and resume
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import psutil
 
 from tests.conftest import free_port, run_torchrun
 from tests.faults.harness import Ctx, Outcome, scenario
+from tests.launch_fixtures import ds_ops_env, need_root
 from tests.pretrain_fixtures import _keys, _report, _train, max_diff, train_args
 
 STEPS = 40  # checkpoints every 10, the ranks agree on a preemption signal every 5
@@ -26,11 +29,19 @@ EXIT_S = 60.0  # every process of a faulted job must be gone this long after the
 TOL = 1e-6  # resumed vs uninterrupted fp32 weights (the pre-training tests' tolerance)
 
 
+@functools.cache
+def ds_env() -> dict[str, str]:
+    """The trainer runs' environment: DeepSpeed's JIT-built CPU op from the launch tests' own cache, which a
+    process with another `ninja` first on PATH cannot trigger a rebuild of under these runs' timeouts."""
+    key, value = ds_ops_env()[1].split("=", 1)
+    return {key: value, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 class Job:
     """One torchrun agent whose merged output is read, with arrival times, by a background thread."""
 
     def __init__(self, run_dir: Path, data: Path, *overrides: str, **kw):
-        self.proc = run_torchrun(train_args(data, run_dir, *overrides), **kw)
+        self.proc = run_torchrun(train_args(data, run_dir, *overrides), extra_env=ds_env(), **kw)
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -106,7 +117,7 @@ def baseline(ctx: Ctx) -> Path:
     run = ctx.cache / f"train-baseline-{hashlib.sha1(' '.join(COMMON).encode()).hexdigest()[:10]}"
     if not (run / "report.json").exists():
         shutil.rmtree(run, ignore_errors=True)
-        rc, out = _train(ctx.digits, run, *COMMON)
+        rc, out = _train(ctx.digits, run, *COMMON, extra_env=ds_env())
         assert rc == 0, out[-4000:]
     return run
 
@@ -128,7 +139,7 @@ def resume_equals_baseline(ctx: Ctx, run_dir: Path) -> int:
     tag = latest(run_dir)
     if tag is not None:
         assert (run_dir / "checkpoints" / tag / "trainer_state.json").exists(), f"`latest` names incomplete {tag}"
-    rc, out = _train(ctx.digits, run_dir, *COMMON)
+    rc, out = _train(ctx.digits, run_dir, *COMMON, extra_env=ds_env())
     assert rc == 0, out[-4000:]
     assert tag is None or f"resumed from {tag}" in out, f"did not resume from {tag}:\n{out[-3000:]}"
     assert _report(run_dir)["step"] == STEPS
@@ -232,7 +243,8 @@ def preemption(ctx: Ctx) -> Outcome:
 def nan_injection(ctx: Ctx) -> Outcome:
     one, rank, k = kill_step(ctx), ctx.rng.randrange(2), 3
     run = ctx.work / "once"
-    rc, out = _train(ctx.digits, run, *COMMON, f"debug.nan_at_steps=[{one}]", f"debug.kill_rank={rank}")
+    rc, out = _train(ctx.digits, run, *COMMON, f"debug.nan_at_steps=[{one}]", f"debug.kill_rank={rank}",
+                     extra_env=ds_env())
     assert rc == 0, out[-4000:]
     assert _report(run)["skipped_steps"] == 1 and f"step {one} skipped: non-finite" in out, out[-3000:]
     assert all(bool(v.isfinite().all()) for v in weights(run).values()), "a skipped step changed weights to NaN"
@@ -255,8 +267,6 @@ def nan_injection(ctx: Ctx) -> Outcome:
 
 @scenario("disk-full-checkpoint", "a full disk during a checkpoint: clear ENOSPC error on all ranks, previous intact")
 def disk_full_checkpoint(ctx: Ctx) -> Outcome:
-    from tests.launch_fixtures import need_root
-
     need_root("mount")
     base = baseline(ctx)
     per_ckpt = sum(f.stat().st_size for f in (base / "checkpoints").rglob("*") if f.is_file()) / 2
