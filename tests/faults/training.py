@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import psutil
 
 from tests.conftest import free_port, run_torchrun
 from tests.faults.harness import Ctx, Outcome, scenario
-from tests.launch_fixtures import ds_ops_env, need_root
+from tests.launch_fixtures import ds_ops_build_env, need_root
 from tests.pretrain_fixtures import _keys, _report, _train, max_diff, train_args
 
 STEPS = 40  # checkpoints every 10, the ranks agree on a preemption signal every 5
@@ -31,10 +30,8 @@ TOL = 1e-6  # resumed vs uninterrupted fp32 weights (the pre-training tests' tol
 
 @functools.cache
 def ds_env() -> dict[str, str]:
-    """The trainer runs' environment: DeepSpeed's JIT-built CPU op from the launch tests' own cache, which a
-    process with another `ninja` first on PATH cannot trigger a rebuild of under these runs' timeouts."""
-    key, value = ds_ops_env()[1].split("=", 1)
-    return {key: value, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The trainer runs' environment (once per session): DeepSpeed's CPU op from the tests' own build cache."""
+    return ds_ops_build_env()
 
 
 class Job:
