@@ -100,7 +100,7 @@ def save(engine, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, kee
 
 def _write(engine, ckpt_dir: Path, tag: str, step: int, state: dict, env: DistEnv,
            ema: dict[str, torch.Tensor] | None) -> str | None:
-    """Write this rank's part of checkpoint `tag`; the OSError's text if a write failed, else None."""
+    """Write this rank's part of checkpoint `tag`; a one-line description if a write failed, else None."""
     client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
