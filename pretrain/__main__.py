@@ -34,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.verb == "train":
+            from pretrain.checkpoint import CheckpointError
             from pretrain.config import load_pretrain_config
-            from pretrain.train import train
+            from pretrain.train import NonFiniteLoss, train
 
             cfg = load_pretrain_config(args.recipe, args.overrides)
-            train(cfg)
+            try:
+                train(cfg)
+            except (NonFiniteLoss, CheckpointError) as err:  # a clear stop, not a traceback: say why and what to do
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return 1
         elif args.verb == "export":
             from pretrain.export import export
 

@@ -6,7 +6,7 @@ run.dir/checkpoints/
     rng_rank{r}.safetensors  each rank's RNG states (dropout, drop-path, mixup draws)
     ema.safetensors          EMA weights, when enabled
   latest                     tag of the newest COMPLETE checkpoint: written by rank 0 only after
-                             every rank has finished writing (a barrier), atomically
+                             every rank reported a successful write (an all-gather), atomically
 
 DeepSpeed reads its own files with a full unpickler (torch.load(weights_only=False)), which runs whatever
 code a crafted pickle names. So before a checkpoint folder is handed to DeepSpeed (resume, export,
@@ -16,19 +16,23 @@ any class or function outside torch's weights-only set and the few DeepSpeed cla
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
@@ -39,7 +43,8 @@ from runtime.io import atomic_path, atomic_write, atomic_write_json
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 # The pickle globals outside torch's weights-only set that DeepSpeed's own checkpoints contain (seen in real
-# ZeRO 0-3 checkpoints in bf16, fp16 and fp32): plain data classes whose construction runs no user code.
+# ZeRO 0-3 checkpoints in bf16 and fp32; DynamicLossScaler is what fp16 adds, which DeepSpeed refuses on CPU,
+# taken from its source): plain data classes whose construction runs no user code.
 DEEPSPEED_GLOBALS = frozenset({
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -101,26 +106,81 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some rank; the previous one is intact and still `latest`."""
+
+
 def save(engine, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, keep: int,
-         ema: dict[str, torch.Tensor] | None = None) -> str:
-    """Save a checkpoint on every rank; `latest` moves only after all ranks finished. Returns the tag."""
+         ema: dict[str, torch.Tensor] | None = None, fault: Callable[[], None] | None = None) -> str:
+    """Save a checkpoint on every rank; `latest` moves only after all ranks wrote theirs. Returns the tag.
+
+    A write error on any rank (a full disk) fails the save on EVERY rank alike, with CheckpointError: the
+    ranks agree on success before `latest` moves, so none waits in a barrier for a rank that gave up, and the
+    partial tag directory is removed. `fault` (tests only) runs after this rank's writes, before the agreement.
+    """
     ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
-    client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-    tag_dir = ckpt_dir / tag
-    with atomic_path(tag_dir / f"rng_rank{env.rank}.safetensors") as tmp:
-        save_file(_rng_state(), str(tmp))
-    if env.is_main:
-        if ema is not None:
-            with atomic_path(tag_dir / EMA_FILE) as tmp:
-                save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
-        atomic_write_json(tag_dir / STATE_FILE, {**state, "step": step, "world_size": env.world_size})
-    barrier()  # every rank's shards are on disk before the checkpoint becomes `latest`
+    error = _write(engine, ckpt_dir, tag, step, state, env, ema)
+    if error is None and fault is not None:
+        fault()
+    errors = _gather(error)
+    if any(errors):
+        if env.is_main:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        barrier()
+        failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+        hint = "free space there (or lower checkpoint.keep)" if any("ENOSPC" in e for e in errors if e) \
+            else "check that run.dir is writable"
+        raise CheckpointError(f"checkpoint {tag} could not be written ({failed}); its partial directory was removed "
+                              f"and `latest` still names {latest_tag(ckpt_dir)}; {hint} and rerun the same command "
+                              "to resume")
     if env.is_main:
         atomic_write(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, keep, tag)
     barrier()
     return tag
+
+
+def _write(engine, ckpt_dir: Path, tag: str, step: int, state: dict, env: DistEnv,
+           ema: dict[str, torch.Tensor] | None) -> str | None:
+    """Write this rank's part of checkpoint `tag`; a one-line description if a write failed, else None."""
+    client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError without errno
+        # DeepSpeed's save ends in a barrier that this rank skipped by raising (ZeRO <= 2 has no other collective
+        # after its writes begin): stand in for it, so that peers that wrote fine are not left waiting there.
+        barrier()
+        return _describe(err, ckpt_dir)
+    tag_dir = ckpt_dir / tag
+    try:
+        with atomic_path(tag_dir / f"rng_rank{env.rank}.safetensors") as tmp:
+            save_file(_rng_state(), str(tmp))
+        if env.is_main:
+            if ema is not None:
+                with atomic_path(tag_dir / EMA_FILE) as tmp:
+                    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp))
+            atomic_write_json(tag_dir / STATE_FILE, {**state, "step": step, "world_size": env.world_size})
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        return _describe(err, ckpt_dir)
+    return None
+
+
+def _describe(err: Exception, ckpt_dir: Path) -> str:
+    """The write error in one line, naming a full disk (ENOSPC) even where torch.save hides the errno."""
+    free = shutil.disk_usage(ckpt_dir).free
+    # A write that filled the disk leaves it (nearly) full until the partial files are removed.
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < 1 << 20
+    text = " ".join(str(err).split())[:300]
+    return f"ENOSPC, no space left on device ({free >> 10} KiB free): {text}" if full else text
+
+
+def _gather(error: str | None) -> list[str | None]:
+    """Every rank's write error (None = wrote fine), on every rank."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return [error]
+    errors: list[str | None] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(errors, error)
+    return errors
 
 
 def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:

@@ -124,6 +124,8 @@ class DebugCfg:
     kill_at_step: int | None = None  # rank `kill_rank` SIGKILLs itself right after this optimizer step
     kill_rank: int = 0  # the rank that kill_at_step kills
     record_keys: bool = False  # append "micro-batch index<TAB>key" lines to run.dir/keys/rank{r}.txt
+    kill_in_save: bool = False  # kill_at_step's kill comes in that step's save: files written, `latest` not moved
+    nan_at_steps: list[int] = field(default_factory=list)  # rank kill_rank's inputs of these steps become NaN
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pretrain.steps import micro_step
 from runtime.config import ConfigError, config_hash, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed
 from runtime.io import atomic_write_json
-from runtime.logs import setup_logging
+from runtime.logs import get_logger, setup_logging
 from runtime.training import EMA, evaluate
 from vit import VisionTransformer, ViTConfig, vit_config
 
@@ -38,6 +38,8 @@ from vit import VisionTransformer, ViTConfig, vit_config
 # 128 + SIGTERM, what SLURM and shells expect of a terminated job. SIGUSR1 (SLURM's warning before the time
 # limit, `--signal=B:USR1@T`; `launch` then requeues the job): 0, a planned stop.
 EXIT_AFTER_SIGNAL = {signal.SIGTERM: 143, signal.SIGUSR1: 0}
+# The launcher that started this process (torchrun's agent), read at import, before it could have died.
+LAUNCHER_PID = os.getppid()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,18 +73,30 @@ def total_steps(cfg: PretrainConfig, steps_per_epoch: int) -> int:
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at a step boundary, then checkpoint and exit."""
+    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at a step boundary, then checkpoint and exit.
 
-    def __init__(self):
+    A lost launcher counts as SIGTERM: when torchrun's agent is killed (kill -9, OOM killer) its workers are
+    re-parented and would go on training unsupervised, writing the run dir beside the rerun that replaces
+    them. `launcher_pid` (our parent under torchrun) is checked at every agreement, so they stop too.
+    """
+
+    def __init__(self, launcher_pid: int | None = None):
         self.flag = False
         self.signum = signal.SIGTERM
+        self.launcher_pid = launcher_pid
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.flag, self.signum = True, signal.Signals(signum)
 
+    def launcher_lost(self) -> bool:
+        return self.launcher_pid is not None and os.getppid() != self.launcher_pid
+
     def agreed(self, device: torch.device) -> bool:
+        if not self.flag and self.launcher_lost():
+            get_logger().warning(f"the launcher (pid {self.launcher_pid}) is gone: stopping as on SIGTERM")
+            self.flag, self.signum = True, signal.SIGTERM
         if not torch_dist.is_initialized():
             return self.flag
         t = torch.tensor([1.0 if self.flag else 0.0], device=device)
@@ -205,7 +219,7 @@ class _Loop:
         self.engine, self.loader, self.val_loader, self.ema = engine, loader, val_loader, ema
         self.cfg, self.env, self.steps, self.names, self.monitor, self.log = cfg, env, steps, names, monitor, log
         self.device, self.dtype = engine.device, next(engine.module.parameters()).dtype
-        self.preempt = _Preemption()
+        self.preempt = _Preemption(LAUNCHER_PID if env.launcher in ("torchrun", "deepspeed") else None)
         self.bad = 0
         self.metrics: dict = {}
         self.keys: list[str] = []
@@ -228,10 +242,12 @@ class _Loop:
             for images, labels, keys in self.loader:
                 meter.end_wait()
                 self.monitor.first_batch(images, step)
-                self.keys = keys
+                self.keys += keys
                 if self.keys_file is not None:  # "micro-batch index <tab> key"; a resumed run rewrites its indices
                     self.keys_file.write("".join(f"{self.micro}\t{k}\n" for k in keys))
                 x, y = self.prepare(images, labels)
+                if engine.global_steps + 1 in self.cfg.debug.nan_at_steps and self.env.rank == self.cfg.debug.kill_rank:
+                    x = x.fill_(float("nan"))  # fault injection: a batch that makes the loss and gradients NaN
                 if t.mixup or t.cutmix:
                     # seeded per rank and micro-batch, so a resumed run draws the same mixes
                     rng = np.random.default_rng((self.cfg.run.seed, self.env.rank, self.micro))
@@ -244,23 +260,29 @@ class _Loop:
                     step = engine.global_steps
                     meter.end_step(t.global_batch)
                     self.after_step(step)
+                    self.keys = []
                     if step >= self.steps:
                         break
                 meter.start_wait()
         if self.keys_file is not None:
             self.keys_file.close()
-        return {"step": step, **{f"eval/{k}": v for k, v in self.metrics.items()}}
+        evals = {f"eval/{k}": v for k, v in self.metrics.items()}
+        return {"step": step, "skipped_steps": engine.skipped_steps, **evals}
 
     def after_step(self, step: int) -> None:
         """Everything done at an optimizer-step boundary: checks, EMA, logs, eval, checkpoints, preemption."""
         cfg, last = self.cfg, step == self.steps
-        if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == self.env.rank:
+        if self._kill_now(step, in_save=False):
             os.kill(os.getpid(), signal.SIGKILL)
         self.bad = 0 if self.engine.was_step_applied() else self.bad + 1
         if self.bad >= cfg.train.max_bad_steps:
             raise NonFiniteLoss(f"{self.bad} consecutive steps up to step {step} had a non-finite loss or gradient "
-                                f"(last micro-batch on rank {self.env.rank}: {', '.join(self.keys[:8])}...); "
+                                f"(its batch on rank {self.env.rank}: {', '.join(self.keys[:8])} ...); "
                                 "lower optim.lr, raise optim.warmup_steps, or check the data")
+        if self.bad:
+            self.log.warning(f"step {step} skipped: non-finite loss or gradient ({self.bad} in a row, the limit is "
+                             f"train.max_bad_steps={cfg.train.max_bad_steps}); its batch on rank {self.env.rank}: "
+                             f"{', '.join(self.keys[:8])} ...")
         if self.ema is not None:
             self.ema.update(self.engine.module)
         if step % cfg.log.every == 0 or last:
@@ -282,8 +304,14 @@ class _Loop:
         state = {"stream": self.loader.state_dict(), "config_hash": config_hash(self.cfg),
                  "class_names": self.names, "model": to_dict(self.cfg.model)}
         shadow = {k: v.cpu() for k, v in self.ema.shadow.items()} if self.ema is not None else None
+        fault = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if self._kill_now(step, in_save=True) else None
         ckpt.save(self.engine, Path(self.cfg.run.dir) / "checkpoints", step, state, self.env,
-                  self.cfg.checkpoint.keep, ema=shadow)
+                  self.cfg.checkpoint.keep, ema=shadow, fault=fault)
+
+    def _kill_now(self, step: int, in_save: bool) -> bool:
+        """Fault injection (debug.kill_*): is this rank to SIGKILL itself at this step (in its save)?"""
+        d = self.cfg.debug
+        return d.kill_at_step == step and d.kill_rank == self.env.rank and d.kill_in_save == in_save
 
 
 def _every(step: int, n: int) -> bool:

@@ -21,8 +21,12 @@ def free_port() -> int:
 
 
 def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300, extra_env: dict | None = None,
-                 nnodes: int = 1, node_rank: int | None = None, port: int | None = None) -> subprocess.Popen:
-    """Start `torchrun ... args` on loopback and return the process (caller waits)."""
+                 nnodes: int = 1, node_rank: int | None = None, port: int | None = None,
+                 session: bool = False) -> subprocess.Popen:
+    """Start `torchrun ... args` on loopback and return the process (caller waits).
+
+    `session`: in a new session (process group), so that killpg stops the whole "node" like a host going down.
+    """
     port = port or free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
            "--master_addr=127.0.0.1", f"--master_port={port}"]
@@ -30,7 +34,7 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300, extra_en
         cmd.append(f"--node_rank={node_rank}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=session)
 
 
 @pytest.fixture

@@ -46,25 +46,30 @@ def report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
 
-def build_ds_ops() -> list[str]:
-    """`--env TORCH_EXTENSIONS_DIR=...` for the trainer's runs: DeepSpeed's CPU comm op (JIT-compiled with g++,
-    minutes on a loaded machine), built here once into a cache of these tests' own. The shared
-    ~/.cache/torch_extensions is rebuilt whenever a process finds another `ninja` first on PATH (the venv's
-    or the system's: they do not read each other's build log), so ranks would compile it again under a test's
-    timeout. Built as `launch node` runs the ranks: with the venv's bin first on PATH."""
-    env = {**os.environ, **ds_ops_vars(), "OMP_NUM_THREADS": "1"}
-    build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    subprocess.run(["timeout", "-k", "5", "900", sys.executable, "-c", build], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=930)
-    return ["--env", f"TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']}"]
-
-
 def ds_ops_vars() -> dict[str, str]:
-    """The environment under which trainer processes find (or build once) the tests' own DeepSpeed op cache:
-    TORCH_EXTENSIONS_DIR, and the venv's bin first on PATH (see ds_ops_env)."""
+    """The environment under which trainer processes find the tests' own DeepSpeed op cache (built once by
+    ds_ops_build_env): TORCH_EXTENSIONS_DIR, and the venv's bin first on PATH."""
     ext = Path(tempfile.gettempdir()) / "vitscale-launch-torch-extensions"
     return {"TORCH_EXTENSIONS_DIR": str(ext),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def ds_ops_build_env() -> dict[str, str]:
+    """Environment for the trainer's runs with DeepSpeed's CPU comm op (JIT-compiled with g++, minutes on a
+    loaded machine) built once into a cache of these tests' own. The shared ~/.cache/torch_extensions is rebuilt
+    whenever a process finds another `ninja` first on PATH (the venv's or the system's: they do not read each
+    other's build log), so ranks would compile it again under a test's timeout. Built as `launch node` runs the
+    ranks: with the venv's bin first on PATH."""
+    env = {**ds_ops_vars(), "OMP_NUM_THREADS": "1"}
+    build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    subprocess.run(["timeout", "-k", "5", "900", sys.executable, "-c", build], cwd=ROOT, env={**os.environ, **env},
+                   check=True, capture_output=True, timeout=930)
+    return env
+
+
+def build_ds_ops() -> list[str]:
+    """`--env TORCH_EXTENSIONS_DIR=...` for `launch`, with the op built (ds_ops_build_env)."""
+    return ["--env", f"TORCH_EXTENSIONS_DIR={ds_ops_build_env()['TORCH_EXTENSIONS_DIR']}"]
 
 
 @pytest.fixture(scope="session")

@@ -14,23 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port, run_torchrun
+from tests.pretrain_fixtures import _export, _keys, _report, _train
 
 pytestmark = pytest.mark.slow
 STEPS = 120  # debug_cpu: checkpoints at 60 and 120, loss logged every 20 steps
-
-
-def _train(data: Path, run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 400, **kw) -> tuple[int, str]:
-    args = ["-m", "pretrain", "train", "debug_cpu", f"data.path={data}", f"run.dir={run_dir}", *overrides]
-    proc = run_torchrun(args, nproc=nproc, **kw)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def _report(run_dir: Path) -> dict:
-    return json.loads((run_dir / "report.json").read_text())
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -42,30 +31,10 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         "_images": acc.Tags()["images"]}
 
 
-def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    """(rank, micro-batch index) -> keys; a resumed run's rewrite of an index replaces the old line."""
-    seen: dict[tuple[int, int], list[str]] = {}
-    for f in sorted((run_dir / "keys").glob("rank*.txt")):
-        rank, batches = int(f.stem.removeprefix("rank")), {}
-        for line in f.read_text().splitlines():
-            i, key = line.split("\t")
-            batches.setdefault(int(i), {})[key] = None  # a rewritten index starts again below
-        for i, keys in batches.items():
-            seen[(rank, i)] = list(keys)
-    return seen
-
-
 def _data_path(run_dir: Path) -> str:
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"]
-
-
-def _export(run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
-    out = run_dir / "export" / "model.safetensors"
-    subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out), *extra],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return load_file(str(out))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pretrain.checkpoint import DEEPSPEED_GLOBALS, UnsafeCheckpointError, check_
 from runtime.config import ConfigError
 from tests.conftest import ROOT
 from tests.faults.inputs import Payload, bad_inputs, write_payload_pt
-from tests.launch_fixtures import ds_ops_env  # noqa: F401
+from tests.launch_fixtures import ds_ops_build_env
 
 pytestmark = pytest.mark.slow
 COMBOS = ["0-fp32", "1-bf16", "2-bf16", "3-bf16"]  # every ZeRO stage (fp16 needs a GPU: see below)
@@ -27,11 +27,10 @@ def test_bad_inputs(ctx):
 
 
 @pytest.fixture(scope="module")
-def real_checkpoints(tmp_path_factory, ds_ops_env) -> Path:  # noqa: F811
+def real_checkpoints(tmp_path_factory) -> Path:
     """One real checkpoint of the trainer's DeepSpeed engine per ZeRO stage, after one optimizer step."""
     out = tmp_path_factory.mktemp("ds-checkpoints")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", ds_ops_env[1].split("=")[0]: ds_ops_env[1].split("=", 1)[1],
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **ds_ops_build_env()}
     done = subprocess.run([sys.executable, "-m", "tests.faults.inputs", "checkpoints", str(out), *COMBOS], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

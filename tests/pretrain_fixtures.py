@@ -1,0 +1,58 @@
+"""Helpers shared by the pre-training tests and the training fault scenarios: run, export and read a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, run_torchrun
+
+
+def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """`python -m pretrain train debug_cpu` arguments for a run of `data` in `run_dir`."""
+    return ["-m", "pretrain", "train", "debug_cpu", f"data.path={data}", f"run.dir={run_dir}", *overrides]
+
+
+def _train(data: Path, run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 400, **kw) -> tuple[int, str]:
+    proc = run_torchrun(train_args(data, run_dir, *overrides), nproc=nproc, **kw)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the agent; its workers notice their launcher is gone and stop
+        raise
+    return proc.returncode, out
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """(rank, micro-batch index) -> keys; a resumed run's rewrite of an index replaces the old line."""
+    seen: dict[tuple[int, int], list[str]] = {}
+    for f in sorted((run_dir / "keys").glob("rank*.txt")):
+        rank, batches = int(f.stem.removeprefix("rank")), {}
+        for line in f.read_text().splitlines():
+            i, key = line.split("\t")
+            batches.setdefault(int(i), {})[key] = None  # a rewritten index starts again below
+        for i, keys in batches.items():
+            seen[(rank, i)] = list(keys)
+    return seen
+
+
+def _export(run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
+    out = run_dir / "export" / "model.safetensors"
+    subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out), *extra],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return load_file(str(out))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys(), a.keys() ^ b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
