@@ -67,7 +67,7 @@ def _wait_gone(names: tuple[str, ...], since: float, timeout: float) -> list[flo
 
 
 @scenario("network-loss", "a node of a 2-host job loses its link mid-run: every process exits non-zero within "
-                          "the timeouts, the launcher names the lost node, a rerun resumes and finishes")
+                          "the timeouts, the launcher names the lost node, a rerun resumes and finishes", trials=2)
 def network_loss(ctx: Ctx) -> Outcome:
     need_root("ip", "unshare", SSHD, "ssh")
     every = 10 if ctx.full else 4

@@ -153,7 +153,8 @@ def kill_step(ctx: Ctx, lo: int = 2, hi: int = STEPS - 1) -> int:
     return ctx.rng.randint(lo, hi)
 
 
-@scenario("train-kill-rank", "kill -9 of one rank at a random step: the job exits, resumes to identical weights")
+@scenario("train-kill-rank", "kill -9 of one rank at a random step: the job exits, resumes to identical weights",
+          trials=2)
 def train_kill_rank(ctx: Ctx) -> Outcome:
     step, rank, run = kill_step(ctx), ctx.rng.randrange(2), ctx.work / "run"
     job = Job(run, ctx.digits, *COMMON, f"debug.kill_at_step={step}", f"debug.kill_rank={rank}")
@@ -167,7 +168,8 @@ def train_kill_rank(ctx: Ctx) -> Outcome:
     return Outcome(lost, exit_s, f"rank {rank} killed after step {step}")
 
 
-@scenario("train-kill-node", "kill -9 of a whole node (2 agents, --nnodes 2): the other node exits by itself, resumes")
+@scenario("train-kill-node", "kill -9 of a whole node (2 agents, --nnodes 2): the other node exits by itself, resumes",
+          trials=2)
 def train_kill_node(ctx: Ctx) -> Outcome:
     step, node, run, port = kill_step(ctx), ctx.rng.randrange(2), ctx.work / "run", free_port()
     jobs = [Job(run, ctx.digits, *COMMON, nproc=1, nnodes=2, node_rank=n, port=port, session=True) for n in (0, 1)]
@@ -181,7 +183,8 @@ def train_kill_node(ctx: Ctx) -> Outcome:
     return Outcome(lost, exit_s, f"node {node} killed at step {step}")
 
 
-@scenario("train-kill-launcher", "kill -9 of the torchrun agent: its workers checkpoint and stop instead of living on")
+@scenario("train-kill-launcher", "kill -9 of the torchrun agent: its workers checkpoint and stop instead of living on",
+          trials=2)
 def train_kill_launcher(ctx: Ctx) -> Outcome:
     step, run = kill_step(ctx, hi=STEPS - 10), ctx.work / "run"  # room to show the orphans do not train on
     job = Job(run, ctx.digits, *COMMON)
@@ -199,7 +202,8 @@ def train_kill_launcher(ctx: Ctx) -> Outcome:
     return Outcome(lost, exit_s, f"launcher killed at step {step}; workers stopped at {stop}")
 
 
-@scenario("train-kill-in-checkpoint", "kill -9 of a rank mid checkpoint write: `latest` stays on the previous one")
+@scenario("train-kill-in-checkpoint", "kill -9 of a rank mid checkpoint write: `latest` stays on the previous one",
+          trials=2)
 def train_kill_in_checkpoint(ctx: Ctx) -> Outcome:
     step, rank, run = ctx.rng.choice(range(10, STEPS + 1, 10)), ctx.rng.randrange(2), ctx.work / "run"
     job = Job(run, ctx.digits, *COMMON, f"debug.kill_at_step={step}", f"debug.kill_rank={rank}",
@@ -217,7 +221,8 @@ def train_kill_in_checkpoint(ctx: Ctx) -> Outcome:
     return Outcome(lost, exit_s, f"rank {rank} killed inside the step-{step} save")
 
 
-@scenario("preemption", "SIGTERM to every rank (SLURM preemption): checkpoint, exit 143 within the grace, resume")
+@scenario("preemption", "SIGTERM to every rank (SLURM preemption): checkpoint, exit 143 within the grace, resume",
+          trials=2)
 def preemption(ctx: Ctx) -> Outcome:
     step, run = kill_step(ctx, hi=STEPS - 6), ctx.work / "run"
     job = Job(run, ctx.digits, *COMMON)
@@ -236,7 +241,8 @@ def preemption(ctx: Ctx) -> Outcome:
     return Outcome(lost, exit_s, f"SIGTERM at step {step}, checkpoint at {stop}")
 
 
-@scenario("nan-injection", "a NaN batch is skipped and counted; K NaN steps in a row stop with the step and keys named")
+@scenario("nan-injection", "a NaN batch is skipped and counted; K NaN steps in a row stop with the step and keys named",
+          trials=2)
 def nan_injection(ctx: Ctx) -> Outcome:
     one, rank, k = kill_step(ctx), ctx.rng.randrange(2), 3
     run = ctx.work / "once"
@@ -262,7 +268,8 @@ def nan_injection(ctx: Ctx) -> Outcome:
     return Outcome(0, exit_s, f"NaN at step {one} skipped; steps {bad} stopped the run")
 
 
-@scenario("disk-full-checkpoint", "a full disk during a checkpoint: clear ENOSPC error on all ranks, previous intact")
+@scenario("disk-full-checkpoint", "a full disk during a checkpoint: clear ENOSPC error on all ranks, previous intact",
+          trials=2)
 def disk_full_checkpoint(ctx: Ctx) -> Outcome:
     need_root("mount")
     base = baseline(ctx)
