@@ -180,8 +180,12 @@ class NetnsPair:
                 hostname or f"node{i + 1}"]
 
     def set_link(self, i: int, up: bool) -> None:
-        """Take host i's network link down (the node drops off the network, its processes live on) or up."""
+        """Take host i's network link down (the node drops off the network, its processes live on) or up.
+        Up returns once the other host reaches host i's sshd again: a veth that comes back up needs a moment
+        (carrier, neighbour entries) before packets flow, and a connect meanwhile fails "No route to host"."""
         _ip("-n", self.names[i], "link", "set", self.links[i], "up" if up else "down")
+        if up:
+            wait_port(self.addrs[i], self.ssh.port, timeout=30, prefix=["ip", "netns", "exec", self.names[1 - i]])
 
     def kill_host(self, i: int) -> int:
         """Kill -9 every process in namespace i (a node dying); return how many."""

@@ -79,7 +79,9 @@ def network_loss(ctx: Ctx) -> Outcome:
     run = ctx.work / "run"
     job = pretrain_job(ctx.digits, run, f"train.steps={steps}", f"checkpoint.every={every}", "log.every=1",
                        f"dist.timeout={DIST_TIMEOUT}", "data.workers=0")
-    limit = DIST_TIMEOUT + SSH_LOSS_S + 15  # the slowest way out: a collective timeout, then ssh giving up
+    # The slowest way out: a collective timeout, then ssh giving up; plus room for a loaded 2-core machine
+    # (seen: 11 s typical, over 50 s with two training jobs beside it). The figure measured is what is reported.
+    limit = DIST_TIMEOUT + SSH_LOSS_S + 45
     with make_netns_pair(ctx.work / "ssh", suffix="n") as pair:
         proc = netns_launch(pair, ctx.work, job, STARTUP_S + 120, *ds_ops, grace=limit)
         lines: list[str] = []
