@@ -132,8 +132,12 @@ def stream_load(ctx: Ctx) -> Outcome:
         assert len(rows) >= 8, f"rank {rank}: only {len(rows)} intervals recorded"
         figures[f"rank{rank}"] = check_rank(rows)
     rates = [f["samples_per_s_median"] for f in figures.values()]
-    return Outcome(detail=f"{shards} shards, {seconds} s, {sum(rates)} samples/s over 2 ranks x {WORKERS} workers",
-                   extra=figures)
+    per_rank = "; ".join(
+        f"{r}: RSS {f['rss_mib']:.0f} MiB (rank + workers) grew {f['rss_growth_mib']:+.1f} MiB, fds {f['fds'][0]} -> "
+        f"{f['fds'][1]}, slowest late interval {f['samples_per_s_min_late'] / f['samples_per_s_median']:.0%} of the "
+        f"median" for r, f in figures.items())
+    return Outcome(detail=f"{shards} shards, {seconds} s, {sum(rates)} samples/s over 2 ranks x {WORKERS} workers; "
+                          f"{per_rank}", extra=figures)
 
 
 if __name__ == "__main__":
