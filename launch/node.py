@@ -100,11 +100,16 @@ def run_node(argv: list[str], log: str | None = None, watch_stdin: bool = False)
         _watch_stdin(proc)
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
+        echo = True
         with open(log, "ab", buffering=0) as f:
             for line in iter(proc.stdout.readline, b""):
                 f.write(line)
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                if echo:
+                    try:
+                        sys.stdout.buffer.write(line)
+                        sys.stdout.flush()
+                    except OSError:  # the launcher's connection is gone (EPIPE): keep the node's own log going
+                        echo = False
     while True:  # wait() in short slices so the signal handlers run promptly
         try:
             code = proc.wait(timeout=0.5)

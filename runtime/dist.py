@@ -121,13 +121,20 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None, tim
         os.close(fd)
         os.unlink(path)  # the store creates it
         init_method = f"file://{path}"
+    timeout = datetime.timedelta(seconds=timeout_s)
     torch_dist.init_process_group(
         backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
         init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
+    # Groups made later without a timeout (DeepSpeed's ZeRO data-parallel group is `new_group(ranks)`, a clone
+    # of the world) get torch's module defaults, 30 min (gloo) / 10 min (NCCL), not the world group's: a rank
+    # waiting there for a peer that dropped off the network would hang that long. torch has no setter; its
+    # `_get_default_timeout` reads these two module globals at each new_group call.
+    c10d = torch_dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     return env
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from runtime.dist import DistEnv, accumulation_steps, detect, first_host
-from tests.conftest import free_port, run_torchrun
+from tests.conftest import ROOT, free_port, run_torchrun
 
 
 def test_plain_python_is_rank_zero_of_one() -> None:
@@ -74,3 +74,31 @@ def test_two_nodes_on_loopback() -> None:
     reports = _reports("\n".join(outs))
     assert [(r["rank"], r["node_rank"], r["local_rank"], r["num_nodes"]) for r in reports] == [
         (0, 0, 0, 2), (1, 1, 0, 2)]
+
+
+GROUP_TIMEOUT = """
+import time, torch, torch.distributed as d
+from runtime.dist import init_distributed
+env = init_distributed(timeout_s=3)
+group = d.new_group(ranks=range(d.get_world_size()))  # made as DeepSpeed makes its ZeRO data-parallel group
+if env.rank == 0:
+    t0 = time.time()
+    try:
+        d.all_reduce(torch.ones(1), group=group)  # rank 1 never joins
+        print("RESULT completed", flush=True)
+    except RuntimeError:
+        print(f"RESULT failed after {time.time() - t0:.1f} s", flush=True)
+else:
+    time.sleep(25)
+"""
+
+
+def test_groups_made_later_keep_the_timeout(tmp_path) -> None:
+    """A subgroup (DeepSpeed's data-parallel group) fails within dist.timeout too, not torch's 30-minute default."""
+    script = tmp_path / "group_timeout.py"
+    script.write_text(GROUP_TIMEOUT)
+    proc = run_torchrun([str(script)], nproc=2, extra_env={"PYTHONPATH": str(ROOT)})
+    out, _ = proc.communicate(timeout=120)
+    result = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert result and result[0].startswith("RESULT failed"), out[-3000:]
+    assert float(result[0].split()[3]) < 15, result  # 3 s timeout; rank 1 only leaves after 25 s
