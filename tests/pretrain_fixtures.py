@@ -32,6 +32,16 @@ def _report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
 
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars of a run: tag -> [(step, value)], plus "_images": the image tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]} | {
+        "_images": acc.Tags()["images"]}
+
+
 def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
     """(rank, micro-batch index) -> keys; a resumed run's rewrite of an index replaces the old line."""
     seen: dict[tuple[int, int], list[str]] = {}

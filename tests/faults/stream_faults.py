@@ -27,7 +27,7 @@ from runtime.dist import DistEnv
 from tests.conftest import ROOT, run_torchrun
 from tests.faults.harness import Ctx, Outcome, scenario
 from tests.launch_fixtures import ds_ops_vars
-from tests.test_pretrain_train import _keys, _scalars
+from tests.pretrain_fixtures import _keys, _scalars
 
 GLOBAL_BATCH = 32  # debug_cpu
 
