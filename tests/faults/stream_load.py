@@ -25,6 +25,7 @@ SAMPLES_PER_SHARD = 8
 MICRO_BATCH = 32
 WORKERS = 2
 RSS_BOUND_MIB = 48  # allowed RSS growth of a rank with its workers, second window -> end
+FDS_SLACK = 2 * WORKERS + 2  # allowed growth of the median open fds, second window -> end
 
 
 def tiny_shards(folder: Path, shards: int, classes: int = 10) -> Path:
@@ -105,8 +106,11 @@ def check_rank(rows: list[dict]) -> dict:
     base_rss, end_rss = statistics.median(r["rss"] for r in second), statistics.median(r["rss"] for r in last)
     growth = (end_rss - base_rss) / 2**20
     assert growth < RSS_BOUND_MIB, f"RSS grew {growth:.1f} MiB (bound {RSS_BOUND_MIB}) from {base_rss / 2**20:.0f} MiB"
-    base_fds, end_fds = max(r["fds"] for r in second), max(r["fds"] for r in last)
-    assert end_fds <= base_fds + WORKERS, f"open fds grew from {base_fds} to {end_fds}"  # one shard a worker
+    # A sample catches workers between shards (each holds one open at a time), so counts swing by a few (seen
+    # 50-57 in one 20 s run): compare medians. A leak grows with every shard or epoch (>= 20 epochs a run), far
+    # past FDS_SLACK between the second window and the end.
+    base_fds, end_fds = (round(statistics.median(r["fds"] for r in w)) for w in (second, last))
+    assert end_fds <= base_fds + FDS_SLACK, f"open fds grew from {base_fds} to {end_fds} (median of a window)"
     median = statistics.median(r["rate"] for r in rows)
     late = [r["rate"] for r in rows[len(rows) // 2:]]
     assert min(late) >= median / 2, f"throughput fell to {min(late):.0f} samples/s (median {median:.0f})"
