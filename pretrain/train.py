@@ -28,7 +28,7 @@ from pretrain.engine import build_engine
 from pretrain.monitor import Monitor
 from pretrain.steps import micro_step
 from runtime.config import ConfigError, config_hash, save_config, to_dict
-from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed
+from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, shutdown
 from runtime.io import atomic_write_json
 from runtime.logs import get_logger, setup_logging
 from runtime.training import EMA, evaluate
@@ -179,6 +179,9 @@ def train(cfg: PretrainConfig) -> dict:
     result["rank_digests"] = _rank_digests(engine, cfg)
     if env.is_main:
         atomic_write_json(run_dir / "report.json", result)
+    # Tear the groups down now: left to interpreter exit, gloo's threads can be destroyed still joinable
+    # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
+    shutdown()
     return result
 
 
