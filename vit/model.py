@@ -135,6 +135,11 @@ class VisionTransformer(nn.Module):
         """Parameters the optimiser must not decay (besides biases and norm weights, found by shape)."""
         return {"cls_token", "pos_embed"}
 
+    def group_matcher(self) -> dict[str, str]:
+        """Parameter groups by depth, as regexes on parameter names (the optimizer builder derives layer-wise
+        LR decay from them): the embeddings are layer 0, block i is layer i + 1, the rest is the top layer."""
+        return {"embed": r"^(cls_token|pos_embed|patch_embed)", "blocks": r"^blocks\.(\d+)\."}
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, N+1, D) tokens with class token and position embeddings."""
         x = self.patch_embed(images)  # (B, D, H/P, W/P)

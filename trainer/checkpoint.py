@@ -1,0 +1,200 @@
+"""The one checkpoint protocol: everything a resumed run needs, one tag directory per save.
+
+run.dir/checkpoints/
+  global_step{N}/            the backend's own files (DeepSpeed's model + optimizer shards, or the
+                             Accelerate backend's model.safetensors + optimizer.pt)
+    trainer_state.json       step, applied steps, epoch, stream position, evals, world size, backend,
+                             config hash, class names, the model's ViTConfig
+    rng_rank{r}.safetensors  each rank's torch RNG states (dropout, drop-path; mixup is seeded per micro-batch)
+    ema.safetensors          EMA weights, when enabled
+  latest                     tag of the newest COMPLETE checkpoint: written by rank 0 only after every rank
+                             reported a successful write (an all-gather), atomically
+
+Backends read their own files with a full unpickler (DeepSpeed: torch.load(weights_only=False)), which runs
+whatever code a crafted pickle names. So before a checkpoint folder is handed to one, `check_pickles` reads
+the pickle of every *.pt in it WITHOUT running it and refuses any class or function outside torch's
+weights-only set and the few the backend declares. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.serialization import get_unsafe_globals_in_checkpoint
+
+from runtime.config import ConfigError
+from runtime.dist import DistEnv, barrier
+from runtime.io import atomic_path, atomic_write, atomic_write_json
+
+STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+# The pickle globals outside torch's weights-only set that DeepSpeed's own checkpoints contain (seen in real
+# ZeRO 0-3 checkpoints in bf16 and fp32; DynamicLossScaler is what fp16 adds, which DeepSpeed refuses on CPU,
+# taken from its source): plain data classes whose construction runs no user code. Strings, so that checking
+# needs no deepspeed import.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file that could run code when unpickled, or that is not a torch checkpoint at all.
+    (A bad input like a bad config: the CLIs report it on one line with exit code 2.)"""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written on some rank; the previous one is intact and still `latest`."""
+
+
+def check_pickles(folder: str | Path, allowed: Iterable[str] = ()) -> int:
+    """Refuse `folder` unless every *.pt under it is a torch zip checkpoint whose pickle names only safe
+    globals (torch's weights-only set plus `allowed`); returns the number of files checked. Nothing is
+    unpickled: the opcodes are only read (an opcode the reader does not know is refused too)."""
+    files = sorted(Path(folder).rglob("*.pt"))
+    for f in files:
+        if not zipfile.is_zipfile(f):
+            raise UnsafeCheckpointError(f"{f} is not a torch zip checkpoint (a legacy or foreign pickle); refusing "
+                                        "to load it: restore this checkpoint from a trusted copy or delete it")
+        try:
+            bad = sorted(set(get_unsafe_globals_in_checkpoint(f)) - set(allowed))
+        except Exception as e:  # unknown opcode, no data.pkl, torchscript archive, truncated zip...
+            raise UnsafeCheckpointError(f"{f} cannot be checked as a safe checkpoint ({type(e).__name__}: {e}); "
+                                        "refusing to load it: restore it from a trusted copy or delete it") from None
+        if bad:
+            raise UnsafeCheckpointError(f"{f} names {', '.join(bad)} in its pickle, which could run code when "
+                                        "loaded; refusing it: only resume/export checkpoints from a trusted source")
+    return len(files)
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The newest complete checkpoint's tag, or None when there is none."""
+    f = Path(ckpt_dir) / "latest"
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    if not (Path(ckpt_dir) / tag / STATE_FILE).exists():
+        raise ConfigError(f"{f} names {tag!r} but {Path(ckpt_dir) / tag / STATE_FILE} is missing; "
+                          "delete `latest` or point it at a complete checkpoint directory")
+    return tag
+
+
+def read_state(ckpt_dir: str | Path, tag: str) -> dict:
+    """The trainer state saved with checkpoint `tag`."""
+    return json.loads((Path(ckpt_dir) / tag / STATE_FILE).read_text())
+
+
+def save(backend, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, keep: int,
+         ema: dict[str, torch.Tensor] | None = None, fault: Callable[[], None] | None = None) -> str:
+    """Save a checkpoint on every rank; `latest` moves only after all ranks wrote theirs. Returns the tag.
+
+    A write error on any rank (a full disk) fails the save on EVERY rank alike, with CheckpointError: the
+    ranks agree on success before `latest` moves, so none waits in a barrier for a rank that gave up, and the
+    partial tag directory is removed. `fault` (tests only) runs after this rank's writes, before the agreement.
+    """
+    ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
+    error = _write(backend, ckpt_dir, tag, state, env, ema)
+    if error is None and fault is not None:
+        fault()
+    errors = _gather(error)
+    if any(errors):
+        if env.is_main:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        barrier()
+        failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+        hint = "free space there (or lower checkpoint.keep)" if any("ENOSPC" in e for e in errors if e) \
+            else "check that run.dir is writable"
+        raise CheckpointError(f"checkpoint {tag} could not be written ({failed}); its partial directory was removed "
+                              f"and `latest` still names {latest_tag(ckpt_dir)}; {hint} and rerun the same command "
+                              "to resume")
+    if env.is_main:
+        atomic_write(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, keep, tag)
+    barrier()
+    return tag
+
+
+def _write(backend, ckpt_dir: Path, tag: str, state: dict, env: DistEnv,
+           ema: dict[str, torch.Tensor] | None) -> str | None:
+    """Write this rank's part of checkpoint `tag`; a one-line description if a write failed, else None."""
+    tag_dir = ckpt_dir / tag
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        backend.save(ckpt_dir, tag)
+        with atomic_path(tag_dir / f"rng_rank{env.rank}.safetensors") as tmp:
+            save_file(_rng_state(), str(tmp))
+        if env.is_main:
+            if ema is not None:
+                with atomic_path(tag_dir / EMA_FILE) as tmp:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp))
+            atomic_write_json(tag_dir / STATE_FILE, {**state, "world_size": env.world_size, "backend": backend.name})
+    # torch.save reports a full disk as a RuntimeError without errno; safetensors as its own error type
+    except (OSError, RuntimeError, SafetensorError) as err:
+        return _describe(err, ckpt_dir)
+    return None
+
+
+def _describe(err: Exception, ckpt_dir: Path) -> str:
+    """The write error in one line, naming a full disk (ENOSPC) even where torch.save hides the errno."""
+    free = shutil.disk_usage(ckpt_dir).free
+    # A write that filled the disk leaves it (nearly) full until the partial files are removed.
+    full = getattr(err, "errno", None) == errno.ENOSPC or free < 1 << 20
+    text = " ".join(str(err).split())[:300]
+    return f"ENOSPC, no space left on device ({free >> 10} KiB free): {text}" if full else text
+
+
+def _gather(error: str | None) -> list[str | None]:
+    """Every rank's write error (None = wrote fine), on every rank."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return [error]
+    errors: list[str | None] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(errors, error)
+    return errors
+
+
+def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:
+    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir() and p.name[11:].isdigit()),
+                  key=lambda p: int(p.name.removeprefix("global_step")))
+    for old in tags[: max(0, len(tags) - keep)]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def load_rng(ckpt_dir: str | Path, tag: str, rank: int) -> bool:
+    """Restore this rank's RNG states from checkpoint `tag`; False when the checkpoint has none for it."""
+    f = Path(ckpt_dir) / tag / f"rng_rank{rank}.safetensors"
+    if not f.exists():
+        return False
+    rng = load_file(str(f))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return True
+
+
+def load_ema(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor] | None:
+    f = Path(ckpt_dir) / tag / EMA_FILE
+    return load_file(str(f)) if f.exists() else None

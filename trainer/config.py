@@ -1,0 +1,151 @@
+"""The config sections both stages share, defined once; each stage extends `TrainerConfig` with its own.
+
+A stage's config is a dataclass that inherits these sections and adds its model, backend and loading
+sections (`pretrain/config.py`, `finetune/config.py`). `validate_common` checks what every stage needs;
+`total_steps` is the one run-length rule. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_prep.stream_config import DataCfg
+
+__all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "LogCfg", "CheckpointCfg", "DistCfg", "DebugCfg",
+           "ModelCfg", "TrainerConfig", "validate_common", "total_steps"]
+
+
+@dataclass
+class RunCfg:
+    dir: str = ""  # run dir: config.yaml, checkpoints/, tb/, log.txt, report.json, weight files
+    seed: int = 0  # seeds the initial weights, the data order and the augmentations (mixup included)
+    resume: bool = True  # continue from run.dir/checkpoints/latest when it exists
+
+
+@dataclass
+class ModelCfg:
+    variant: str = ""  # B/16, L/16, H/14, ..., debug
+    image_size: int | tuple[int, int] = 0  # training resolution in pixels; (h, w) allowed
+    dropout: float = 0.0  # dropout after attention/MLP projections and on the embeddings
+    drop_path: float = 0.0  # stochastic-depth rate of the last block (linear from 0 over depth)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
+    compile: bool = False  # torch.compile the model after the backend wrapped it (GPU)
+
+
+@dataclass
+class OptimCfg:
+    name: Literal["adamw", "sgd"] = "adamw"  # AdamW (pre-training, MAE-style fine-tuning) or SGD with momentum
+    lr: float = 1e-3  # peak learning rate, reached after warm-up
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    weight_decay: float = 0.03  # decoupled weight decay; not applied to biases, norms, pos-embed, cls token
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw betas
+    eps: float = 1e-8  # adamw epsilon
+    momentum: float = 0.9  # sgd momentum
+    layer_decay: float = 1.0  # layer-wise LR decay: layer l of L trains at lr * decay^(L + 1 - l); 1 = off
+    clip: float = 1.0  # global gradient-norm clip (0 = off)
+    warmup_steps: int = 10_000  # linear warm-up from ~0 to lr, in applied optimizer steps
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up, to min_lr
+
+
+@dataclass
+class TrainCfg:
+    steps: int | None = None  # duration: exactly one of steps, epochs, samples
+    epochs: float | None = None  # duration in passes over the train split (fractions allowed)
+    samples: int | None = None  # duration in images seen
+    global_batch: int = 0  # images per optimizer step over all ranks = micro_batch x accumulation x world size
+    micro_batch: int = 0  # images per rank per forward/backward
+    loss: Literal["softmax", "sigmoid"] = "softmax"  # softmax cross-entropy, or per-class sigmoid (BCE)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off (with mixup: one of the two per batch)
+    ema_decay: float = 0.0  # EMA (Polyak) of the weights, evaluated and exported when on; 0 = off
+    max_bad_steps: int = 10  # stop after this many consecutive non-finite (skipped) steps
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0  # optimizer steps between evaluations; 0 = at every epoch end (always at the end too)
+    micro_batch: int | None = None  # None: train.micro_batch
+
+
+@dataclass
+class LogCfg:
+    every: int = 50  # optimizer steps between reading the loss on the host
+    peak_tflops: float | None = None  # per device, for MFU; None: from the device name
+
+
+@dataclass
+class CheckpointCfg:
+    every: int = 0  # optimizer steps between checkpoints; 0 = at every epoch end (always at the end too)
+    keep: int = 2  # newest checkpoints kept
+    signal_check_every: int = 10  # steps between the ranks agreeing on a SIGTERM/SIGUSR1 (preemption)
+
+
+@dataclass
+class DistCfg:
+    timeout: float = 600.0  # seconds a collective may wait for a lost peer
+
+
+@dataclass
+class DebugCfg:
+    """For tests and debugging: fault injection and a record of the sample keys each rank trained on."""
+
+    kill_at_step: int | None = None  # rank `kill_rank` SIGKILLs itself right after this optimizer step
+    kill_rank: int = 0  # the rank that kill_at_step kills
+    record_keys: bool = False  # append "micro-batch index<TAB>key" lines to run.dir/keys/rank{r}.txt
+    kill_in_save: bool = False  # kill_at_step's kill comes in that step's save: files written, `latest` not moved
+    nan_at_steps: list[int] = field(default_factory=list)  # rank kill_rank's inputs of these steps become NaN
+
+
+@dataclass
+class TrainerConfig:
+    """The sections every stage has; a stage subclasses it and adds `model`, `precision` and its backend's."""
+
+    run: RunCfg = field(default_factory=RunCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    debug: DebugCfg = field(default_factory=DebugCfg)
+
+
+def validate_common(cfg: TrainerConfig) -> list[str]:
+    """The problems (one line each, with the fix) in the sections every stage shares."""
+    problems = [f"{k} is required (set it in the recipe or as {k}=...)" for k, v in {
+        "data.path": cfg.data.path, "run.dir": cfg.run.dir, "train.global_batch": cfg.train.global_batch,
+        "train.micro_batch": cfg.train.micro_batch}.items() if not v]
+    durations = [k for k in ("steps", "epochs", "samples") if getattr(cfg.train, k) is not None]
+    if len(durations) != 1:
+        problems.append(f"give exactly one of train.steps, train.epochs, train.samples (got {durations or 'none'})")
+    for key, value in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay),
+                       ("optim.warmup_steps", cfg.optim.warmup_steps), ("optim.clip", cfg.optim.clip),
+                       ("train.mixup", cfg.train.mixup), ("train.cutmix", cfg.train.cutmix)):
+        if value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        problems.append(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    if not 0 <= cfg.train.label_smoothing < 1:
+        problems.append(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        problems.append(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.train.max_bad_steps < 1:
+        problems.append(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
+    for key, value in (("log.every", cfg.log.every), ("checkpoint.keep", cfg.checkpoint.keep)):
+        if value < 1:
+            problems.append(f"{key} must be >= 1, got {value}")
+    return problems
+
+
+def total_steps(train: TrainCfg, steps_per_epoch: int) -> int:
+    """The run's length in optimizer steps (the one rule both stages use): train.steps as given, else the
+    epochs or samples rounded up to whole steps, so that a run never stops short of what was asked."""
+    if train.steps is not None:
+        return train.steps
+    if train.epochs is not None:
+        return math.ceil(train.epochs * steps_per_epoch)
+    return math.ceil(train.samples / train.global_batch)

@@ -1,0 +1,120 @@
+"""The one eval: exact top-1/top-5 over a split, in training and for any weight file (`eval` of both stages).
+
+A weight file carries the settings its run evaluated with (image size, crop_pct, interpolation, mean/std and
+the precision: weights cast to bf16 under DeepSpeed, bf16 autocast under Accelerate), so `eval` of a run's
+exported or best weights repeats the run's own eval and reports its top-1 exactly. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+
+from data_prep.stream import DataCfg, build_loader, normalize
+from runtime.config import ConfigError, parse_override
+from runtime.dist import detect, init_distributed
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return t
+    nccl = torch_dist.get_backend() == "nccl"
+    on = t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t.cpu()
+    torch_dist.all_reduce(on)
+    return on.to(t.device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, input_dtype: torch.dtype = torch.float32,
+             context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             mean_std: tuple | None = None) -> dict:
+    """Exact top-1/top-5 and mean loss over an eval loader, summed over all ranks (every rank must call it).
+
+    Labels of -1 (the stream's padding that keeps ranks in step) are not counted; the forward still runs,
+    since under ZeRO-3 a forward is a collective. `context()` wraps each forward (autocast).
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, top-1 hits, top-5 hits, loss sum
+    norm = dict(zip(("mean", "std"), mean_std, strict=True)) if mean_std else {}
+    for images, labels in loader:
+        x = normalize(images, dtype=torch.float32, device=device, **norm).to(input_dtype)  # (B, 3, H, W)
+        y = labels.to(device)  # (B,)
+        with context():
+            logits = model(x).float()  # (B, K)
+        valid = y >= 0
+        logits, y = logits[valid], y[valid]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # (b, 5)
+        loss = F.cross_entropy(logits, y, reduction="sum") if len(y) else logits.sum()
+        sums += torch.stack([torch.tensor(float(len(y)), device=device, dtype=torch.float64),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), loss.double()])
+    sums = _all_reduce(sums)
+    model.train(was_training)
+    n = int(sums[0].item())
+    if n == 0:
+        raise RuntimeError("the eval split yielded no labelled sample; check the split name and the shards")
+    return {"samples": n, "top1": sums[1].item() / n, "top5": sums[2].item() / n, "loss": sums[3].item() / n}
+
+
+# `eval` options: the data section's keys, plus these; anything unset comes from the weight file.
+EVAL_KEYS = {"data.split": "val", "model.image_size": None, "model.pos_interp": "bicubic", "eval.micro_batch": 64,
+             "eval.precision": None, "data.crop_pct": None}
+
+
+def eval_options(overrides: list[str]) -> tuple[DataCfg, dict]:
+    """(data section, other options) from `key=value` overrides; unknown keys are a ConfigError."""
+    data, opts = {}, dict(EVAL_KEYS)
+    data_fields = {f.name for f in dataclasses.fields(DataCfg)}
+    for text in overrides:
+        keys, value = parse_override(text)
+        key = ".".join(keys)
+        if key in opts:
+            opts[key] = value
+        elif len(keys) == 2 and keys[0] == "data" and keys[1] in data_fields:
+            data[keys[1]] = value
+        else:
+            raise ConfigError(f"unknown eval option {key!r} (valid: data.<key> of the data section, "
+                              f"{', '.join(k for k in EVAL_KEYS if not k.startswith('data.'))})")
+    if not data.get("path"):
+        raise ConfigError("data.path is required: eval WEIGHTS data.path=shards/dataset.json")
+    if not Path(data["path"]).exists() and "://" not in data["path"] and "{" not in data["path"]:
+        raise ConfigError(f"data.path {data['path']} does not exist; pass a dataset.json written by data_prep")
+    data.setdefault("workers", 4)
+    from runtime.config import from_dict
+
+    return from_dict(DataCfg, data, "data"), opts
+
+
+def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
+    """`eval WEIGHTS data.path=... [key=value ...]`: top-1/top-5 of a weight file (or a run dir's latest
+    checkpoint) on a split, with the file's eval settings unless overridden; one process or torchrun."""
+    from trainer.export import load_eval_model
+
+    data, o = eval_options(overrides)
+    model, settings = load_eval_model(path, o["model.image_size"], o["model.pos_interp"])
+    precision = o["eval.precision"] or settings.precision
+    data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
+    env = init_distributed(detect())
+    dev = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    amp = precision.startswith("amp_")
+    dtype = DTYPES[precision.removeprefix("amp_")]
+    model.to(dev, dtype=torch.float32 if amp else dtype)
+    loader = build_loader(data, o["data.split"], train=False, dist_env=env, image_size=model.cfg.image_hw,
+                          micro_batch=o["eval.micro_batch"], seed=0, device=dev)
+    try:
+        context = (lambda: torch.autocast(dev.type, dtype=dtype)) if amp else contextlib.nullcontext
+        m = evaluate(model, loader, dev, torch.float32 if amp else dtype, context, (settings.mean, settings.std))
+    finally:
+        loader.close()
+    m.update(weights=str(path), image_size=list(model.cfg.image_hw), split=o["data.split"], precision=precision,
+             crop_pct=data.crop_pct)
+    return m

@@ -1,0 +1,91 @@
+"""Export: the core's checkpoint -> one weight file, in-process, for both stages (see docs/architecture.md).
+
+A checkpoint's trainer_state.json names the backend that wrote it and holds the model's ViTConfig, class
+names and eval settings, so nothing but the checkpoint folder is needed. The backend's `consolidate` reads
+its own files (DeepSpeed's are checked by `check_pickles` before it unpickles them); what is written is
+safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.config import ConfigError
+from trainer import checkpoint as ckpt
+from vit import VisionTransformer, ViTConfig
+from vit.weights import EvalSettings, adapt_pos_embed, load_weights, save_weights, to_timm
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = {"deepspeed": "trainer.backend_deepspeed", "accelerate": "trainer.backend_accelerate"}
+
+
+def _checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str, dict]:
+    ckpt_dir = run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise ConfigError(f"run dir {run_dir} does not exist; pass a training run's run.dir")
+    tag = tag or ckpt.latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
+        raise ConfigError(f"{ckpt_dir} holds no complete checkpoint{f' {tag}' if tag else ''} (no `latest`); "
+                          "train first, or pass a weight file")
+    return ckpt_dir, tag, ckpt.read_state(ckpt_dir, tag)
+
+
+def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False
+                ) -> tuple[dict[str, torch.Tensor], ViTConfig, dict]:
+    """(fp32 state dict, ViTConfig, trainer state) of checkpoint `tag` (default: latest) of a run dir."""
+    ckpt_dir, tag, state = _checkpoint(Path(run_dir), tag)
+    vcfg = ViTConfig.from_json(state["vit_config"])
+    if ema:
+        sd = ckpt.load_ema(ckpt_dir, tag)
+        if sd is None:
+            raise ConfigError(f"checkpoint {tag} has no EMA weights (train.ema_decay was 0); export without --ema")
+    else:
+        sd = importlib.import_module(BACKENDS[state["backend"]]).consolidate(ckpt_dir, tag)
+    return {k: v.float() for k, v in sd.items()}, vcfg, state
+
+
+def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None, ema: bool = False,
+           dtype: str = "fp32", timm: bool = False) -> Path:
+    """Write `model.safetensors` from a run dir's checkpoint; `timm=True` writes timm key names."""
+    sd, vcfg, state = consolidate(run_dir, tag, ema)
+    VisionTransformer(vcfg).load_state_dict(sd, strict=True)  # the contract: every key, right shapes
+    sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
+    out = Path(out) if out else Path(run_dir) / "export" / "model.safetensors"
+    settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
+    if timm:
+        sd = to_timm(sd)
+    save_weights(out, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
+    return out
+
+
+def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") -> tuple[VisionTransformer,
+                                                                                       EvalSettings]:
+    """The model with its own head from a weight file or a run dir (its latest checkpoint), at `image_size`
+    (position embeddings resampled when it differs), with the eval settings it was saved with."""
+    path = Path(path)
+    if path.is_dir():
+        sd, src, state = consolidate(path, ema=bool(state_ema(path)))
+        settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
+    elif path.is_file():
+        sd, meta = load_weights(path)
+        src, settings = meta["config"], meta["eval"]
+    else:
+        raise ConfigError(f"no weight file or run dir at {path}")
+    if src.num_classes <= 0 or "head.weight" not in sd:
+        raise ConfigError(f"{path} has no classification head to evaluate")
+    dst = src.replace(image_size=image_size) if image_size else src
+    model = VisionTransformer(dst)
+    model.load_state_dict(adapt_pos_embed(sd, src, dst, mode=mode), strict=True)
+    if image_size:
+        settings = settings.replace(image_size=dst.image_hw)
+    return model, settings
+
+
+def state_ema(run_dir: Path) -> bool:
+    """Whether a run dir's latest checkpoint evaluated EMA weights (what its reported top-1 measured)."""
+    _, _, state = _checkpoint(run_dir, None)
+    return bool(state.get("evaluated_ema"))

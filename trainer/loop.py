@@ -1,0 +1,275 @@
+"""The one step loop both stages run (see docs/architecture.md).
+
+Per micro-batch: uint8 images from the stream are normalised on the device, (seeded mixup/cutmix), forward,
+fp32 loss, backward; at the accumulation boundary the backend clips and steps, or skips the step when the
+gradient is not finite. The LR is set before every step from the number of APPLIED steps, so a skipped step
+does not advance the schedule. After each step: EMA, log, eval, checkpoint and preemption, when due.
+The loss stays on the device and is read every `log.every` steps, so the host never waits in between.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from data_prep.stream import mixup_cutmix, normalize
+from runtime.config import config_hash
+from runtime.dist import DistEnv
+from runtime.logs import get_logger
+from trainer import checkpoint as ckpt
+from trainer.config import TrainerConfig
+from trainer.evaluate import evaluate
+from trainer.loss import classification_loss
+from trainer.monitor import Monitor
+from trainer.optim import EMA, lr_at
+from trainer.preempt import LAUNCHER_PID, Preemption
+from vit import ViTConfig
+from vit.weights import EvalSettings, save_weights
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss or gradient."""
+
+
+@dataclass
+class RunState:
+    """Everything of the loop a checkpoint restores (besides backend, RNG, EMA and stream files)."""
+
+    step: int = 0  # optimizer steps taken (applied or skipped): the data position
+    applied: int = 0  # optimizer steps applied: the LR schedule's clock
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    evals: list = field(default_factory=list)
+    best_top1: float = -1.0
+
+
+class Loop:
+    """One run's step loop over a backend, a train stream and an optional eval stream."""
+
+    def __init__(self, cfg: TrainerConfig, env: DistEnv, backend, loader, val_loader, vcfg: ViTConfig,
+                 names: list[str], total: int, run_dir: Path):
+        self.cfg, self.env, self.backend, self.loader, self.val_loader = cfg, env, backend, loader, val_loader
+        self.vcfg, self.names, self.total, self.run_dir = vcfg, names, total, run_dir
+        self.log = get_logger()
+        self.state = RunState()
+        self.ema = EMA(backend.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.monitor = Monitor(cfg, env, vcfg, run_dir, total)
+        launched = env.launcher in ("torchrun", "deepspeed")
+        self.preempt = Preemption(LAUNCHER_PID if launched else None)
+        self.bad, self.keys, self.micro = 0, [], 0
+        self.settings = EvalSettings(image_size=vcfg.image_hw, crop_pct=cfg.data.crop_pct,
+                                     precision=backend.eval_precision())
+        self.keys_file = None
+        if cfg.debug.record_keys:
+            (run_dir / "keys").mkdir(parents=True, exist_ok=True)
+            self.keys_file = open(run_dir / "keys" / f"rank{env.rank}.txt", "a", buffering=1)  # noqa: SIM115
+
+    # ---- checkpoint state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        s = self.state
+        return {"step": s.step, "applied": s.applied, "skipped": s.skipped, "evals": s.evals,
+                "best_top1": s.best_top1, "epoch": self.loader.epoch, "stream": self.loader.state_dict(),
+                "ema_updates": self.ema.updates if self.ema is not None else 0, "config_hash": config_hash(self.cfg),
+                "class_names": self.names, "vit_config": self.vcfg.to_json(),
+                "eval_settings": self.settings.to_dict(), "evaluated_ema": self.ema is not None}
+
+    def resume(self, ckpt_dir: Path, tag: str, saved: dict, universal: bool) -> None:
+        """Restore the whole state of checkpoint `tag` (the backend's files, stream, RNG, EMA, counters)."""
+        if saved.get("config_hash") != config_hash(self.cfg):
+            self.log.warning(f"resuming {tag} with a changed config (hash {saved.get('config_hash')} -> "
+                             f"{config_hash(self.cfg)})")
+        self.backend.load(ckpt_dir, tag, universal)
+        self.loader.load_state_dict(saved["stream"], strict=not universal)
+        if universal:
+            self.log.warning(f"world size changed {saved['world_size']} -> {self.env.world_size}: resumed {tag}; "
+                             "the data order continues at the nearest position (not sample-exact)")
+        else:
+            ckpt.load_rng(ckpt_dir, tag, self.env.rank)
+        if self.ema is not None and (shadow := ckpt.load_ema(ckpt_dir, tag)) is not None:
+            self.ema.load_state_dict(shadow, updates=saved["ema_updates"])
+        self.state = RunState(step=saved["step"], applied=saved["applied"], skipped=saved["skipped"],
+                              evals=saved["evals"], best_top1=saved["best_top1"])
+        self.micro = self.state.step * self.backend.accumulation
+        self.log.info(f"resumed from {tag} (step {saved['step']}, {saved['skipped']} skipped)")
+
+    def save(self) -> None:
+        step = self.state.step
+        shadow = {k: v.cpu() for k, v in self.ema.shadow.items()} if self.ema is not None else None
+        fault = (lambda: os.kill(os.getpid(), signal.SIGKILL)) if self._kill_now(step, in_save=True) else None
+        ckpt.save(self.backend, self.run_dir / "checkpoints", step, self.state_dict(), self.env,
+                  self.cfg.checkpoint.keep, ema=shadow, fault=fault)
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to the end; returns the report (also written to run.dir/report.json by rank 0)."""
+        meter, s = self.monitor.meter, self.state
+        try:
+            while s.step < self.total:
+                meter.start_wait()
+                for images, labels, keys in self.loader:
+                    meter.end_wait()
+                    self.micro_step(images, labels, keys)
+                    if self.micro % self.backend.accumulation == 0:
+                        meter.end_step(self.cfg.train.global_batch)
+                        self.after_step()
+                        self.keys = []
+                        if s.step >= self.total:
+                            break
+                    meter.start_wait()
+        finally:
+            if self.keys_file is not None:
+                self.keys_file.close()
+        return self.report()
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> None:
+        cfg, t, s = self.cfg, self.cfg.train, self.state
+        self.monitor.first_batch(images, s.step)
+        self.keys += keys
+        if self.keys_file is not None:  # "micro-batch index <tab> key"; a resumed run rewrites its indices
+            self.keys_file.write("".join(f"{self.micro}\t{k}\n" for k in keys))
+        x = normalize(images, dtype=self.backend.input_dtype, device=self.backend.device)  # (B, 3, H, W)
+        y = labels.to(self.backend.device, non_blocking=True)  # (B,)
+        if s.step + 1 in cfg.debug.nan_at_steps and self.env.rank == cfg.debug.kill_rank:
+            x = x.fill_(float("nan"))  # fault injection: a batch that makes the loss and gradients NaN
+        if t.mixup or t.cutmix:  # seeded per rank and micro-batch, so a resumed run draws the same mixes
+            rng = np.random.default_rng((cfg.run.seed, self.env.rank, self.micro))
+            x, y = mixup_cutmix(x, y, len(self.names), mixup_alpha=t.mixup, cutmix_alpha=t.cutmix,
+                                label_smoothing=t.label_smoothing, rng=rng)
+        boundary = (self.micro + 1) % self.backend.accumulation == 0
+        if boundary:
+            self.backend.set_lr(lr_at(s.applied, self.total, cfg.optim))
+        self.micro += 1
+        loss = self.backend.micro_step(x, y, self._loss, boundary)
+        self.monitor.add_loss(loss)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return classification_loss(logits, targets, self.cfg.train.loss, self.cfg.train.label_smoothing)
+
+    def after_step(self) -> None:
+        """Everything done at an optimizer-step boundary: checks, EMA, logs, eval, checkpoints, preemption."""
+        cfg, s = self.cfg, self.state
+        lr = lr_at(s.applied, self.total, cfg.optim)
+        s.step += 1
+        last, epoch_end = s.step == self.total, self.loader.position == 0
+        if self._kill_now(s.step, in_save=False):
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._count_applied()
+        if self.ema is not None:
+            self.ema.update(self.backend.module)
+        if s.step % cfg.log.every == 0 or last:
+            self.monitor.log_train(self.backend, s.step, lr, s.skipped, self.loader.stats)
+        if self.val_loader is not None and (_due(s.step, cfg.eval.every, epoch_end) or last):
+            self.run_eval()
+        saved = _due(s.step, cfg.checkpoint.every, epoch_end) or last
+        if saved:
+            self.save()
+        if _due(s.step, cfg.checkpoint.signal_check_every, False) and self.preempt.agreed(self.backend.device):
+            if not saved:
+                self.save()
+            self.log.warning(f"preempted ({self.preempt.signum.name}): checkpoint saved at step {s.step}; rerun the "
+                             "same command to resume")
+            raise SystemExit(self.preempt.exit_code)
+
+    def _count_applied(self) -> None:
+        s, limit = self.state, self.cfg.train.max_bad_steps
+        if self.backend.step_applied():
+            s.applied, self.bad = s.applied + 1, 0
+            return
+        s.skipped, self.bad = s.skipped + 1, self.bad + 1
+        batch = f"its batch on rank {self.env.rank}: {', '.join(self.keys[:8])} ..."
+        if self.bad >= limit:
+            raise NonFiniteLoss(f"{self.bad} consecutive steps up to step {s.step} had a non-finite loss or gradient "
+                                f"({batch}); lower optim.lr, raise optim.warmup_steps, or check the data")
+        self.log.warning(f"step {s.step} skipped: non-finite loss or gradient ({self.bad} in a row, the limit is "
+                         f"train.max_bad_steps={limit}); {batch}")
+
+    # ---- eval and weights ---------------------------------------------------------------------------------
+    def _evaluate(self) -> dict:
+        b = self.backend
+        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context)
+
+    def run_eval(self) -> None:
+        """Evaluate the kept weights (the EMA when enabled, the raw weights' top-1 beside it); keep
+        last.safetensors and, when top-1 improves, best.safetensors."""
+        s = self.state
+        m = self._evaluate()
+        if self.ema is not None:
+            with swapped(self.backend.module, self.ema.state_dict()):
+                m = {**self._evaluate(), "raw_top1": m["top1"]}
+        m.update(step=s.step, epoch=self.loader.epoch)
+        s.evals.append(m)
+        self.monitor.log_eval(m, s.step)
+        weights = self.kept_weights()
+        if weights is not None and self.env.is_main:
+            save_weights(self.run_dir / "last.safetensors", weights, self.vcfg, self.names, s.step,
+                         eval_settings=self.settings)
+            if m["top1"] > s.best_top1:
+                save_weights(self.run_dir / "best.safetensors", weights, self.vcfg, self.names, s.step,
+                             eval_settings=self.settings)
+        s.best_top1 = max(s.best_top1, m["top1"])
+
+    def kept_weights(self) -> dict[str, torch.Tensor] | None:
+        """fp32 CPU copies of the weights evaluated and kept (EMA when enabled); None under ZeRO-3."""
+        sd = self.ema.state_dict() if self.ema is not None else self.backend.full_weights()
+        if sd is None:
+            return None
+        # the evaluated precision: a bf16 backend evaluates bf16-rounded weights, so keep those exactly
+        dtype = next(self.backend.module.parameters()).dtype
+        return {k: v.detach().to(dtype).float().cpu() for k, v in sd.items()}
+
+    def report(self) -> dict:
+        s = self.state
+        evals = s.evals
+        return {"steps": s.step, "total_steps": self.total, "applied_steps": s.applied, "skipped_steps": s.skipped,
+                "epochs": self.loader.epoch, "world_size": self.env.world_size, "backend": self.backend.name,
+                "image_size": list(self.vcfg.image_hw), "grid": list(self.vcfg.grid),
+                "weights": "ema" if self.ema is not None else "model",
+                "best": max(evals, key=lambda m: m["top1"]) if evals else None,
+                "last": evals[-1] if evals else None, "evals": evals, "rank_digests": self.rank_digests()}
+
+    def rank_digests(self) -> list[str] | None:
+        """Every rank's hash of its full weights (equal when the ranks are in sync); None under ZeRO-3."""
+        sd = self.backend.full_weights()
+        if sd is None:
+            return None
+        h = hashlib.sha256()
+        for name, p in sorted(sd.items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        if not torch_dist.is_initialized():
+            return [h.hexdigest()[:16]]
+        digests = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(digests, h.hexdigest()[:16])
+        return digests
+
+    def _kill_now(self, step: int, in_save: bool) -> bool:
+        """Fault injection (debug.kill_*): is this rank to SIGKILL itself at this step (in its save)?"""
+        d = self.cfg.debug
+        return d.kill_at_step == step and d.kill_rank == self.env.rank and d.kill_in_save == in_save
+
+
+class swapped:
+    """Context: `module` holds the weights `sd` inside, its own again after (EMA evaluation)."""
+
+    def __init__(self, module: nn.Module, sd: dict[str, torch.Tensor]):
+        self.module, self.sd = module, sd
+
+    def __enter__(self) -> None:
+        own = self.module.state_dict()
+        self.backup = {k: v.detach().clone() for k, v in own.items()}
+        self.module.load_state_dict({k: v.to(own[k].dtype) for k, v in self.sd.items()})
+
+    def __exit__(self, *exc) -> None:
+        self.module.load_state_dict(self.backup)
+
+
+def _due(step: int, every: int, epoch_end: bool) -> bool:
+    """Every N steps, or (N = 0) at every epoch end."""
+    return step % every == 0 if every else epoch_end

@@ -1,0 +1,115 @@
+"""The one console + TensorBoard logger of both stages (rank 0 writes; every rank measures).
+
+The loss is summed on the device and read only at log steps, so logging costs one host sync per `log.every`
+steps. Both stages log the same tags: train/*, perf/*, eval/*, data/skipped_*, the first batch as an image
+grid and the config as hparams. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torchvision
+
+from runtime.config import to_dict
+from runtime.dist import DistEnv
+from runtime.logs import TBWriter, get_logger
+from runtime.meters import ThroughputMeter, peak_flops
+from vit import ViTConfig, train_flops_per_image
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def format_eta(seconds: float) -> str:
+    """'3h12m', '7m05s' or '42s'."""
+    s = int(max(0.0, seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Monitor:
+    """Meters + console + TensorBoard for one training run."""
+
+    def __init__(self, cfg, env: DistEnv, vcfg: ViTConfig, run_dir: Path, total_steps: int):
+        self.cfg, self.env, self.total_steps = cfg, env, total_steps
+        peak = peak_flops(_device_name(), cfg.log.peak_tflops)
+        self.meter = ThroughputMeter(train_flops_per_image(vcfg), env.world_size, peak)
+        self.tb = TBWriter(run_dir / "tb", enabled=env.is_main)
+        self.log = get_logger()
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._grid_done = False
+        self._t_start = time.perf_counter()
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Accumulate a micro-batch loss on the device (no host sync)."""
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_count += 1
+
+    def first_batch(self, images: torch.Tensor, step: int) -> None:
+        """Log a grid of the first training batch once (what the model really sees, after augmentation)."""
+        if not self._grid_done:
+            self._grid_done = True
+            grid = torchvision.utils.make_grid(images[:32].cpu(), nrow=8)  # uint8 (3, H', W')
+            self.tb.image("train/batch", grid, step)
+
+    def _global_loss(self, device: torch.device) -> float:
+        """The mean micro-batch loss since the last log, over all ranks (the one host sync)."""
+        if self._loss_sum is None:
+            return float("nan")
+        t = torch.stack([self._loss_sum.detach().float().reshape(()),
+                         torch.tensor(float(self._loss_count), device=self._loss_sum.device)]).to(device)
+        if torch_dist.is_initialized():
+            torch_dist.all_reduce(t)
+        self._loss_sum, self._loss_count = None, 0
+        return (t[0] / t[1].clamp(min=1)).item()
+
+    @staticmethod
+    def data_faults(stream_stats: dict, device: torch.device) -> dict[str, int]:
+        """Every rank's stream fault counts since the start, summed over ranks (a collective: call on all ranks)."""
+        reasons = sorted(stream_stats["by_reason"])
+        # on the backend's device: NCCL reduces only CUDA tensors
+        counts = torch.tensor([stream_stats["by_reason"][r] for r in reasons], dtype=torch.int64, device=device)
+        if torch_dist.is_initialized():
+            torch_dist.all_reduce(counts)
+        return dict(zip(reasons, counts.tolist(), strict=True))
+
+    def log_train(self, backend, step: int, lr: float, skipped_steps: int, stream_stats: dict) -> None:
+        """Log everything for the window since the last call (a collective: call on all ranks)."""
+        loss = self._global_loss(backend.device)
+        s = self.meter.summary()
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        self.tb.scalars({
+            "train/loss": loss, "train/lr": lr, "train/grad_norm": backend.grad_norm(),
+            "train/loss_scale": backend.loss_scale(), "train/skipped_steps": skipped_steps,
+            "perf/img_per_s": s["img_per_s"], "perf/img_per_s_per_gpu": s["img_per_s_per_device"],
+            "perf/mfu": s["mfu"], "perf/data_wait_share": s["data_wait_share"], "perf/step_time": s["step_time"],
+            "perf/gpu_mem_gib": mem,
+        }, step)
+        faults = self.data_faults(stream_stats, backend.device)
+        self.tb.scalars({f"data/skipped_{r}": n for r, n in faults.items()}, step)
+        skipped = ", ".join(f"{r} {n}" for r, n in faults.items() if n)
+        eta = (self.total_steps - step) * (s["step_time"] or 0.0)
+        mfu = f" mfu {s['mfu']:.1%}" if s["mfu"] is not None else ""
+        self.log.info(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} | {s['img_per_s']:.0f} img/s{mfu} "
+                      f"data-wait {s['data_wait_share']:.0%} | eta {format_eta(eta)}"
+                      + (f" | data skipped: {skipped}" if skipped else ""))
+
+    def log_eval(self, metrics: dict, step: int) -> None:
+        self.tb.scalars({f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss", "raw_top1") if k in metrics}, step)
+        self.log.info(f"eval step {step}: top-1 {metrics['top1']:.2%} top-5 {metrics['top5']:.2%} "
+                      f"({metrics['samples']} images)")
+
+    def close(self, report: dict) -> None:
+        flat = {f"{sec}.{k}": v for sec, d in to_dict(self.cfg).items() if isinstance(d, dict) for k, v in d.items()}
+        last = report.get("last") or {}
+        final = {f"eval/{k}": float(last[k]) for k in ("top1", "top5") if k in last}
+        self.tb.hparams(flat, final or {"eval/top1": float("nan")})
+        self.tb.close()
+        self.log.info(f"done: step {report['steps']} in {format_eta(time.perf_counter() - self._t_start)}")

@@ -1,0 +1,138 @@
+"""A training run of any stage: preflight, model, process group, streams, backend, resume, loop, report.
+
+A stage is configuration plus loading: it hands `train` its config and a `Stage` (how to build the plain
+model before any process group exists, and which backend wraps it). Every check that can fail on bad input
+runs first, on every rank alike, before a process group or the run dir is made (the error contract:
+one line, exit 2; see trainer/cli.py and docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_prep.stream import build_loader
+from data_prep.stream_source import resolve_source
+from runtime.config import ConfigError, save_config, to_dict
+from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, shutdown
+from runtime.io import atomic_write_json
+from runtime.logs import setup_logging
+from trainer import checkpoint as ckpt
+from trainer.config import DataCfg, TrainerConfig, total_steps
+from trainer.loop import Loop
+from trainer.optim import param_groups
+from vit import ViTConfig
+
+
+@dataclass
+class Stage:
+    """What a stage adds to the core: its model (built on the CPU from the class names, before any process
+    group: loading errors are bad input) and its backend (a class taking (model, groups, cfg, env, universal))."""
+
+    name: str
+    build: Callable[[list[str]], tuple[nn.Module, ViTConfig]]
+    backend: Callable[..., object]
+    report: dict = field(default_factory=dict)
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:") and "{" not in path
+
+
+def class_names(data: DataCfg) -> list[str]:
+    """Class names from the dataset.json (or its folder), or numbered names from data.num_classes."""
+    p = Path(data.path)
+    p = p / "dataset.json" if p.is_dir() else p
+    if p.suffix == ".json" and p.is_file():
+        classes = json.loads(p.read_text()).get("classes") or []
+        if classes and data.num_classes not in (None, len(classes)):
+            raise ConfigError(f"data.num_classes={data.num_classes} but {p} has {len(classes)} classes; drop "
+                              "data.num_classes")
+        if classes:
+            return list(classes)
+    if data.num_classes is None:
+        raise ConfigError(f"cannot tell the number of classes of {data.path} (not a dataset.json with classes): "
+                          "set data.num_classes")
+    return [str(i) for i in range(data.num_classes)]
+
+
+def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
+    """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
+    anything is written: batch arithmetic, dataset (format, splits, shards) and the checkpoint to resume."""
+    d = cfg.data
+    if is_local(d.path) and not Path(d.path).exists():
+        raise ConfigError(f"data.path {d.path} does not exist; write shards with `python -m data_prep write SRC OUT` "
+                          "and pass OUT/dataset.json")
+    try:
+        accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+        if is_local(d.path):
+            resolve_source(d.path, d.train_split)  # format version, split, shards present
+            if d.val_split:
+                resolve_source(d.path, d.val_split)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):  # a backend would unpickle it: refuse one unsafe now
+        ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)
+
+
+def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):
+    common = dict(dist_env=env, image_size=vcfg.image_hw, seed=cfg.run.seed, device=device)
+    train = build_loader(cfg.data, cfg.data.train_split, train=True, micro_batch=cfg.train.micro_batch,
+                         global_batch=cfg.train.global_batch, with_keys=True, **common)
+    val = None
+    if cfg.data.val_split:
+        val = build_loader(cfg.data, cfg.data.val_split, train=False,
+                           micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch, **common)
+    return train, val
+
+
+def train(cfg: TrainerConfig, stage: Stage) -> dict:
+    """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json)."""
+    env = detect()
+    preflight(cfg, env)
+    names = class_names(cfg.data)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
+    model, vcfg = stage.build(names)
+    env = init_distributed(env, timeout_s=cfg.dist.timeout, single=True)
+    run_dir = Path(cfg.run.dir)
+    log = setup_logging(env, run_dir)
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    loader, val_loader = _loaders(cfg, env, vcfg, device)
+    try:
+        total = total_steps(cfg.train, loader.steps_per_epoch)
+        ckpt_dir = run_dir / "checkpoints"
+        tag = ckpt.latest_tag(ckpt_dir) if cfg.run.resume else None
+        saved = ckpt.read_state(ckpt_dir, tag) if tag else None
+        universal = bool(saved and saved["world_size"] != env.world_size)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        backend = stage.backend(model, groups, cfg, env, universal)
+        loop = Loop(cfg, env, backend, loader, val_loader, vcfg, names, total, run_dir)
+        if tag:
+            loop.resume(ckpt_dir, tag, saved, universal)
+        if env.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+        log.info(f"{stage.name}: ViT {vcfg.width}x{vcfg.depth} @ {vcfg.image_hw}, {len(names)} classes; {total} steps "
+                 f"of {cfg.train.global_batch} ({backend.accumulation} x {cfg.train.micro_batch} x {env.world_size}), "
+                 f"{loader.steps_per_epoch} steps per epoch, {backend.name} {cfg.precision}")
+        report = loop.run()
+        loop.monitor.close(report)
+        report.update(stage=stage.name, **stage.report, config=to_dict(cfg))
+        if env.is_main:
+            atomic_write_json(run_dir / "report.json", report)
+        backend.close()
+    finally:
+        # Stop the loader workers here, on every way out. They ignore SIGTERM (preemption is the trainer's to
+        # handle), so after an error (a peer lost, a collective timed out) they must not outlive the rank.
+        for stream in (loader, val_loader):
+            if stream is not None:
+                stream.close()
+    # Tear the groups down now: left to interpreter exit, gloo's threads can be destroyed still joinable
+    # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
+    shutdown()
+    return report
