@@ -170,8 +170,8 @@ _FROM_TIMM = [
 # timm parts our ViT does not have: (key pattern, what to call it in an error). Refused, never silently
 # dropped. (timm's mean pooling puts a LayerNorm after the pooling, `fc_norm`; ours normalises before it,
 # as big_vision does, and a timm model created with `fc_norm=False` matches.)
+_FC_NORM = r"^fc_norm\."
 _TIMM_PARTS = [
-    (r"^fc_norm\.", "an avg-pool head with fc_norm: not a cls-token ViT"),
     (r"\.ls[12]\.", "layer-scale (blocks.*.ls1/ls2, e.g. DeiT-III or DINOv2)"),
     (r"^reg_token$", "register tokens (reg_token)"),
     (r"\.(q|k)_norm\.", "query/key normalisation (blocks.*.attn.q_norm/k_norm)"),
@@ -179,7 +179,7 @@ _TIMM_PARTS = [
     (r"^norm_pre\.", "a LayerNorm before the blocks (norm_pre, e.g. CLIP)"),
     (r"^dist_token$", "a distillation token (dist_token, distilled DeiT)"),
 ]
-_TIMM_UNSUPPORTED = re.compile("|".join(pat for pat, _ in _TIMM_PARTS))
+_TIMM_UNSUPPORTED = re.compile("|".join([_FC_NORM] + [pat for pat, _ in _TIMM_PARTS]))
 
 
 def _rename(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -235,7 +235,8 @@ _SAVE_ST = "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')
 _TOKEN_VIT = "vitscale fine-tunes cls-token ViTs: use a checkpoint trained with timm global_pool='token'"
 _HF_FIX = ("convert it to timm key names first (vitscale reads vitscale and timm ViT safetensors; "
            "HF conversion is not built yet)")
-_PICKLE_FIX = f"load it yourself only if you trust its source (torch.load(path, weights_only=True)) and {_SAVE_ST}"
+_PICKLE_FIX = ("if you trust its source, convert it: sd = torch.load(path, weights_only=True); "
+               "safetensors.torch.save_file(sd, 'model.safetensors')")
 # transformers' ViT family (ViT, DeiT, BEiT, DINOv2, ViTMAE): `[vit.]embeddings.patch_embeddings.projection.*`.
 # `encoder.layer.N` alone is not enough: BERT-style text models share it.
 _HF_KEY = re.compile(r"(^|\.)embeddings\.patch_embeddings\.")
@@ -264,10 +265,13 @@ def describe_state_dict(keys: Iterable[str], metadata: dict[str, str] | None = N
     if not ({"patch_embed.proj.weight", "patch_embed.weight"} & has and any(k.startswith("blocks.0.") for k in keys)):
         return WeightFormat("not-vit", f"has no ViT keys (saw e.g. {_examples(keys)})",
                             "pass a ViT: patch_embed.proj.weight, pos_embed, cls_token, blocks.N.* (timm names)")
+    if any(re.search(_FC_NORM, k) for k in keys):  # timm puts fc_norm after mean pooling, never with the cls token
+        return WeightFormat("timm-unsupported", "is a timm ViT with an avg-pool head with fc_norm: not a cls-token ViT",
+                            _TOKEN_VIT + " (fc_norm=False)")
     for pat, part in _TIMM_PARTS:
-        if hit := next((k for k in keys if re.search(pat, k)), None):
-            fix = _TOKEN_VIT if hit.startswith("fc_norm.") else "use a plain ViT checkpoint"
-            return WeightFormat("timm-unsupported", f"is a timm ViT with {part}, which vitscale's ViT lacks", fix)
+        if any(re.search(pat, k) for k in keys):
+            return WeightFormat("timm-unsupported", f"is a timm ViT with {part}, which vitscale's ViT lacks",
+                                "use a plain ViT checkpoint (timm vit_* without these options)")
     if "cls_token" not in has or "pos_embed" not in has:
         what = "class token (timm class_token=False)" if "cls_token" not in has else "pos_embed"
         return WeightFormat("timm-unsupported", f"is a ViT without a {what}", _TOKEN_VIT)
