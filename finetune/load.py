@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime.config import ConfigError
@@ -97,9 +97,7 @@ def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[
             meta = f.metadata() or {}
         if "vitscale_config" in meta:  # timm key names written by `pretrain export --timm`: the config came along
             return sd, ViTConfig.from_json(meta["vitscale_config"]), []
-    except ConfigError:
-        raise
-    except (ValueError, KeyError, TypeError, OSError) as e:  # bad metadata JSON, a truncated file, ...
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # bad metadata JSON, a short file, ...
         raise ConfigError(f"{path} {fmt.found} but cannot be read ({' '.join(str(e).split())[:160]}); "
                           "re-export or re-download it") from e
     return sd, _infer_timm_config(sd, heads), []

@@ -215,8 +215,9 @@ class WeightFormat:
     """What a weight file or folder holds, told from header bytes and key names (nothing is unpickled).
 
     `kind` is "vitscale" or "timm-vit" for what loads (then `found`/`fix` are informative only), else one of
-    "missing", "empty", "folder", "hf-folder", "pickle", "npz", "not-safetensors", "hf-vit", "timm-unsupported",
-    "not-vit". `message(path)` is the one-line error for what does not load: what was found, then the fix.
+    "missing", "unreadable", "empty", "folder", "hf-folder", "pickle", "npz", "not-safetensors", "hf-vit",
+    "timm-unsupported", "not-vit". `message(path)` is the one-line error for what does not load: what was
+    found, then the fix. ("run-dir" is added by finetune.load.describe_init.)
     """
 
     kind: str
@@ -231,7 +232,6 @@ class WeightFormat:
         return f"{path} {self.found}" + (f"; {self.fix}" if self.fix else "")
 
 
-_SAVE_ST = "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')"
 _TOKEN_VIT = "vitscale fine-tunes cls-token ViTs: use a checkpoint trained with timm global_pool='token'"
 _HF_FIX = ("convert it to timm key names first (vitscale reads vitscale and timm ViT safetensors; "
            "HF conversion is not built yet)")
@@ -274,7 +274,8 @@ def describe_state_dict(keys: Iterable[str], metadata: dict[str, str] | None = N
                                 "use a plain ViT checkpoint (timm vit_* without these options)")
     if "cls_token" not in has or "pos_embed" not in has:
         what = "class token (timm class_token=False)" if "cls_token" not in has else "pos_embed"
-        return WeightFormat("timm-unsupported", f"is a ViT without a {what}", _TOKEN_VIT)
+        return WeightFormat("timm-unsupported", f"is a ViT without a {what}",
+                            "vitscale fine-tunes ViTs with a class token and learned position embeddings")
     return WeightFormat("timm-vit", "is a ViT state dict in timm key names")
 
 
@@ -294,7 +295,8 @@ def _describe_zip(path: Path) -> WeightFormat:
         what = "a big_vision/AugReg ViT .npz checkpoint (JAX)" if bv else "a NumPy .npz archive"
         return WeightFormat("npz", f"is not a safetensors file but {what}",
                             "not supported yet: convert it with timm (m = timm.create_model(<arch>); "
-                            f"m.load_pretrained(path)) and {_SAVE_ST.replace('model.', 'm.', 1)}")
+                            "m.load_pretrained(path); "
+                            "safetensors.torch.save_file(m.state_dict(), 'model.safetensors'))")
     return WeightFormat("not-safetensors", f"is not a safetensors file but a zip archive (saw {_examples(names)})",
                         "pass a .safetensors file")
 
@@ -325,8 +327,11 @@ def identify_weights(path: str | os.PathLike) -> WeightFormat:
         return WeightFormat("missing", "does not exist", "pass the path of a .safetensors weight file")
     if path.is_dir():
         return _describe_folder(path)
-    with open(path, "rb") as fh:
-        head = fh.read(8)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as e:  # e.g. no read permission
+        return WeightFormat("unreadable", f"cannot be read ({e.strerror})", "check the path and its permissions")
     if not head:
         return WeightFormat("empty", "is empty (0 bytes)", "re-copy or re-export the weight file")
     if head.startswith(b"PK\x03\x04"):
