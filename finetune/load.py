@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime.config import ConfigError
 from vit.config import ViTConfig, variant_names, vit_config
 from vit.model import VisionTransformer
-from vit.weights import FORMAT, adapt_pos_embed, from_timm, load_weights
+from vit.weights import WeightFormat, adapt_pos_embed, from_timm, identify_weights, load_weights
 
 HEAD_KEYS = {"head.weight", "head.bias"}
 DROPPED_PREFIXES = ("head.", "pre_logits.")  # the pre-training head: re-created, never loaded
@@ -48,43 +48,58 @@ def export_run_dir(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def _infer_timm_config(sd: dict[str, torch.Tensor], heads: int | None) -> ViTConfig:
     """A ViTConfig from the shapes of a (renamed) timm ViT state dict; heads come from `heads` or the variant."""
-    if "patch_embed.weight" not in sd or "pos_embed" not in sd or "cls_token" not in sd:
-        raise ValueError("not a ViT state dict with a class token: needs patch_embed.proj.weight, pos_embed and "
-                         "cls_token (timm models built with class_token=False are not supported)")
-    width, in_chans, patch, _ = sd["patch_embed.weight"].shape
+    width, in_chans, patch, _ = sd["patch_embed.weight"].shape  # present: checked by describe_state_dict
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     side = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
     if heads is None:  # attention heads leave no trace in the shapes: take them from the matching paper variant
         match = [v for v in variant_names() if (c := vit_config(v)).width == width and c.depth == depth]
         if not match:
-            raise ValueError(f"timm checkpoint has width {width}, depth {depth}: no known variant; set model.variant "
-                             "so the number of attention heads is known")
+            raise ConfigError(f"timm checkpoint has width {width}, depth {depth}: no known variant; set "
+                              "model.variant so the number of attention heads is known")
         heads = vit_config(match[0]).heads
     rep = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
-    return ViTConfig(image_size=side * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
-                     heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
-                     num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                     representation_size=rep, qkv_bias="blocks.0.attn.qkv.bias" in sd)
+    try:
+        return ViTConfig(image_size=side * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
+                         heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+                         representation_size=rep, qkv_bias="blocks.0.attn.qkv.bias" in sd)
+    except (KeyError, ValueError) as e:  # e.g. no blocks.0.mlp.fc1, or width not divisible by heads
+        raise ConfigError(f"timm ViT state dict does not fit vitscale's ViT ({e}); pass a plain timm ViT "
+                          "or set model.variant to its architecture") from e
+
+
+def describe_init(path: str | os.PathLike) -> WeightFormat:
+    """What an `init=` path holds (vit.weights.identify_weights), plus the one folder fine-tuning accepts."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return WeightFormat("run-dir", "is a pretrain run dir",
+                            f"export it first (python -m pretrain export {path} --out model.safetensors) and pass "
+                            "the file, or give the run dir to `finetune train`, which exports it")
+    return identify_weights(path)
 
 
 def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, ViTConfig, list[str]]:
-    """(state dict in vitscale key names, its ViTConfig, class names) of a vitscale or timm safetensors file."""
+    """(state dict in vitscale key names, its ViTConfig, class names) of a vitscale or timm safetensors file.
+
+    Anything else is one ConfigError naming what the file is and how to make it loadable; nothing is
+    unpickled (pickled checkpoints are refused from their header bytes).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no weight file at {path}: pass a .safetensors file or a pretrain run dir")
+    fmt = describe_init(path)
+    if not fmt.loadable:
+        raise ConfigError(fmt.message(path))
     try:
+        if fmt.kind == "vitscale":
+            sd, meta = load_weights(path)
+            return sd, meta["config"], meta["class_names"]
         with safe_open(str(path), framework="pt") as f:
+            sd = from_timm({k: f.get_tensor(k) for k in f.keys()})
             meta = f.metadata() or {}
-    except Exception as e:  # not safetensors at all (e.g. a pickled .pth): refuse, never unpickle
-        raise ConfigError(f"{path} is not a safetensors file ({e}); convert it to safetensors first "
-                         "(safetensors.torch.save_file(state_dict, ...))") from e
-    if meta.get("format") == FORMAT:
-        sd, meta = load_weights(path)
-        return sd, meta["config"], meta["class_names"]
-    with safe_open(str(path), framework="pt") as f:
-        sd = from_timm({k: f.get_tensor(k) for k in f.keys()})
-    if "vitscale_config" in meta:  # timm key names written by `pretrain export --timm`: the config came along
-        return sd, ViTConfig.from_json(meta["vitscale_config"]), []
+        if "vitscale_config" in meta:  # timm key names written by `pretrain export --timm`: the config came along
+            return sd, ViTConfig.from_json(meta["vitscale_config"]), []
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # bad metadata JSON, a short file, ...
+        raise ConfigError(f"{path} {fmt.found} but cannot be read ({' '.join(str(e).split())[:160]}); "
+                          "re-export or re-download it") from e
     return sd, _infer_timm_config(sd, heads), []
 
 

@@ -2,13 +2,12 @@
 
 from vit.config import ViTConfig, variant_names, vit_config
 from vit.flops import inference_flops_per_image, train_flops_per_image
-from vit.model import VisionTransformer, build_vit
+from vit.model import VisionTransformer
 from vit.pos_embed import resample_pos_embed
 
 __all__ = [
     "ViTConfig",
     "VisionTransformer",
-    "build_vit",
     "inference_flops_per_image",
     "resample_pos_embed",
     "train_flops_per_image",

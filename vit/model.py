@@ -172,7 +172,3 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
 
-
-def build_vit(cfg: ViTConfig) -> VisionTransformer:
-    """Build a randomly initialised model from a config."""
-    return VisionTransformer(cfg)

@@ -1,14 +1,20 @@
-"""Weight files: `model.safetensors` with the config in its metadata, and timm key conversion.
+"""Weight files: `model.safetensors` with the config in its metadata, timm key conversion, format detection.
 
-Metadata (DESIGN contract 3): format=vitscale-vit/1, config (ViTConfig JSON), image_size,
-class_names (JSON list), step. Loading never unpickles.
+Metadata: format=vitscale-vit/1, config (ViTConfig JSON), image_size, class_names (JSON list), step and,
+in files written since eval settings were added, eval (EvalSettings JSON: how the weights were evaluated).
+A reader of vitscale-vit/1 treats a missing key as its default, so older files keep loading.
+Loading never unpickles: foreign files are identified from their header bytes and key names only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +26,53 @@ from vit.model import VisionTransformer
 from vit.pos_embed import resample_pos_embed
 
 FORMAT = "vitscale-vit/1"
+# The stream's normalisation (data_prep/transforms.py), copied rather than imported: vit/ depends on torch only.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How weights are evaluated: input size, centre-crop fraction, resize filter and normalisation.
+
+    Stored with the weights so that an eval of the file reproduces the run's own reported accuracy
+    (the defaults are the stream's eval transform: resize to image_size / crop_pct, bilinear, ImageNet stats).
+    """
+
+    image_size: tuple[int, int]
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+        # frozen: normalise the JSON lists / int size through object.__setattr__
+        object.__setattr__(self, "image_size", hw)
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(hw) != 2 or min(hw) <= 0:
+            raise ValueError(f"eval image_size must be (height, width) > 0, got {size!r}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"eval crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"eval interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if len(self.mean) != len(self.std) or min(self.std, default=0.0) <= 0.0:
+            raise ValueError(f"eval mean/std must have one entry per channel, std > 0: {self.mean}, {self.std}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalSettings:
+        """Parse `to_json` output; unknown keys are an error (ignoring one could silently change an eval)."""
+        d = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or "image_size" not in d or set(d) - known:
+            raise ValueError(f"bad eval settings {text!r}: expected a JSON object with image_size and only {known}")
+        return cls(**d)
 
 
 def save_weights(
@@ -28,8 +81,13 @@ def save_weights(
     cfg: ViTConfig,
     class_names: list[str] | None = None,
     step: int | None = None,
+    eval_settings: EvalSettings | None = None,
 ) -> Path:
-    """Write `state_dict` and its config to a safetensors file, atomically (temp name, then rename)."""
+    """Write `state_dict` and its config to a safetensors file, atomically (temp name, then rename).
+
+    `eval_settings` (stored as metadata key "eval") is how the run evaluated these weights; None leaves it
+    out and readers then use the defaults at the config's image size.
+    """
     path = Path(path)
     meta = {
         "format": FORMAT,
@@ -38,6 +96,8 @@ def save_weights(
         "class_names": json.dumps(list(class_names or [])),
         "step": str(-1 if step is None else int(step)),
     }
+    if eval_settings is not None:
+        meta["eval"] = eval_settings.to_json()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -47,7 +107,10 @@ def save_weights(
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The decoded metadata of a weight file: config (ViTConfig), image_size, class_names, step."""
+    """The decoded metadata of a weight file: config (ViTConfig), image_size, class_names, step, eval.
+
+    `eval` is an EvalSettings; files written without one get the defaults at the config's image size.
+    """
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -55,11 +118,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{path} is not a vitscale weight file (format={meta.get('format')!r}, expected {FORMAT!r}); "
             "for a timm state dict use vit.weights.from_timm, for a run dir use `python -m pretrain export`"
         )
+    cfg = ViTConfig.from_json(meta["config"])
     return {
-        "config": ViTConfig.from_json(meta["config"]),
+        "config": cfg,
         "image_size": tuple(json.loads(meta["image_size"])),
         "class_names": json.loads(meta["class_names"]),
         "step": int(meta["step"]),
+        "eval": EvalSettings.from_json(meta["eval"]) if "eval" in meta else EvalSettings(image_size=cfg.image_hw),
     }
 
 
@@ -102,10 +167,19 @@ _FROM_TIMM = [
     (r"^head\.pre_logits\.fc\.(weight|bias)$", r"pre_logits.fc.\1"),
     (r"^pre_logits\.fc\.(weight|bias)$", r"pre_logits.fc.\1"),
 ]
-# timm parts our ViT does not have; refused, never silently dropped. (timm's mean pooling puts a
-# LayerNorm after the pooling, `fc_norm`; ours normalises before it, as big_vision does: create the timm
-# model with `fc_norm=False` to match.)
-_TIMM_UNSUPPORTED = re.compile(r"\.ls[12]\.|^reg_token|\.(q|k)_norm\.|^attn_pool|^fc_norm\.|^norm_pre\.")
+# timm parts our ViT does not have: (key pattern, what to call it in an error). Refused, never silently
+# dropped. (timm's mean pooling puts a LayerNorm after the pooling, `fc_norm`; ours normalises before it,
+# as big_vision does, and a timm model created with `fc_norm=False` matches.)
+_FC_NORM = r"^fc_norm\."
+_TIMM_PARTS = [
+    (r"\.ls[12]\.", "layer-scale (blocks.*.ls1/ls2, e.g. DeiT-III or DINOv2)"),
+    (r"^reg_token$", "register tokens (reg_token)"),
+    (r"\.(q|k)_norm\.", "query/key normalisation (blocks.*.attn.q_norm/k_norm)"),
+    (r"^attn_pool\.", "an attention-pool head (attn_pool, e.g. SigLIP)"),
+    (r"^norm_pre\.", "a LayerNorm before the blocks (norm_pre, e.g. CLIP)"),
+    (r"^dist_token$", "a distillation token (dist_token, distilled DeiT)"),
+]
+_TIMM_UNSUPPORTED = re.compile("|".join([_FC_NORM] + [pat for pat, _ in _TIMM_PARTS]))
 
 
 def _rename(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -134,3 +208,143 @@ def from_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if unsupported:
         raise ValueError(f"timm weights use parts vitscale's ViT does not have: {unsupported[:4]}")
     return _rename(sd, _FROM_TIMM)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """What a weight file or folder holds, told from header bytes and key names (nothing is unpickled).
+
+    `kind` is "vitscale" or "timm-vit" for what loads (then `found`/`fix` are informative only), else one of
+    "missing", "unreadable", "empty", "folder", "hf-folder", "pickle", "npz", "not-safetensors", "hf-vit",
+    "timm-unsupported", "not-vit". `message(path)` is the one-line error for what does not load: what was
+    found, then the fix. ("run-dir" is added by finetune.load.describe_init.)
+    """
+
+    kind: str
+    found: str
+    fix: str = ""
+
+    @property
+    def loadable(self) -> bool:
+        return self.kind in ("vitscale", "timm-vit")
+
+    def message(self, path: str | os.PathLike) -> str:
+        return f"{path} {self.found}" + (f"; {self.fix}" if self.fix else "")
+
+
+_TOKEN_VIT = "vitscale fine-tunes cls-token ViTs: use a checkpoint trained with timm global_pool='token'"
+_HF_FIX = ("convert it to timm key names first (vitscale reads vitscale and timm ViT safetensors; "
+           "HF conversion is not built yet)")
+_PICKLE_FIX = ("if you trust its source, convert it: sd = torch.load(path, weights_only=True); "
+               "safetensors.torch.save_file(sd, 'model.safetensors')")
+# transformers' ViT family (ViT, DeiT, BEiT, DINOv2, ViTMAE): `[vit.]embeddings.patch_embeddings.projection.*`.
+# `encoder.layer.N` alone is not enough: BERT-style text models share it.
+_HF_KEY = re.compile(r"(^|\.)embeddings\.patch_embeddings\.")
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    """A few key names for an error: weights first (they name layers better than running stats)."""
+    picked = ([k for k in keys if k.endswith(".weight")] + keys)[:n]
+    return ", ".join(dict.fromkeys(picked)) + (", ..." if len(keys) > n else "")
+
+
+def describe_state_dict(keys: Iterable[str], metadata: dict[str, str] | None = None) -> WeightFormat:
+    """Classify a safetensors state dict by its key names (and metadata): the one place formats are told apart.
+
+    Loadable: a vitscale weight file, or a class-token ViT in timm (or vitscale) key names. Anything else
+    comes back with what it is and how to make it loadable.
+    """
+    keys, meta = list(keys), metadata or {}
+    if meta.get("format") == FORMAT:
+        return WeightFormat("vitscale", "is a vitscale weight file")
+    if not keys:
+        return WeightFormat("not-vit", "is a safetensors file without tensors", "pass a ViT weight file")
+    if hf := next((k for k in keys if _HF_KEY.search(k)), None):
+        return WeightFormat("hf-vit", f"is a Hugging Face transformers ViT state dict (keys like {hf})", _HF_FIX)
+    has = set(keys)
+    if not ({"patch_embed.proj.weight", "patch_embed.weight"} & has and any(k.startswith("blocks.0.") for k in keys)):
+        return WeightFormat("not-vit", f"has no ViT keys (saw e.g. {_examples(keys)})",
+                            "pass a ViT: patch_embed.proj.weight, pos_embed, cls_token, blocks.N.* (timm names)")
+    if any(re.search(_FC_NORM, k) for k in keys):  # timm puts fc_norm after mean pooling, never with the cls token
+        return WeightFormat("timm-unsupported", "is a timm ViT with an avg-pool head with fc_norm: not a cls-token ViT",
+                            _TOKEN_VIT + " (fc_norm=False)")
+    for pat, part in _TIMM_PARTS:
+        if any(re.search(pat, k) for k in keys):
+            return WeightFormat("timm-unsupported", f"is a timm ViT with {part}, which vitscale's ViT lacks",
+                                "use a plain ViT checkpoint (timm vit_* without these options)")
+    if "cls_token" not in has or "pos_embed" not in has:
+        what = "class token (timm class_token=False)" if "cls_token" not in has else "pos_embed"
+        return WeightFormat("timm-unsupported", f"is a ViT without a {what}",
+                            "vitscale fine-tunes ViTs with a class token and learned position embeddings")
+    return WeightFormat("timm-vit", "is a ViT state dict in timm key names")
+
+
+def _describe_zip(path: Path) -> WeightFormat:
+    """A zip archive: torch.save's pickle container or NumPy's .npz (big_vision/AugReg), by member names."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return WeightFormat("not-safetensors", f"is not a safetensors file (a damaged zip archive: {e})",
+                            "pass a .safetensors file")
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return WeightFormat("pickle", "is not a safetensors file but a pickled torch.save checkpoint "
+                            "(refused: unpickling can run code)", _PICKLE_FIX)
+    if names and all(n.endswith(".npy") for n in names):
+        bv = any(n.startswith("Transformer/") for n in names)
+        what = "a big_vision/AugReg ViT .npz checkpoint (JAX)" if bv else "a NumPy .npz archive"
+        return WeightFormat("npz", f"is not a safetensors file but {what}",
+                            "not supported yet: convert it with timm (m = timm.create_model(<arch>); "
+                            "m.load_pretrained(path); "
+                            "safetensors.torch.save_file(m.state_dict(), 'model.safetensors'))")
+    return WeightFormat("not-safetensors", f"is not a safetensors file but a zip archive (saw {_examples(names)})",
+                        "pass a .safetensors file")
+
+
+def _describe_folder(path: Path) -> WeightFormat:
+    """A folder: a Hugging Face model folder (transformers or timm hub) is named, anything else listed."""
+    files = sorted(p.name for p in path.iterdir())
+    weights = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files]
+    if "config.json" in files and weights:
+        try:
+            conf = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            conf = {}
+        if isinstance(conf, dict) and "architecture" in conf and weights[0] == "model.safetensors":
+            return WeightFormat("hf-folder", f"is a timm Hugging Face Hub folder ({conf['architecture']})",
+                                f"pass its weight file, {path / weights[0]}")
+        return WeightFormat("hf-folder", f"is a Hugging Face transformers model folder (config.json + {weights[0]})",
+                            _HF_FIX)
+    inside = [n for n in files if n.endswith(".safetensors")]
+    fix = f"pass the weight file inside ({path / inside[0]})" if len(inside) == 1 else "pass a .safetensors file"
+    return WeightFormat("folder", f"is a folder without a known layout (holds {_examples(files) or 'nothing'})", fix)
+
+
+def identify_weights(path: str | os.PathLike) -> WeightFormat:
+    """What `path` holds, read without unpickling: folder layout, file header bytes, then safetensors keys."""
+    path = Path(path)
+    if not path.exists():
+        return WeightFormat("missing", "does not exist", "pass the path of a .safetensors weight file")
+    if path.is_dir():
+        return _describe_folder(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as e:  # e.g. no read permission
+        return WeightFormat("unreadable", f"cannot be read ({e.strerror})", "check the path and its permissions")
+    if not head:
+        return WeightFormat("empty", "is empty (0 bytes)", "re-copy or re-export the weight file")
+    if head.startswith(b"PK\x03\x04"):
+        return _describe_zip(path)
+    pickled = WeightFormat("pickle", "is not a safetensors file but a pickled PyTorch checkpoint "
+                           "(refused: unpickling can run code)", _PICKLE_FIX)
+    if head[:1] == b"\x80":  # pickle protocol 2+: legacy torch.save and plain pickles start so
+        return pickled
+    try:  # safe_open parses the JSON header only; no tensor is read
+        with safe_open(str(path), framework="pt") as f:
+            return describe_state_dict(list(f.keys()), f.metadata())
+    except Exception as e:  # any parse failure means "not safetensors"; the reason goes into the message
+        if path.suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"):  # protocol 0/1 pickles have no magic byte
+            return pickled
+        why = " ".join(str(e).split())[:120]
+        return WeightFormat("not-safetensors", f"is not a safetensors file ({why})", "pass a .safetensors file")
