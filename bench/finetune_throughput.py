@@ -17,10 +17,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from finetune.config import OptimCfg
+from data_prep.stream import normalize
+from finetune.config import load_finetune_config
 from finetune.load import build_finetune_model, finetune_config
-from finetune.optim import build_optimizer
-from finetune.steps import micro_step
+from runtime.dist import detect
+from trainer.backend_accelerate import AccelerateBackend
+from trainer.loss import classification_loss
+from trainer.optim import param_groups
 from vit import VisionTransformer, vit_config
 from vit.flops import train_flops_per_image
 
@@ -47,21 +50,25 @@ def _time(step, warmup: int, steps: int) -> float:
 
 
 def bench_ours(args, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Our fine-tune step: a checkpoint loaded at the new resolution, Accelerate bf16, the trainer's micro_step."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
+    """Our fine-tune step: a checkpoint loaded at the new resolution, the core's Accelerate backend in bf16."""
+    wd = 0.0 if args.optim == "sgd" else 0.05
+    cfg = load_finetune_config("debug_cpu", ["init=unused", "data.path=unused", "run.dir=unused",
+                                             f"train.global_batch={args.micro_batch}",
+                                             f"train.micro_batch={args.micro_batch}", f"optim.name={args.optim}",
+                                             f"optim.weight_decay={wd}", f"model.compile={str(args.compile).lower()}",
+                                             "precision=bf16"])
     src = vit_config(args.variant, image_size=args.pretrain_size, num_classes=1000, representation_size=None)
     sd = VisionTransformer(src).state_dict()
     dst = finetune_config(src, image_size=args.image_size, num_classes=1000)
-    net = build_finetune_model(sd, src, dst).to(acc.device)
-    model = torch.compile(net) if args.compile else net
-    opt = build_optimizer(net, OptimCfg(name=args.optim, lr=1e-4, weight_decay=0.0 if args.optim == "sgd" else 0.05))
-    model, opt = acc.prepare(model, opt)
-    model.train()
+    net = build_finetune_model(sd, src, dst)
+    backend = AccelerateBackend(net, param_groups(net, wd), cfg, detect())
+    backend.module.train()
 
-    def step() -> None:
-        micro_step(acc, model, opt, images, labels, num_classes=1000, lr=1e-4, clip=1.0)
+    def step() -> None:  # the trainer's micro-step at accumulation 1: every call is a boundary
+        backend.set_lr(1e-4)
+        x = normalize(images, dtype=backend.input_dtype, device=backend.device)
+        backend.micro_step(x, labels.to(backend.device), lambda logits, y: classification_loss(logits, y, "softmax",
+                                                                                               0.0), boundary=True)
 
     return _time(step, args.warmup, args.steps)
 

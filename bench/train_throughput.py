@@ -1,4 +1,4 @@
-"""Training throughput: our DeepSpeed engine against a plain timm loop of the same ViT, in the same run.
+"""Training throughput: the core's DeepSpeed backend against a plain timm loop of the same ViT, in the same run.
 
     python bench/train_throughput.py --variant L/16 --micro-batch 128 --zero 1 --compile      (one GPU)
     python bench/train_throughput.py --variant debug --micro-batch 32 --steps 10              (CPU check)
@@ -18,10 +18,11 @@ import torch
 
 from data_prep.stream import normalize
 from pretrain.config import load_pretrain_config
-from pretrain.engine import build_engine
-from pretrain.steps import micro_step
 from runtime.dist import detect, init_distributed
 from runtime.meters import peak_flops
+from trainer.backend_deepspeed import DeepSpeedBackend
+from trainer.loss import classification_loss
+from trainer.optim import param_groups
 from vit import VisionTransformer, train_flops_per_image, vit_config
 
 
@@ -51,14 +52,17 @@ def ours(args, vcfg, batch) -> float:
                  "train.steps=1000", "optim.warmup_steps=1"]
     cfg = load_pretrain_config("debug_cpu", overrides)
     env = init_distributed(detect(), single=True)
-    import deepspeed
-
-    deepspeed.init_distributed()
-    engine = build_engine(VisionTransformer(vcfg), cfg, env, total_steps=1000)
+    model = VisionTransformer(vcfg)
+    backend = DeepSpeedBackend(model, param_groups(model, cfg.optim.weight_decay), cfg, env)
     images, labels = batch
-    dtype = next(engine.module.parameters()).dtype
-    return _time(lambda: micro_step(engine, normalize(images, dtype=dtype, device=engine.device),
-                                    labels.to(engine.device), "softmax", 0.0), args.steps, args.warmup)
+
+    def step() -> None:  # the trainer's micro-step at accumulation 1: every call is a boundary
+        backend.set_lr(cfg.optim.lr)
+        backend.micro_step(normalize(images, dtype=backend.input_dtype, device=backend.device),
+                           labels.to(backend.device), lambda logits, y: classification_loss(logits, y, "softmax", 0.0),
+                           boundary=True)
+
+    return _time(step, args.steps, args.warmup)
 
 
 def timm_loop(args, vcfg, batch) -> float:

@@ -1,8 +1,8 @@
-"""Pre-trained weights in, fine-tuning model out (DESIGN contract 3, the loading contract).
+"""Pre-trained weights in, fine-tuning model out (the loading contract; see docs/architecture.md).
 
 Accepted sources: a vitscale weight file (`model.safetensors` with its config in the metadata), a timm
-ViT state dict saved as safetensors (config read from the tensor shapes), or a pretrain run dir
-(consolidated by `python -m pretrain export` in a subprocess: the two stages never import each other).
+ViT state dict saved as safetensors (config read from the tensor shapes), or a training run dir
+(consolidated in-process by the core's export: the two stages never import each other).
 
 Loading for fine-tuning keeps the patch size and every body weight, resamples the position embeddings
 from the checkpoint's grid to the new one (class token kept apart), drops the pre-training head (the
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -30,20 +28,6 @@ HEAD_KEYS = {"head.weight", "head.bias"}
 DROPPED_PREFIXES = ("head.", "pre_logits.")  # the pre-training head: re-created, never loaded
 # What must agree between checkpoint and fine-tuning model for the body weights to mean anything.
 ARCH_FIELDS = ("patch_size", "width", "depth", "heads", "mlp_ratio", "in_chans", "qkv_bias", "pool")
-
-
-def export_run_dir(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Consolidate a pretrain run dir's latest ZeRO checkpoint into weight file `out` (a subprocess)."""
-    cmd = [sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 2 and proc.stderr.strip():  # a bad input (e.g. an unsafe checkpoint): its one line
-        why = proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
-        raise ConfigError(f"could not export pretrain run dir {run_dir}: {why}; fix that or pass the .safetensors file")
-    if proc.returncode != 0 or not Path(out).is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"could not export pretrain run dir {run_dir} (`{' '.join(cmd)}` exited "
-                           f"{proc.returncode}); export it yourself and pass the .safetensors file:\n{tail}")
-    return Path(out)
 
 
 def _infer_timm_config(sd: dict[str, torch.Tensor], heads: int | None) -> ViTConfig:
@@ -72,9 +56,7 @@ def describe_init(path: str | os.PathLike) -> WeightFormat:
     """What an `init=` path holds (vit.weights.identify_weights), plus the one folder fine-tuning accepts."""
     path = Path(path)
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        return WeightFormat("run-dir", "is a pretrain run dir",
-                            f"export it first (python -m pretrain export {path} --out model.safetensors) and pass "
-                            "the file, or give the run dir to `finetune train`, which exports it")
+        return WeightFormat("run-dir", "is a training run dir", "")
     return identify_weights(path)
 
 
@@ -86,6 +68,11 @@ def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[
     """
     path = Path(path)
     fmt = describe_init(path)
+    if fmt.kind == "run-dir":  # its latest checkpoint, consolidated in-process
+        from trainer.export import consolidate
+
+        sd, vcfg, state = consolidate(path)
+        return sd, vcfg, state["class_names"]
     if not fmt.loadable:
         raise ConfigError(fmt.message(path))
     try:
@@ -155,14 +142,3 @@ def build_finetune_model(sd: dict[str, torch.Tensor], src: ViTConfig, dst: ViTCo
         nn.init.zeros_(model.head.bias)
     return model
 
-
-def load_for_eval(path: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
-                  mode: str = "bicubic") -> tuple[VisionTransformer, list[str]]:
-    """A model with its own head from a weight file, at `image_size` (pos-embed resampled when it differs)."""
-    sd, src, names = read_checkpoint(path)
-    if src.num_classes <= 0 or "head.weight" not in sd:
-        raise ValueError(f"{path} has no classification head to evaluate")
-    dst = src.replace(image_size=image_size) if image_size else src
-    model = VisionTransformer(dst)
-    model.load_state_dict(adapt_pos_embed(sd, src, dst, mode=mode), strict=True)
-    return model, names

@@ -29,3 +29,47 @@ def run_verb(fn: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
     return 0
+
+
+def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str]], dict],
+               argv: list[str] | None = None) -> int:
+    """The CLI every stage has: `train RECIPE [k=v ...]`, `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
+
+    `train(recipe, overrides)` loads the stage's config and runs it.
+    """
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+    t = sub.add_parser("train", help="train (or resume) from a recipe")
+    t.add_argument("recipe", help=f"a recipe name in {recipes} (debug_cpu, ...) or a YAML path")
+    t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. run.dir=runs/x data.path=shards/dataset.json")
+    e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
+    e.add_argument("run_dir")
+    e.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    e.add_argument("--out", default=None, help="default: RUN_DIR/export/model.safetensors")
+    e.add_argument("--ema", action="store_true", help="export the EMA weights")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--timm", action="store_true", help="write timm key names")
+    v = sub.add_parser("eval", help="top-1/top-5 of a weight file or run dir, with its own eval settings")
+    v.add_argument("weights", help="a weight file or a run dir (its latest checkpoint)")
+    v.add_argument("overrides", nargs="*", help="data.path=... (required), data.split=val, model.image_size=, "
+                   "eval.micro_batch=, eval.precision=, data.crop_pct=")
+    args = p.parse_args(argv)
+
+    def verb() -> None:
+        if args.verb == "train":
+            report = train(args.recipe, args.overrides)
+            best = report["best"]
+            print(json.dumps({"steps": report["steps"], "best_top1": best and best["top1"]}))
+        elif args.verb == "export":
+            from trainer.export import export
+
+            print(export(args.run_dir, args.out, args.tag, args.ema, args.dtype, args.timm))
+        else:
+            from trainer.evaluate import evaluate_weights
+
+            print(json.dumps(evaluate_weights(args.weights, args.overrides)))
+
+    return run_verb(verb)

@@ -39,10 +39,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         if not p.requires_grad:
             continue
         no_wd = p.ndim <= 1 or name in skip
-        layer = layer_of(name, matcher, depth) if layer_decay != 1.0 else 0
-        g = groups.setdefault((layer, no_wd), {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                               "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay != 1.0
-                                               else 1.0})
+        # without layer decay every layer has scale 1: two groups (fewer flat buffers under ZeRO)
+        layer = layer_of(name, matcher, depth) if layer_decay != 1.0 else depth + 1
+        scale = layer_decay ** (depth + 1 - layer)
+        g = groups.setdefault((layer, no_wd), {"params": [], "names": [], "lr_scale": scale,
+                                               "weight_decay": 0.0 if no_wd else weight_decay})
         g["params"].append(p)
         g["names"].append(name)
     return [groups[k] for k in sorted(groups)]

@@ -98,7 +98,10 @@ def train(cfg: TrainerConfig, stage: Stage) -> dict:
     preflight(cfg, env)
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
-    model, vcfg = stage.build(names)
+    try:
+        model, vcfg = stage.build(names)
+    except ValueError as err:  # a model the config or the init weights cannot make (contract broken, bad size)
+        raise ConfigError(" ".join(str(err).split())) from err
     env = init_distributed(env, timeout_s=cfg.dist.timeout, single=True)
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)

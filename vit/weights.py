@@ -29,6 +29,7 @@ FORMAT = "vitscale-vit/1"
 # The stream's normalisation (data_prep/transforms.py), copied rather than imported: vit/ depends on torch only.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("fp32", "bf16", "fp16", "amp_bf16", "amp_fp16")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
@@ -45,6 +46,9 @@ class EvalSettings:
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # how the run evaluated: "bf16"/"fp16" = weights cast (DeepSpeed), "amp_bf16"/"amp_fp16" = fp32 weights
+    # under autocast (Accelerate), "fp32"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -61,9 +65,17 @@ class EvalSettings:
             raise ValueError(f"eval interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if len(self.mean) != len(self.std) or min(self.std, default=0.0) <= 0.0:
             raise ValueError(f"eval mean/std must have one entry per channel, std > 0: {self.mean}, {self.std}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"eval precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def to_dict(self) -> dict:
+        return json.loads(self.to_json())
+
+    def replace(self, **changes) -> EvalSettings:
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_json(cls, text: str) -> EvalSettings:
