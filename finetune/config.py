@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_prep.stream import DataCfg
 from runtime.config import ConfigError, load_config
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -22,22 +23,6 @@ class RunCfg:
     seed: int = 0  # seeds the initial weights, the data order and the augmentations
     resume: bool = True  # continue from run.dir/checkpoints/latest when it exists
 
-
-@dataclass
-class DataCfg:
-    path: str = ""  # a dataset.json (or its folder)
-    train_split: str = "train"  # the split trained on (a key of dataset.json's splits)
-    val_split: str | None = "val"  # None: no evaluation
-    num_classes: int | None = None  # None: from the dataset's class list
-    workers: int = 8  # DataLoader worker processes per rank
-    resampled: bool = False  # draw shards with replacement (needed when shards < ranks x workers)
-    samples_per_epoch: int | None = None  # required when path is not a dataset.json
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop
-    ratio: tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect-ratio range
-    hflip: float = 0.5  # horizontal-flip probability
-    crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
-    randaugment: str | None = None  # e.g. "rand-m9-n2"
-    decode: Literal["cpu", "gpu"] = "cpu"  # where JPEGs are decoded: loader workers (cpu) or the GPU, batched
 
 
 @dataclass

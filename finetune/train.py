@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.stream import build_loader
+from data_prep.stream import DataCfg, build_loader
 from finetune import checkpoint as ckpt
 from finetune.config import FinetuneConfig
 from finetune.load import build_finetune_model, export_run_dir, finetune_config, read_checkpoint
@@ -107,17 +107,13 @@ def _build(cfg: FinetuneConfig, env: DistEnv, accelerator, log):
     log.info(f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), "
              f"new head for {num_classes} classes")
     d = cfg.data
-    common = dict(image_size=vcfg.image_hw, dist_env=env, workers=d.workers, seed=cfg.run.seed,
-                  decode=d.decode, crop_pct=d.crop_pct, device=accelerator.device)
-    train_loader = build_loader(d.path, d.train_split, train=True, global_batch=cfg.train.global_batch,
-                                micro_batch=cfg.train.micro_batch, samples_per_epoch=d.samples_per_epoch,
-                                resampled=d.resampled, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                                randaugment=d.randaugment, **common)
+    common = dict(dist_env=env, image_size=vcfg.image_hw, seed=cfg.run.seed, device=accelerator.device)
+    train_loader = build_loader(d, d.train_split, train=True, micro_batch=cfg.train.micro_batch,
+                                global_batch=cfg.train.global_batch, **common)
     eval_loader = None
     if d.val_split:
-        mb = cfg.eval.micro_batch or cfg.train.micro_batch
-        eval_loader = build_loader(d.path, d.val_split, train=False, global_batch=mb * env.world_size,
-                                   micro_batch=mb, **common)
+        eval_loader = build_loader(d, d.val_split, train=False,
+                                   micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch, **common)
     t = cfg.train
     spe = train_loader.steps_per_epoch
     total = t.steps if t.steps is not None else (
@@ -302,9 +298,9 @@ def evaluate_weights(path: str, data_path: str, split: str, image_size, micro_ba
         src = export_run_dir(path, Path(tmp) / "model.safetensors") if Path(path).is_dir() else path
         model, _ = load_for_eval(src, image_size or None, mode=mode)
     model.to(dev)
-    loader = build_loader(data_path, split, train=False, image_size=model.cfg.image_hw, global_batch=micro_batch *
-                          env.world_size, micro_batch=micro_batch, dist_env=env, workers=workers, seed=0,
-                          crop_pct=crop_pct, device=dev)
+    data = DataCfg(path=data_path, workers=workers, crop_pct=crop_pct)
+    loader = build_loader(data, split, train=False, dist_env=env, image_size=model.cfg.image_hw,
+                          micro_batch=micro_batch, seed=0, device=dev)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else None
     m = evaluate(model, loader, dev, autocast=amp)
     m.update(weights=str(path), image_size=list(model.cfg.image_hw), split=split)

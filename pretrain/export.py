@@ -98,10 +98,8 @@ def evaluate_weights(source: str | Path, overrides: list[str]) -> dict:
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     size = model.cfg.image_hw
-    loader = build_loader(cfg.data.path, cfg.data.val_split or "val", train=False, image_size=size,
-                          global_batch=(cfg.eval.micro_batch or 64) * env.world_size,
-                          micro_batch=cfg.eval.micro_batch or 64, dist_env=env, workers=cfg.data.workers,
-                          seed=cfg.run.seed, crop_pct=cfg.data.crop_pct)
+    loader = build_loader(cfg.data, cfg.data.val_split or "val", train=False, dist_env=env, image_size=size,
+                          micro_batch=cfg.eval.micro_batch or 64, seed=cfg.run.seed, device=device)
 
     def prepare(images, labels):
         return normalize(images, dtype=torch.float32, device=device), labels.to(device)

@@ -104,17 +104,14 @@ class _Preemption:
         return bool(t.item())
 
 
-def _loaders(cfg: PretrainConfig, env: DistEnv, vcfg: ViTConfig):
+def _loaders(cfg: PretrainConfig, env: DistEnv):
     d, t = cfg.data, cfg.train
-    common = dict(image_size=cfg.model.image_size, global_batch=t.global_batch, dist_env=env, workers=d.workers,
-                  seed=cfg.run.seed, samples_per_epoch=d.samples_per_epoch, decode=d.decode, crop_pct=d.crop_pct)
-    train = build_loader(d.path, d.train_split, train=True, micro_batch=t.micro_batch, resampled=d.resampled,
-                         scale=d.scale, ratio=d.ratio, hflip=d.hflip, randaugment=d.randaugment, with_keys=True,
-                         **common)
+    common = dict(dist_env=env, image_size=cfg.model.image_size, seed=cfg.run.seed)
+    train = build_loader(d, d.train_split, train=True, micro_batch=t.micro_batch, global_batch=t.global_batch,
+                         with_keys=True, **common)
     val = None
     if d.val_split:
-        val = build_loader(d.path, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or t.micro_batch,
-                           **common)
+        val = build_loader(d, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or t.micro_batch, **common)
     return train, val
 
 
@@ -150,7 +147,7 @@ def train(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = VisionTransformer(vcfg)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    loader, val_loader = _loaders(cfg, env, vcfg)
+    loader, val_loader = _loaders(cfg, env)
     steps = total_steps(cfg, loader.steps_per_epoch)
 
     ckpt_dir = run_dir / "checkpoints"
