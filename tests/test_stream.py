@@ -42,7 +42,7 @@ DATA_FIELDS = {f.name for f in dataclasses.fields(DataCfg)}
 def loader(source, split="train", rank=0, world=1, **kw):
     """A loader over `source` with the tests' defaults; `kw` mixes DataCfg fields and build_loader arguments."""
     train = kw.pop("train", split == "train")
-    data = DataCfg(path=source, workers=2, **{k: kw.pop(k) for k in list(kw) if k in DATA_FIELDS})
+    data = DataCfg(**{"path": source, "workers": 2, **{k: kw.pop(k) for k in list(kw) if k in DATA_FIELDS}})
     opts = dict(image_size=32, micro_batch=4, seed=7, with_keys=True, global_batch=16 if train else None)
     opts.update(kw)
     return build_loader(data, split, train=train, dist_env=DistEnv(rank=rank, world_size=world), **opts)
