@@ -39,6 +39,7 @@ import collections
 import itertools
 import math
 import multiprocessing.util  # noqa: F401 (imported before the exit hook below is registered: see _LIVE)
+import os
 import weakref
 from collections.abc import Iterator
 
@@ -81,8 +82,9 @@ SHARD_FAULTS = ("truncated_shard", "unreadable_shard", "unsafe_member")
 # forever: ours must run first. atexit runs hooks last-registered-first, and this module imports
 # multiprocessing.util and torch.utils.data (whose hook marks the interpreter as exiting, after which DataLoader
 # shutdown is a no-op) before registering, so ours runs before both. weakref.finalize's own exit pass is not used:
-# it may run after ours or before, and after it has run no finalizer can be called.
-_LIVE: dict[int, DataLoader] = {}
+# it may run after ours or before, and after it has run no finalizer can be called. Each entry names the process
+# that owns the workers: a forked child's copy of the table (or of a loader) must not stop its parent's workers.
+_LIVE: dict[int, tuple[int, DataLoader]] = {}
 _KEYS = itertools.count()
 KILL_AFTER_S = 5.0  # how long a worker that ignored the shutdown may take before it is killed
 
@@ -104,8 +106,8 @@ def _stop_workers(dataloader: DataLoader) -> None:
 
 
 def _release(key: int) -> None:
-    dataloader = _LIVE.pop(key, None)
-    if dataloader is not None:
+    owner, dataloader = _LIVE.pop(key, (None, None))
+    if owner == os.getpid():
         _stop_workers(dataloader)
 
 
@@ -140,7 +142,7 @@ class StreamLoader:
         if workers:
             # the finaliser holds a key, not the loader, which it would otherwise keep alive forever
             key = next(_KEYS)
-            _LIVE[key] = self._loader
+            _LIVE[key] = (os.getpid(), self._loader)
             weakref.finalize(self, _release, key).atexit = False  # _stop_all_at_exit covers the exit
 
     def __len__(self) -> int:

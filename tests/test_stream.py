@@ -218,3 +218,16 @@ def test_unreadable_shards_are_counted_and_all_unreadable_is_an_error(data: Path
         (copy / f"train-{i:06d}.tar").write_bytes(b"")
     with pytest.raises(RuntimeError, match="gave no sample"):
         epoch(loader(copy / "dataset.json", workers=0))
+
+
+def test_num_classes_bounds_the_labels(data: Path) -> None:
+    assert loader(data).num_classes == 10 and loader(data, num_classes=12).num_classes == 12
+    with pytest.raises(ValueError, match="num_classes 5 is less than the 10 classes"):
+        loader(data, num_classes=5)
+    # a URL list has no class list: labels at or over num_classes are bad labels, replaced like any fault
+    pattern = str(data.parent / "train-{000000..000006}.tar")
+    ld = loader(pattern, samples_per_epoch=64, workers=1, num_classes=5)
+    labels = [int(lab) for _, ls, _ in epoch(ld) for lab in ls]
+    assert len(labels) == 64 and max(labels) < 5
+    # replaced by a good neighbour, or by a label -1 filler in a micro-batch with none
+    assert ld.stats["by_reason"]["bad_label"] == ld.stats["substituted"] + ld.stats["filler"] > 0
