@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.stream import build_loader  # noqa: E402
+from data_prep.stream import DataCfg, build_loader  # noqa: E402
 from runtime.dist import DistEnv  # noqa: E402
 
 SIZE = 224
@@ -99,10 +99,10 @@ def timed(make_batches, batches: int) -> tuple[float, float]:
 
 
 def ours(manifest: Path, workers: int, batch: int, decode: str = "cpu", device: str = "cpu") -> tuple[float, float]:
-    return timed(lambda: build_loader(
-        manifest, "train", train=True, image_size=SIZE, global_batch=batch, micro_batch=batch, dist_env=DistEnv(),
-        workers=workers, seed=0, decode=decode, device=device,
-        shuffle_buffer=100), _batches(manifest, batch))  # as webdataset's shuffle(1000), which starts after 100
+    # shuffle_buffer 100: as webdataset's shuffle(1000), which starts after 100
+    data = DataCfg(path=str(manifest), workers=workers, decode=decode, shuffle_buffer=100)
+    return timed(lambda: build_loader(data, "train", train=True, dist_env=DistEnv(), image_size=SIZE, micro_batch=batch,
+                                      seed=0, global_batch=batch, device=device), _batches(manifest, batch))
 
 
 def bare_loop(manifest: Path, batch: int):

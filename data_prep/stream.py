@@ -1,7 +1,8 @@
 """The streaming loader that feeds training and evaluation from WebDataset shards (DESIGN contract 2).
 
-    loader = build_loader("data/dataset.json", "train", train=True, image_size=224, global_batch=4096,
-                          micro_batch=128, dist_env=env, workers=8, seed=0)
+    data = DataCfg(path="data/dataset.json", workers=8)   # a recipe's `data:` section
+    loader = build_loader(data, "train", train=True, dist_env=env, image_size=224, micro_batch=128, seed=0,
+                          global_batch=4096)
     for images, labels in loader:        # one epoch from the current position; uint8 (B, 3, H, W), int64 (B,)
         x = normalize(images, device="cuda")
         ...
@@ -26,23 +27,35 @@ Guarantees:
   unreadable shard is counted and the reader moves on; a tar member with an unsafe name (absolute, `..`) is
   dropped and counted. Each fault of an epoch is counted once, by the reader whose share holds it. Nothing is
   fatal except a source with no readable sample at all.
+- Lifetime: the DataLoader workers end when the loader is closed, garbage-collected or the interpreter exits
+  (a script need not call `close()`), but they ignore SIGTERM/SIGUSR1/SIGINT: a preemption signal sent to the
+  whole process group is the training process's to handle, and cannot kill them mid-checkpoint.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
+import itertools
 import math
+import multiprocessing.util  # noqa: F401 (imported before the exit hook below is registered: see _LIVE)
+import os
 import weakref
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
-from data_prep.images import MIN_SIZE
+from data_prep.stream_config import DataCfg
 from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
-from data_prep.stream_worker import FILLER_LABEL, ShardStream, StreamConfig, substitute_index
+from data_prep.stream_worker import (
+    FILLER_LABEL,
+    ShardStream,
+    StreamConfig,
+    ignore_preemption_signals,
+    substitute_index,
+)
 from data_prep.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,7 +66,7 @@ from data_prep.transforms import (
 )
 from runtime.dist import DistEnv, accumulation_steps
 
-__all__ = ["build_loader", "StreamLoader", "normalize", "mixup_cutmix", "smooth_one_hot",
+__all__ = ["build_loader", "DataCfg", "StreamLoader", "normalize", "mixup_cutmix", "smooth_one_hot",
            "soft_target_cross_entropy", "IMAGENET_MEAN", "IMAGENET_STD", "FILLER_LABEL"]
 
 STATE_FORMAT = "vitscale-stream/1"
@@ -63,11 +76,51 @@ LAYOUT_KEYS = ("seed", "world_size", "workers", "micro_batch", "samples_per_epoc
 SAMPLE_FAULTS = ("corrupt_image", "missing_image", "bad_label", "too_small")
 SHARD_FAULTS = ("truncated_shard", "unreadable_shard", "unsafe_member")
 
+# The DataLoaders of live StreamLoaders, by key: their workers are stopped when the StreamLoader is collected (a
+# weakref.finalize holding only the key) or at interpreter exit (_stop_all_at_exit). The workers ignore SIGTERM, so
+# multiprocessing's own exit hook, which terminates daemonic children with SIGTERM and then joins them, would wait
+# forever: ours must run first. atexit runs hooks last-registered-first, and this module imports
+# multiprocessing.util and torch.utils.data (whose hook marks the interpreter as exiting, after which DataLoader
+# shutdown is a no-op) before registering, so ours runs before both. weakref.finalize's own exit pass is not used:
+# it may run after ours or before, and after it has run no finalizer can be called. Each entry names the process
+# that owns the workers: a forked child's copy of the table (or of a loader) must not stop its parent's workers.
+_LIVE: dict[int, tuple[int, DataLoader]] = {}
+_KEYS = itertools.count()
+KILL_AFTER_S = 5.0  # how long a worker that ignored the shutdown may take before it is killed
+
+
+def _stop_workers(dataloader: DataLoader) -> None:
+    """End a DataLoader's worker processes now and wait for them (nothing to do without workers).
+
+    torch's shutdown asks each worker to stop after its current micro-batch, then falls back to SIGTERM, which
+    our workers ignore; a worker still alive after that only reads data, so it is killed.
+    """
+    it, dataloader._iterator = dataloader._iterator, None
+    if it is None or not hasattr(it, "_shutdown_workers"):
+        return
+    it._shutdown_workers()
+    for w in getattr(it, "_workers", ()):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=KILL_AFTER_S)
+
+
+def _release(key: int) -> None:
+    owner, dataloader = _LIVE.pop(key, (None, None))
+    if owner == os.getpid():
+        _stop_workers(dataloader)
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for key in list(_LIVE):
+        _release(key)
+
 
 class StreamLoader:
     """One rank's view of the stream: iterate for one epoch, `state_dict()` to save the position."""
 
-    def __init__(self, dataset: ShardStream, *, workers: int, steps_per_epoch: int, global_batch: int,
+    def __init__(self, dataset: ShardStream, *, workers: int, steps_per_epoch: int, global_batch: int | None,
                  device: torch.device, pin_memory: bool, prefetch: int, timeout_s: float, with_keys: bool):
         self.dataset = dataset
         self.cfg: StreamConfig = dataset.cfg
@@ -84,7 +137,13 @@ class StreamLoader:
         # (the stream seeds itself from `seed`)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                   persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
-                                  timeout=timeout_s if workers else 0, generator=torch.Generator())
+                                  timeout=timeout_s if workers else 0, generator=torch.Generator(),
+                                  worker_init_fn=ignore_preemption_signals if workers else None)
+        if workers:
+            # the finaliser holds a key, not the loader, which it would otherwise keep alive forever
+            key = next(_KEYS)
+            _LIVE[key] = (os.getpid(), self._loader)
+            weakref.finalize(self, _release, key).atexit = False  # _stop_all_at_exit covers the exit
 
     def __len__(self) -> int:
         """Micro-batches per rank per epoch."""
@@ -97,9 +156,15 @@ class StreamLoader:
 
     @property
     def num_classes(self) -> int | None:
+        """DataCfg.num_classes if set, else the size of dataset.json's class list (None for a URL list)."""
+        if self.cfg.num_classes is not None:
+            return self.cfg.num_classes
         return len(self.cfg.source.classes) if self.cfg.source.classes else None
 
     def __iter__(self) -> Iterator[tuple]:
+        # one pass at a time: an abandoned pass, resumed later, would read the new pass's batches and move
+        # (epoch, position) under it; closed, it just ends
+        self._close_active()
         gen = self._epoch()
         self._active = weakref.ref(gen)
         return gen
@@ -209,25 +274,24 @@ class StreamLoader:
 
     def _close_active(self) -> None:
         gen = self._active() if self._active else None
+        self._active = None
         if gen is not None:
-            gen.close()
+            gen.close()  # GeneratorExit at its yield: the pass ends without touching (epoch, position)
 
     def close(self) -> None:
-        """Stop the workers now (they also stop when the loader is garbage-collected)."""
+        """End the current pass and stop the workers now; iterating again starts new workers from the saved
+        position. (Without a call, the workers stop when the loader is garbage-collected or at exit.)"""
         self._close_active()
-        self._loader._iterator = None  # the DataLoader shuts persistent workers down when its iterator dies
+        _stop_workers(self._loader)
 
 
-def _plan(src: Source, *, train: bool, global_batch: int, micro_batch: int, world: int, readers: int,
+def _plan(src: Source, *, train: bool, global_batch: int | None, micro_batch: int, world: int, readers: int,
           samples_per_epoch: int | None, resampled: bool) -> tuple[int, int, int]:
     """(samples_per_epoch, steps_per_epoch, micro-batches per rank per epoch), or a clear error."""
     if not train:
         if not src.counted:
             raise ValueError("an exact eval pass needs per-shard sample counts: pass the split's dataset.json "
                              "(with shard_root= for remote shards) instead of a URL list")
-        if samples_per_epoch not in (None, src.samples):
-            raise ValueError(f"eval covers the whole split ({src.samples} samples); drop samples_per_epoch "
-                             f"({samples_per_epoch})")
         batches = math.ceil(math.ceil(src.samples / world) / micro_batch)  # the most any rank needs
         return src.samples, batches, batches
     accumulation = accumulation_steps(global_batch, micro_batch, world)
@@ -245,39 +309,55 @@ def _plan(src: Source, *, train: bool, global_batch: int, micro_batch: int, worl
     return samples, steps, steps * accumulation
 
 
-def build_loader(source: str | Path | Sequence[str], split: str, *, train: bool, image_size: int | tuple[int, int],
-                 global_batch: int, micro_batch: int, dist_env: DistEnv, workers: int, seed: int,
-                 samples_per_epoch: int | None = None, resampled: bool = False, decode: str = "cpu",
-                 crop_pct: float = 0.875, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, randaugment: str | None = None,
-                 device: torch.device | str | None = None, shard_root: str | None = None, shuffle_buffer: int = 500,
-                 prefetch: int = 2, timeout_s: float = 600.0, with_keys: bool = False,
-                 min_size: int = MIN_SIZE) -> StreamLoader:
-    """Build one rank's loader over `split` of `source` (dataset.json, its folder, a brace pattern or URLs).
+def _check_args(data: DataCfg, *, train: bool, micro_batch: int, global_batch: int | None) -> None:
+    """Clear errors for arguments that cannot work, before any shard is opened."""
+    if not isinstance(data, DataCfg):
+        raise TypeError(f"build_loader takes a DataCfg (data_prep.stream.DataCfg(path=...)), not "
+                        f"{type(data).__name__}")
+    if train and global_batch is None:
+        raise ValueError("training needs global_batch (images per optimizer step over all ranks = micro_batch x "
+                         "accumulation x world size)")
+    if not train and global_batch is not None:
+        raise ValueError(f"eval takes micro_batch ({micro_batch}) images per rank per batch; global_batch "
+                         f"({global_batch}) is for training only: drop it")
+    if data.decode not in ("cpu", "gpu"):
+        raise ValueError(f"decode must be 'cpu' or 'gpu', not {data.decode!r}")
+    if data.workers < 0 or micro_batch < 1:
+        raise ValueError(f"workers ({data.workers}) must be >= 0 and micro_batch ({micro_batch}) >= 1")
+    if data.num_classes is not None and data.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 or None (from dataset.json), got {data.num_classes}")
 
-    train: random-resized crops + flips (+ RandAugment, e.g. "rand-m9-n2"), shuffled; else the eval pass
-    (resize to image_size / crop_pct, centre crop; written order; label -1 padding). decode: "cpu" decodes
-    in the workers (JPEG draft mode); "gpu" ships the encoded bytes and decodes on `device` in this process.
-    shard_root: where remote shards live, e.g. "pipe:curl -s https://host/ds/{name}" (names from dataset.json).
-    with_keys: yield (images, labels, keys). timeout_s: seconds a batch may take before the loader fails.
-    min_size: images whose shorter side is under this many pixels are skipped and counted as too_small.
-    Training checks global = micro x accumulation x world (clear error otherwise); eval ignores global_batch.
+
+def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, image_size: int | tuple[int, int],
+                 micro_batch: int, seed: int, global_batch: int | None = None,
+                 device: torch.device | str | None = None, with_keys: bool = False) -> StreamLoader:
+    """Build one rank's loader over `split` of `data.path` (dataset.json, its folder, a brace pattern or URLs).
+
+    train: random-resized crops + flips (+ RandAugment), shuffled, `global_batch` required (checked against
+    micro_batch x accumulation x world; clear error otherwise). Else the eval pass: resize to image_size /
+    crop_pct, centre crop, written order, label -1 padding, `micro_batch` per rank and no global_batch; the
+    training-only fields (samples_per_epoch, resampled, scale, ratio, hflip, randaugment) do not apply.
+    decode="gpu" ships the encoded bytes and decodes on `device` in this process. with_keys: yield
+    (images, labels, keys). data.num_classes, if set, bounds the labels (others count as bad_label).
     """
-    if decode not in ("cpu", "gpu"):
-        raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
-    if workers < 0 or micro_batch < 1:
-        raise ValueError(f"workers ({workers}) must be >= 0 and micro_batch ({micro_batch}) >= 1")
-    src = resolve_source(source, split, shard_root)
-    readers = max(1, workers)
+    _check_args(data, train=train, micro_batch=micro_batch, global_batch=global_batch)
+    src = resolve_source(data.path, split, data.shard_root)
+    if data.num_classes is not None and src.classes and data.num_classes < len(src.classes):
+        raise ValueError(f"num_classes {data.num_classes} is less than the {len(src.classes)} classes of "
+                         f"{data.path}: raise it, or leave it unset to take the dataset's")
+    readers = max(1, data.workers)
+    resampled = data.resampled and train  # eval reads the split in written order, whatever the config says
     samples, steps, batches = _plan(src, train=train, global_batch=global_batch, micro_batch=micro_batch,
-                                    world=dist_env.world_size, readers=readers, samples_per_epoch=samples_per_epoch,
-                                    resampled=resampled)
+                                    world=dist_env.world_size, readers=readers,
+                                    samples_per_epoch=data.samples_per_epoch if train else None, resampled=resampled)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = StreamConfig(source=src, split=split, train=train, size=to_hw(image_size), micro_batch=micro_batch,
                        batches=batches, rank=dist_env.rank, world_size=dist_env.world_size, workers=readers, seed=seed,
-                       samples_per_epoch=samples, resampled=resampled, decode=decode, crop_pct=crop_pct,
-                       scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, randaugment=randaugment,
-                       shuffle_buffer=shuffle_buffer, min_size=min_size)
-    pin = decode == "cpu" and dev.type == "cuda" and torch.cuda.is_available()
-    return StreamLoader(ShardStream(cfg), workers=workers, steps_per_epoch=steps, global_batch=global_batch,
-                        device=dev, pin_memory=pin, prefetch=prefetch, timeout_s=timeout_s, with_keys=with_keys)
+                       samples_per_epoch=samples, resampled=resampled, decode=data.decode, crop_pct=data.crop_pct,
+                       scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip,
+                       randaugment=data.randaugment, shuffle_buffer=data.shuffle_buffer, min_size=data.min_size,
+                       num_classes=data.num_classes)
+    pin = data.decode == "cpu" and dev.type == "cuda" and torch.cuda.is_available()
+    return StreamLoader(ShardStream(cfg), workers=data.workers, steps_per_epoch=steps, global_batch=global_batch,
+                        device=dev, pin_memory=pin, prefetch=data.prefetch, timeout_s=data.timeout_s,
+                        with_keys=with_keys)

@@ -45,6 +45,18 @@ from data_prep.transforms import (
 )
 
 FILLER_LABEL = -1
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_preemption_signals(worker_id: int | None = None) -> None:
+    """In a DataLoader worker (its `worker_init_fn`): ignore the signals that announce a preemption.
+
+    SLURM sends them to every process of the job; they are the training process's to handle: it checkpoints,
+    then stops these workers itself (close, collection or exit: see data_prep/stream.py). A worker dying of one
+    would crash the run before its checkpoint. Ctrl-C is the main process's too: it exits, which stops them.
+    """
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class StreamConfig:
     randaugment: str | None = None
     shuffle_buffer: int = 500
     min_size: int = MIN_SIZE  # images whose shorter side is under this are skipped as too_small
+    num_classes: int | None = None  # labels must be below this (and below len(source.classes) if known)
 
 
 def substitute_index(ok: list[bool], i: int) -> int | None:
@@ -99,11 +112,8 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         cfg, info = self.cfg, get_worker_info()
         worker = info.id if info is not None else 0
-        if info is not None:
-            # Preemption signals (SLURM sends them to every process of the job) are the training process's to
-            # handle: it checkpoints, then stops these workers itself. A worker dying of one would crash the run.
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-                signal.signal(sig, signal.SIG_IGN)
+        if info is not None:  # again here, for a DataLoader built without our worker_init_fn
+            ignore_preemption_signals()
         if info is not None and info.num_workers != cfg.workers:
             raise RuntimeError(f"stream built for {cfg.workers} workers runs in {info.num_workers}")
         epoch, start = self.position.tolist()
@@ -144,7 +154,8 @@ class ShardStream(IterableDataset):
         count = counters.add if item.get("__owned__", True) else lambda *a, **k: None
         try:
             label = int(item["cls"])
-            if label < 0 or (cfg.source.classes and label >= len(cfg.source.classes)):
+            if (label < 0 or (cfg.source.classes and label >= len(cfg.source.classes))
+                    or (cfg.num_classes is not None and label >= cfg.num_classes)):
                 raise ValueError(label)
         except (KeyError, ValueError):
             count("bad_label", shard=url)

@@ -106,14 +106,15 @@ def crc(images) -> int:
 def _run_scenarios(data: Path, out: Path) -> None:
     import torch.distributed as dist
 
-    from data_prep.stream import build_loader
+    from data_prep.stream import DataCfg, build_loader
     from runtime.dist import detect, init_distributed, shutdown
 
     env = init_distributed(detect(), backend="gloo", timeout_s=120)
-    common = dict(image_size=32, global_batch=16, micro_batch=4, dist_env=env, workers=2, seed=7, with_keys=True)
+    cfg = DataCfg(path=str(data / "dataset.json"), workers=2)
+    common = dict(dist_env=env, image_size=32, micro_batch=4, seed=7, with_keys=True)
 
     def train_loader():
-        return build_loader(data / "dataset.json", "train", train=True, **common)
+        return build_loader(cfg, "train", train=True, global_batch=16, **common)
 
     def take(loader, n):  # n batches, crossing epoch boundaries as a trainer's step loop does
         got = []
@@ -148,7 +149,7 @@ def _run_scenarios(data: Path, out: Path) -> None:
     take(same, 2)
     same.load_state_dict(state)
     report["rewound"] = head + take(same, 2 * len(a) - 5)
-    ev = build_loader(data / "dataset.json", "val", train=False, **{**common, "global_batch": 8})
+    ev = build_loader(cfg, "val", train=False, **common)
     report["eval"] = take(ev, len(ev))
     report["eval_stats"] = ev.stats
     (out / f"rank{env.rank}.json").write_text(json.dumps(report))

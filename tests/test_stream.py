@@ -6,6 +6,7 @@ the state checks and the clear errors. The 2-rank gloo job is in test_stream_dis
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shutil
 from collections import Counter
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.stream import build_loader
+from data_prep.stream import DataCfg, build_loader
 from runtime.dist import DistEnv
 from tests.stream_fixtures import crc, true_label, write_dataset
 
@@ -35,11 +36,16 @@ def bad_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          corrupt=CORRUPT)
 
 
+DATA_FIELDS = {f.name for f in dataclasses.fields(DataCfg)}
+
+
 def loader(source, split="train", rank=0, world=1, **kw):
-    opts = dict(train=split == "train", image_size=32, global_batch=16, micro_batch=4, workers=2, seed=7,
-                with_keys=True)
+    """A loader over `source` with the tests' defaults; `kw` mixes DataCfg fields and build_loader arguments."""
+    train = kw.pop("train", split == "train")
+    data = DataCfg(**{"path": source, "workers": 2, **{k: kw.pop(k) for k in list(kw) if k in DATA_FIELDS}})
+    opts = dict(image_size=32, micro_batch=4, seed=7, with_keys=True, global_batch=16 if train else None)
     opts.update(kw)
-    return build_loader(source, split, dist_env=DistEnv(rank=rank, world_size=world), **opts)
+    return build_loader(data, split, train=train, dist_env=DistEnv(rank=rank, world_size=world), **opts)
 
 
 def epoch(ld) -> list[tuple]:
@@ -212,3 +218,16 @@ def test_unreadable_shards_are_counted_and_all_unreadable_is_an_error(data: Path
         (copy / f"train-{i:06d}.tar").write_bytes(b"")
     with pytest.raises(RuntimeError, match="gave no sample"):
         epoch(loader(copy / "dataset.json", workers=0))
+
+
+def test_num_classes_bounds_the_labels(data: Path) -> None:
+    assert loader(data).num_classes == 10 and loader(data, num_classes=12).num_classes == 12
+    with pytest.raises(ValueError, match="num_classes 5 is less than the 10 classes"):
+        loader(data, num_classes=5)
+    # a URL list has no class list: labels at or over num_classes are bad labels, replaced like any fault
+    pattern = str(data.parent / "train-{000000..000006}.tar")
+    ld = loader(pattern, samples_per_epoch=64, workers=1, num_classes=5)
+    labels = [int(lab) for _, ls, _ in epoch(ld) for lab in ls]
+    assert len(labels) == 64 and max(labels) < 5
+    # replaced by a good neighbour, or by a label -1 filler in a micro-batch with none
+    assert ld.stats["by_reason"]["bad_label"] == ld.stats["substituted"] + ld.stats["filler"] > 0

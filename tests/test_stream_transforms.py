@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
-from data_prep.stream import build_loader
+from data_prep.stream import DataCfg, build_loader
 from data_prep.transforms import (
     center_crop_box,
     crop_resize_pil,
@@ -109,8 +109,9 @@ def test_randaugment_in_the_loader_is_seeded(tmp_path: Path, decode: str) -> Non
 
     def pixels(randaugment: str | None) -> list[int]:
         state = torch.get_rng_state()
-        ld = build_loader(ds, "train", train=True, image_size=24, global_batch=8, micro_batch=4, dist_env=DistEnv(),
-                          workers=0, seed=1, randaugment=randaugment, decode=decode, device="cpu")
+        data = DataCfg(path=str(ds), workers=0, randaugment=randaugment, decode=decode)
+        ld = build_loader(data, "train", train=True, dist_env=DistEnv(), image_size=24, micro_batch=4, seed=1,
+                          global_batch=8, device="cpu")
         out = [crc(x) for x, _ in ld]
         assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left alone
         return out

@@ -22,7 +22,7 @@ from PIL import Image
 
 from data_prep import write_example_images, write_shards
 from data_prep.__main__ import main as data_prep_main
-from data_prep.stream import build_loader
+from data_prep.stream import DataCfg, build_loader
 from runtime.dist import DistEnv
 from tests.conftest import ROOT, run_torchrun
 from tests.faults.harness import Ctx, Outcome, scenario
@@ -188,8 +188,8 @@ def unsafe_tar_member(ctx: Ctx) -> Outcome:
     places = [Path("/etc/x.png"), escape / "y.png", escape, (ROOT / bad[0]).resolve(),
               (data / bad[0]).resolve(), (dest.parent / bad[0]).resolve()]
     assert not any(p.exists() for p in places), "a file the test is about to watch for exists already"
-    ld = build_loader(data / "dataset.json", "train", train=False, image_size=32, global_batch=64, micro_batch=64,
-                      dist_env=DistEnv(), workers=0, seed=0, device="cpu")
+    ld = build_loader(DataCfg(path=str(data / "dataset.json"), workers=0), "train", train=False, dist_env=DistEnv(),
+                      image_size=32, micro_batch=64, seed=0, device="cpu")
     n = sum(int((labels >= 0).sum()) for _, labels in ld)
     manifest = json.loads((data / "dataset.json").read_text())
     assert n == manifest["splits"]["train"]["samples"], f"the stream delivered {n} samples"

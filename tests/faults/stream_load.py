@@ -75,12 +75,12 @@ def drive(data: str, out: str, seconds: float, interval: float) -> None:
     """One rank: iterate the stream for `seconds`, one JSON line of figures per `interval`."""
     import psutil
 
-    from data_prep.stream import build_loader
+    from data_prep.stream import DataCfg, build_loader
     from runtime.dist import detect
 
     env = detect()
-    loader = build_loader(data, "train", train=True, image_size=16, global_batch=MICRO_BATCH * env.world_size,
-                          micro_batch=MICRO_BATCH, dist_env=env, workers=WORKERS, seed=0, device="cpu")
+    loader = build_loader(DataCfg(path=data, workers=WORKERS), "train", train=True, dist_env=env, image_size=16,
+                          micro_batch=MICRO_BATCH, seed=0, global_batch=MICRO_BATCH * env.world_size, device="cpu")
     me = psutil.Process()
     t0 = last = time.monotonic()
     n = 0

@@ -1,0 +1,185 @@
+"""The stream's DataLoader workers end with their owner, and only then.
+
+They ignore SIGTERM (a preemption signal is the training process's to handle, and must not kill them before
+its checkpoint), so nothing but the loader itself can end them: on close(), when it is garbage-collected,
+and at interpreter exit, where multiprocessing would otherwise wait on them forever.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from data_prep.stream import DataCfg, build_loader
+from runtime.dist import DistEnv
+from tests.stream_fixtures import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_BOUND_S = 60  # the whole script, torch import included (seconds when it works; forever when it does not)
+
+# A user's script: build a 2-worker loader, take a few batches, get a SIGTERM sent to the whole process group
+# (a trainer's handler only sets a flag; the workers must live on to feed the batches before the checkpoint),
+# take more, and return from main without close(). "kept": the loader outlives main in a reference cycle and a
+# module global, so only the exit can end its workers; "local": it dies with main's frame.
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    import psutil
+    from data_prep.stream import DataCfg, build_loader
+    from runtime.dist import DistEnv
+
+    def main(path, mode):
+        flagged = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: flagged.append(signum))
+        loader = build_loader(DataCfg(path=path, workers=2), "train", train=True, dist_env=DistEnv(),
+                              image_size=16, micro_batch=4, seed=0, global_batch=4, device="cpu")
+        batches = iter(loader)
+        for _ in range(2):
+            next(batches)
+        workers = [p.pid for p in psutil.Process().children()]
+        print("workers", *workers, flush=True)
+        os.killpg(0, signal.SIGTERM)
+        time.sleep(1.0)
+        assert flagged == [signal.SIGTERM], flagged
+        assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
+        for _ in range(3):
+            next(batches)  # the "checkpoint" still gets its batches
+        if mode == "kept":
+            global KEPT
+            holder = {"loader": loader, "batches": batches}
+            holder["self"] = holder
+            KEPT = holder
+        print("returning", flush=True)
+
+    main(sys.argv[1], sys.argv[2])
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    """The pids still alive after waiting up to `seconds` for them to end."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("lifetime") / "ds", {"train": [8, 8, 8, 8]})
+
+
+@pytest.mark.parametrize("mode", ["kept", "local"])
+def test_unclosed_loader_lets_its_script_exit(data: Path, tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # its own session: the script's SIGTERM to its process group must not reach pytest
+    proc = subprocess.Popen([sys.executable, str(script), str(data), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=EXIT_BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # our script and its workers, which ignore SIGTERM
+        out, _ = proc.communicate()
+        pytest.fail(f"the script did not exit within {EXIT_BOUND_S} s:\n{out[-3000:]}")
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, out[-3000:]
+    assert "returning" in out, out[-3000:]  # the workers survived the SIGTERM and kept delivering
+    workers = [int(p) for line in out.splitlines() if line.startswith("workers ") for p in line.split()[1:]]
+    assert len(workers) == 2, out[-3000:]
+    # the script has been reaped, so its workers were ended (and joined) before it exited, not orphaned
+    assert not [p for p in workers if _alive(p)], f"workers still running after the script exited ({took:.0f} s)"
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children()}
+
+
+def _loader(data: Path):
+    return build_loader(DataCfg(path=str(data), workers=2), "train", train=True, dist_env=DistEnv(), image_size=16,
+                        micro_batch=4, seed=0, global_batch=4, with_keys=True, device="cpu")
+
+
+def test_collected_loader_stops_its_workers(data: Path) -> None:
+    before = _children()
+    ld = _loader(data)
+    batches = iter(ld)
+    for _ in range(3):
+        next(batches)
+    workers = sorted(_children() - before)
+    assert len(workers) == 2
+    holder: dict = {"loader": ld, "batches": batches}
+    holder["self"] = holder  # only the cycle collector can free it
+    del ld, batches, holder
+    assert all(_alive(p) for p in workers)
+    gc.collect()
+    assert not _wait_gone(workers, 15), "the workers outlived their collected loader"
+
+
+def test_close_ends_the_pass_and_the_workers_and_the_loader_can_go_on(data: Path) -> None:
+    ref = [keys for _, _, keys in _loader(data)]  # one epoch of 8 micro-batches
+    before = _children()
+    ld = _loader(data)
+    batches = iter(ld)
+    head = [next(batches)[2] for _ in range(3)]
+    workers = sorted(_children() - before)
+    ld.close()
+    assert not [p for p in workers if _alive(p)], "close() returned with workers still running"
+    assert next(batches, None) is None  # the closed pass ends, it does not read on
+    assert head + [keys for _, _, keys in ld] == ref  # new workers resume from the position
+    ld.close()
+
+
+def test_a_new_pass_closes_the_abandoned_one(data: Path) -> None:
+    ld = _loader(data)
+    old = iter(ld)
+    next(old)
+    state = ld.state_dict()
+    fresh = iter(ld)  # the abandoned pass must not read the new pass's batches or move the position under it
+    assert next(old, None) is None and ld.state_dict() == state
+    assert len(list(fresh)) == len(ld) - 1
+    ld.close()
+
+
+def test_sigterm_to_the_workers_does_not_stop_the_stream(data: Path) -> None:
+    before = _children()
+    ld = _loader(data)
+    batches = iter(ld)
+    next(batches)
+    workers = sorted(_children() - before)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert len(list(batches)) == len(ld) - 1  # the whole epoch, from the same workers
+    assert all(_alive(p) for p in workers)
+    ld.close()
+
+
+def test_global_batch_is_for_training_only(data: Path) -> None:
+    cfg = DataCfg(path=str(data), workers=0)
+    common = dict(dist_env=DistEnv(), image_size=16, micro_batch=4, seed=0)
+    with pytest.raises(ValueError, match="training needs global_batch"):
+        build_loader(cfg, "train", train=True, **common)
+    with pytest.raises(ValueError, match="global_batch .* is for training only"):
+        build_loader(cfg, "train", train=False, global_batch=8, **common)
+    with pytest.raises(TypeError, match="takes a DataCfg"):
+        build_loader(str(data), "train", train=True, global_batch=4, **common)
+    ev = build_loader(cfg, "train", train=False, **common)  # each rank takes micro_batch; the split whole
+    assert len(ev) == 8 and ev.global_batch is None
