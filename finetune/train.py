@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from finetune.config import FinetuneConfig
 from finetune.load import build_finetune_model, finetune_config, read_checkpoint
-from runtime.logs import get_logger
 from trainer.run import Stage
 from trainer.run import train as run_training
 from vit.config import vit_config
@@ -24,9 +23,8 @@ def build_model(cfg: FinetuneConfig, names: list[str]):
                            dropout=cfg.model.dropout, drop_path=cfg.model.drop_path)
     model = build_finetune_model(sd, src, vcfg, mode=cfg.model.pos_interp)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    get_logger().info(f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head for "
-                      f"{len(names)} classes")
-    return model, vcfg
+    return model, vcfg, (f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head for "
+                         f"{len(names)} classes")
 
 
 def train(cfg: FinetuneConfig) -> dict:

@@ -22,11 +22,11 @@ def model_config(cfg, num_classes: int) -> ViTConfig:
         raise ConfigError(str(err)) from err
 
 
-def build_model(cfg, names: list[str]) -> tuple[VisionTransformer, ViTConfig]:
+def build_model(cfg, names: list[str]) -> tuple[VisionTransformer, ViTConfig, str]:
     vcfg = model_config(cfg, len(names))
     model = VisionTransformer(vcfg)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model, vcfg
+    return model, vcfg, f"new ViT {cfg.model.variant}, seed {cfg.run.seed}"
 
 
 def train(cfg) -> dict:

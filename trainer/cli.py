@@ -60,9 +60,12 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
 
     def verb() -> None:
         if args.verb == "train":
+            from runtime.dist import detect
+
             report = train(args.recipe, args.overrides)
-            best = report["best"]
-            print(json.dumps({"steps": report["steps"], "best_top1": best and best["top1"]}))
+            if detect().is_main:  # one summary line per job, not per rank
+                best = report["best"]
+                print(json.dumps({"steps": report["steps"], "best_top1": best and best["top1"]}))
         elif args.verb == "export":
             from trainer.export import export
 

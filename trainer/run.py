@@ -32,10 +32,11 @@ from vit import ViTConfig
 @dataclass
 class Stage:
     """What a stage adds to the core: its model (built on the CPU from the class names, before any process
-    group: loading errors are bad input) and its backend (a class taking (model, groups, cfg, env, universal))."""
+    group: loading errors are bad input; returns (model, ViTConfig, a line for the log)) and its backend (a
+    class taking (model, groups, cfg, env, universal))."""
 
     name: str
-    build: Callable[[list[str]], tuple[nn.Module, ViTConfig]]
+    build: Callable[[list[str]], tuple[nn.Module, ViTConfig, str]]
     backend: Callable[..., object]
     report: dict = field(default_factory=dict)
 
@@ -99,12 +100,13 @@ def train(cfg: TrainerConfig, stage: Stage) -> dict:
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
     try:
-        model, vcfg = stage.build(names)
+        model, vcfg, note = stage.build(names)
     except ValueError as err:  # a model the config or the init weights cannot make (contract broken, bad size)
         raise ConfigError(" ".join(str(err).split())) from err
     env = init_distributed(env, timeout_s=cfg.dist.timeout, single=True)
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)
+    log.info(note)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     loader, val_loader = _loaders(cfg, env, vcfg, device)
     try:
