@@ -31,7 +31,8 @@ def _checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str, dict]:
     if tag is None or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
         raise ConfigError(f"{ckpt_dir} holds no complete checkpoint{f' {tag}' if tag else ''} (no `latest`); "
                           "train first, or pass a weight file")
-    return ckpt_dir, tag, ckpt.read_state(ckpt_dir, tag)
+    state = ckpt.read_state(ckpt_dir, tag)
+    return ckpt_dir, tag, ckpt.check_resumable(ckpt_dir, tag, state.get("backend", "?"))
 
 
 def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False
