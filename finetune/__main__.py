@@ -3,6 +3,7 @@
     python -m finetune train vit_l16_384 init=export/model.safetensors data.path=shards/dataset.json run.dir=runs/ft
     torchrun --nproc_per_node 8 -m finetune train vit_l16_384 ...        # or: accelerate launch -m finetune train ...
     python -m finetune eval runs/ft/best.safetensors data.path=shards/dataset.json
+    python -m finetune fewshot WEIGHTS data.path=DATASET [shots=1,5,10]     (or linear-probe; trainer/fewshot_cli.py)
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def _train(recipe: str, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("python -m finetune", __doc__, "finetune/recipes", _train, argv)
+    from trainer.fewshot_cli import fewshot_verbs
+
+    return stage_main("python -m finetune", __doc__, "finetune/recipes", _train, argv, extra=fewshot_verbs)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from data_prep.stream_config import DataCfg
 
-__all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "LogCfg", "CheckpointCfg", "DistCfg", "DebugCfg",
-           "ModelCfg", "TrainerConfig", "validate_common", "total_steps"]
+__all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
+           "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "total_steps"]
 
 
 @dataclass
@@ -65,9 +66,23 @@ class TrainCfg:
 
 
 @dataclass
+class FewShotCfg:
+    datasets: list[str] = field(default_factory=list)  # downstream dataset.json paths (or folders); empty = off
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # training images per class of each fit
+    every: int = 0  # optimizer steps between few-shot evals; 0 = with every eval (always at the end too)
+    seeds: int = 3  # per-class samples drawn (seeds 0..n-1); the reported top-1 is their mean
+    holdout: int = 2  # further train images per class, held out of each sample to choose the ridge's l2
+    l2: list[float] = field(default_factory=lambda: [2.0**k for k in range(-4, 21, 2)])  # ridge l2 tried (whitened)
+    train_split: str = "train"  # the split the per-class samples are drawn from
+    val_split: str = "val"  # the split top-1 is measured on (all of it)
+
+
+@dataclass
 class EvalCfg:
     every: int = 0  # optimizer steps between evaluations; 0 = at every epoch end (always at the end too)
     micro_batch: int | None = None  # None: train.micro_batch
+    inspect: bool = True  # log the inspect figures (filters, pos-embed, attention) to TensorBoard at each eval
+    fewshot: FewShotCfg = field(default_factory=FewShotCfg)  # few-shot linear eval (big_vision's fewshot_lsr)
 
 
 @dataclass
@@ -135,9 +150,26 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
         problems.append(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
     if cfg.train.max_bad_steps < 1:
         problems.append(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
+    problems += validate_fewshot(cfg.eval.fewshot)
     for key, value in (("log.every", cfg.log.every), ("checkpoint.keep", cfg.checkpoint.keep)):
         if value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
+    return problems
+
+
+def validate_fewshot(f: FewShotCfg, prefix: str = "eval.fewshot.") -> list[str]:
+    """The problems of a few-shot section (also the `fewshot` verb's options)."""
+    problems = [f"{prefix}{k} must be >= {lo}, got {v}" for k, v, lo in (
+        ("every", f.every, 0), ("seeds", f.seeds, 1), ("holdout", f.holdout, 0)) if v < lo]
+    if not f.shots or min(f.shots) < 1:
+        problems.append(f"{prefix}shots must be a list of counts >= 1, e.g. [1,5,10,25], got {f.shots}")
+    if not f.l2 or min(f.l2) <= 0:
+        problems.append(f"{prefix}l2 must be a list of regularisers > 0, got {f.l2}")
+    for path in f.datasets:
+        p = Path(path)
+        if not (p / "dataset.json" if p.is_dir() else p).is_file():
+            problems.append(f"{prefix}datasets: {path} is not a dataset.json (or its folder); write one with "
+                            "`python -m data_prep write SRC OUT`")
     return problems
 
 

@@ -29,6 +29,7 @@ from runtime.logs import get_logger
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.evaluate import evaluate
+from trainer.fewshot import FewShotEval
 from trainer.loss import classification_loss
 from trainer.monitor import Monitor
 from trainer.optim import EMA, lr_at
@@ -50,6 +51,7 @@ class RunState:
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     evals: list = field(default_factory=list)
     best_top1: float = -1.0
+    fewshot: list = field(default_factory=list)  # {"step", dataset: {shots: top-1}} per few-shot eval
 
 
 class Loop:
@@ -63,6 +65,7 @@ class Loop:
         self.state = RunState()
         self.ema = EMA(backend.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.monitor = Monitor(cfg, env, vcfg, run_dir, total)
+        self.fewshot = FewShotEval(cfg, env, vcfg.image_hw, self.monitor) if cfg.eval.fewshot.datasets else None
         launched = env.launcher in ("torchrun", "deepspeed")
         self.preempt = Preemption(LAUNCHER_PID if launched else None)
         self.bad, self.keys, self.micro = 0, [], 0
@@ -77,7 +80,8 @@ class Loop:
     def state_dict(self) -> dict:
         s = self.state
         return {"step": s.step, "applied": s.applied, "skipped": s.skipped, "evals": s.evals,
-                "best_top1": s.best_top1, "epoch": self.loader.epoch, "stream": self.loader.state_dict(),
+                "best_top1": s.best_top1, "fewshot": s.fewshot, "epoch": self.loader.epoch,
+                "stream": self.loader.state_dict(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0, "config_hash": config_hash(self.cfg),
                 "class_names": self.names, "vit_config": self.vcfg.to_json(),
                 "eval_settings": self.settings.to_dict(), "evaluated_ema": self.ema is not None}
@@ -97,7 +101,7 @@ class Loop:
         if self.ema is not None and (shadow := ckpt.load_ema(ckpt_dir, tag)) is not None:
             self.ema.load_state_dict(shadow, updates=saved["ema_updates"])
         self.state = RunState(step=saved["step"], applied=saved["applied"], skipped=saved["skipped"],
-                              evals=saved["evals"], best_top1=saved["best_top1"])
+                              evals=saved["evals"], best_top1=saved["best_top1"], fewshot=saved.get("fewshot", []))
         self.micro = self.state.step * self.backend.accumulation
         self.log.info(f"resumed from {tag} (step {saved['step']}, {saved['skipped']} skipped)")
 
@@ -169,6 +173,8 @@ class Loop:
             self.monitor.log_train(self.backend, s.step, lr, s.skipped, self.loader.stats)
         if self.val_loader is not None and (_due(s.step, cfg.eval.every, epoch_end) or last):
             self.run_eval()
+        if self.fewshot is not None and (_due(s.step, cfg.eval.fewshot.every or cfg.eval.every, epoch_end) or last):
+            self.run_fewshot()
         saved = _due(s.step, cfg.checkpoint.every, epoch_end) or last
         if saved:
             self.save()
@@ -216,6 +222,17 @@ class Loop:
                 save_weights(self.run_dir / "best.safetensors", weights, self.vcfg, self.names, s.step,
                              eval_settings=self.settings)
         s.best_top1 = max(s.best_top1, m["top1"])
+        if self.cfg.eval.inspect and weights is not None and self.monitor.sample_images is not None:
+            self.monitor.log_inspect(weights, self.vcfg, s.step)  # rank 0 only; not under ZeRO-3 (no full weights)
+
+    def run_fewshot(self) -> None:
+        """Few-shot linear eval of the kept weights (EMA when enabled), as the top-1 eval."""
+        if self.ema is not None:
+            with swapped(self.backend.module, self.ema.state_dict()):
+                r = self.fewshot.run(self.backend, self.state.step)
+        else:
+            r = self.fewshot.run(self.backend, self.state.step)
+        self.state.fewshot.append({"step": self.state.step, **r})
 
     def kept_weights(self) -> dict[str, torch.Tensor] | None:
         """fp32 CPU copies of the weights evaluated and kept (EMA when enabled); None under ZeRO-3."""
@@ -234,7 +251,8 @@ class Loop:
                 "image_size": list(self.vcfg.image_hw), "grid": list(self.vcfg.grid),
                 "weights": "ema" if self.ema is not None else "model",
                 "best": max(evals, key=lambda m: m["top1"]) if evals else None,
-                "last": evals[-1] if evals else None, "evals": evals, "rank_digests": self.rank_digests()}
+                "last": evals[-1] if evals else None, "evals": evals, "fewshot": s.fewshot,
+                "rank_digests": self.rank_digests()}
 
     def rank_digests(self) -> list[str] | None:
         """Every rank's hash of its full weights (equal when the ranks are in sync); None under ZeRO-3."""

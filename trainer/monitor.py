@@ -18,7 +18,7 @@ from runtime.config import to_dict
 from runtime.dist import DistEnv
 from runtime.logs import TBWriter, get_logger
 from runtime.meters import ThroughputMeter, peak_flops
-from vit import ViTConfig, train_flops_per_image
+from vit import VisionTransformer, ViTConfig, train_flops_per_image
 
 
 def _device_name() -> str:
@@ -45,6 +45,7 @@ class Monitor:
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._grid_done = False
+        self.sample_images: torch.Tensor | None = None  # a few training images (uint8), for the inspect figures
         self._t_start = time.perf_counter()
 
     def add_loss(self, loss: torch.Tensor) -> None:
@@ -56,6 +57,7 @@ class Monitor:
         """Log a grid of the first training batch once (what the model really sees, after augmentation)."""
         if not self._grid_done:
             self._grid_done = True
+            self.sample_images = images[:8].cpu()  # (8, 3, H, W)
             grid = torchvision.utils.make_grid(images[:32].cpu(), nrow=8)  # uint8 (3, H', W')
             self.tb.image("train/batch", grid, step)
 
@@ -106,6 +108,26 @@ class Monitor:
         self.tb.scalars({f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss", "raw_top1") if k in metrics}, step)
         self.log.info(f"eval step {step}: top-1 {metrics['top1']:.2%} top-5 {metrics['top5']:.2%} "
                       f"({metrics['samples']} images)")
+
+    def log_fewshot(self, results: dict, step: int, seconds: float) -> None:
+        """Few-shot top-1 per dataset and shot count: `fewshot/<dataset>/<k>shot` and one console line."""
+        self.tb.scalars({f"fewshot/{name}/{k}shot": r["top1"] for name, res in results.items()
+                         for k, r in res.items()}, step)
+        text = "; ".join(f"{name} " + " ".join(f"{k}-shot {r['top1']:.1%}" for k, r in res.items())
+                         for name, res in results.items())
+        self.log.info(f"few-shot step {step}: {text} ({seconds:.1f} s)")
+
+    def log_inspect(self, weights: dict[str, torch.Tensor], vcfg: ViTConfig, step: int) -> None:
+        """The inspect figures of these weights as TensorBoard images `inspect/<figure>` (rank 0 only)."""
+        if not self.tb.enabled:
+            return
+        from vit.inspect import figure_rgb, inspect_model
+
+        model = VisionTransformer(vcfg)
+        model.load_state_dict(weights)
+        _, figures = inspect_model(model, self.sample_images)
+        for name, fig in figures.items():
+            self.tb.image(f"inspect/{name}", figure_rgb(fig), step)
 
     def close(self, report: dict) -> None:
         flat = {f"{sec}.{k}": v for sec, d in to_dict(self.cfg).items() if isinstance(d, dict) for k, v in d.items()}

@@ -1,9 +1,15 @@
-"""`python -m vit info [VARIANT ...] [--image-size S]`: parameters and FLOPs of the ViT variants."""
+"""`python -m vit info|inspect`: parameters and FLOPs of the ViT variants; figures of what a model learned.
+
+    python -m vit info [VARIANT ...] [--image-size S]
+    python -m vit inspect WEIGHTS [--images DIR_OR_SHARDS] [--out DIR]     (see vit/inspect.py)
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from vit.config import variant_names, vit_config
@@ -25,6 +31,74 @@ def info(variants: list[str], image_size: int, num_classes: int) -> str:
     return "\n".join(rows)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _folder_images(folder: Path, hw: tuple[int, int], crop_pct: float, n: int) -> torch.Tensor:
+    """Up to n images of a folder (sorted, recursive): resized to hw / crop_pct, centre-cropped; uint8."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
+    out = []
+    for f in files:
+        with Image.open(f) as img:
+            img = img.convert("RGB")
+            scale = max(hw[0] / img.height, hw[1] / img.width) / crop_pct
+            img = img.resize((max(hw[1], round(img.width * scale)), max(hw[0], round(img.height * scale))),
+                             Image.BICUBIC)
+            top, left = (img.height - hw[0]) // 2, (img.width - hw[1]) // 2
+            arr = np.asarray(img.crop((left, top, left + hw[1], top + hw[0])))  # (H, W, 3)
+        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    return torch.stack(out) if out else torch.zeros(0, 3, *hw, dtype=torch.uint8)
+
+
+def _shard_images(path: Path, hw: tuple[int, int], crop_pct: float, n: int) -> torch.Tensor:
+    """The first n images of a dataset's val split (else its first split), as the eval stream prepares them."""
+    import json
+
+    from data_prep.stream import DataCfg, build_loader
+    from runtime.dist import DistEnv
+
+    manifest = path / "dataset.json" if path.is_dir() else path
+    splits = list(json.loads(manifest.read_text())["splits"])
+    split = "val" if "val" in splits else splits[0]
+    loader = build_loader(DataCfg(path=str(manifest), workers=0, crop_pct=crop_pct), split, train=False,
+                          dist_env=DistEnv(), image_size=hw, micro_batch=n, seed=0, device="cpu")
+    try:
+        images, labels = next(iter(loader))
+    finally:
+        loader.close()
+    return images[labels >= 0]
+
+
+def inspect_verb(weights: str, images: str | None, out: str, n: int = 8) -> list[Path]:
+    """`inspect`: the figures and numbers of a vitscale weight file into `out`."""
+    from runtime.config import ConfigError
+    from vit.inspect import inspect_model, write_inspection
+    from vit.weights import identify_weights, load_weights
+
+    if not Path(weights).is_file():
+        raise ConfigError(f"{weights} does not exist; pass a vitscale weight file (.safetensors)")
+    fmt = identify_weights(weights)
+    if fmt.kind != "vitscale":
+        raise ConfigError(f"{weights} {fmt.found}; inspect takes a vitscale weight file: {fmt.fix}")
+    sd, meta = load_weights(weights)
+    model = VisionTransformer(meta["config"])
+    model.load_state_dict(sd)
+    settings, batch = meta["eval"], None
+    if images:
+        src = Path(images)
+        if not src.exists():
+            raise ConfigError(f"--images {images} does not exist; pass a folder of images or a dataset.json")
+        shards = src.suffix == ".json" or (src / "dataset.json").is_file()
+        read = _shard_images if shards else _folder_images
+        batch = read(src, model.cfg.image_hw, settings.crop_pct, n)
+        if not len(batch):
+            raise ConfigError(f"--images {images} holds no image (.jpg, .png, .webp) or labelled sample")
+    numbers, figures = inspect_model(model, batch, (settings.mean, settings.std))
+    return write_inspection(out, numbers, figures)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -32,9 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("variants", nargs="*", default=[v for v in variant_names() if v != "debug"])
     i.add_argument("--image-size", type=int, default=224)
     i.add_argument("--num-classes", type=int, default=1000)
+    s = sub.add_parser("inspect", help="figures of a weight file: embedding filters, pos-embed similarity, "
+                       "attention distance and rollout (PNG + inspect.json)")
+    s.add_argument("weights")
+    s.add_argument("--images", default=None, help="a folder of images or a dataset.json (the attention figures "
+                   "need images; without, only the filters and position embeddings are drawn)")
+    s.add_argument("--out", default="inspect", help="output folder (default ./inspect)")
+    s.add_argument("--n", type=int, default=8, help="images used (at most 8 are drawn)")
     args = p.parse_args(argv)
-    print(info(args.variants, args.image_size, args.num_classes))
-    return 0
+    if args.verb == "info":
+        print(info(args.variants, args.image_size, args.num_classes))
+        return 0
+    from trainer.cli import run_verb
+
+    return run_verb(lambda: print("\n".join(str(f) for f in inspect_verb(args.weights, args.images, args.out,
+                                                                          args.n))))
 
 
 if __name__ == "__main__":

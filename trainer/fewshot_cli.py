@@ -1,0 +1,117 @@
+"""`fewshot` and `linear-probe` verbs: the few-shot evaluator of trainer/fewshot.py on any weight file.
+
+    python -m finetune fewshot WEIGHTS data.path=DATASET [shots=1,5,10] [seeds=3] [out=F.json]
+    python -m finetune linear-probe WEIGHTS data.path=DATASET [out=F.json]
+    torchrun --nproc_per_node 2 -m finetune fewshot ...      (features sharded over ranks; same result)
+
+The weights are evaluated as their run evaluated them (image size, crop, normalisation, precision: the file's
+eval settings, as `eval`). A table goes to stdout, the full result (per seed, chosen l2) to a JSON file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.config import ConfigError, from_dict, parse_override
+from runtime.dist import detect, init_distributed
+from runtime.io import atomic_write_json
+from trainer.config import DataCfg, FewShotCfg, validate_fewshot
+from trainer.evaluate import DTYPES
+from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
+
+OPTIONS = {"shots": None, "seeds": None, "holdout": None, "l2": None, "out": None, "model.image_size": None,
+           "eval.micro_batch": 64, "eval.precision": None}
+
+
+def _options(overrides: list[str]) -> tuple[DataCfg, FewShotCfg, dict]:
+    """(data section, few-shot settings, other options) from `key=value`; bad input is a ConfigError."""
+    data, opts = {}, dict(OPTIONS)
+    data_fields = {f.name for f in dataclasses.fields(DataCfg)}
+    for text in overrides:
+        keys, value = parse_override(text)
+        key = ".".join(keys)
+        if key in ("shots", "l2") and isinstance(value, (str, int, float)):
+            value = [v for v in str(value).split(",") if v]  # shots=1,5,10 as well as shots=[1,5,10]
+        if key in opts:
+            opts[key] = value
+        elif len(keys) == 2 and keys[0] == "data" and keys[1] in data_fields:
+            data[keys[1]] = value
+        else:
+            raise ConfigError(f"unknown option {key!r} (valid: data.<key> of the data section, {', '.join(OPTIONS)})")
+    if not data.get("path"):
+        raise ConfigError("data.path is required: fewshot WEIGHTS data.path=DATASET/dataset.json")
+    data.setdefault("workers", 2)
+    fs = {k: opts.pop(k) for k in ("shots", "seeds", "holdout", "l2") if opts[k] is not None}
+    try:
+        fs = from_dict(FewShotCfg, {**fs, "datasets": [data["path"]], "train_split": data.get("train_split", "train"),
+                                    "val_split": data.get("val_split") or "val"}, "fewshot")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad few-shot option: {err}") from err
+    if problems := validate_fewshot(fs, prefix=""):
+        raise ConfigError("; ".join(problems))
+    for k in ("shots", "seeds", "holdout", "l2"):
+        opts.pop(k, None)
+    return from_dict(DataCfg, data, "data"), fs, opts
+
+
+def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dict, int, dict]:
+    """({split: (features, labels)}, classes, eval settings used) of the weight file on both splits."""
+    from trainer.export import load_eval_model
+
+    model, settings = load_eval_model(weights, o["model.image_size"])
+    precision = o["eval.precision"] or settings.precision
+    data = dataclasses.replace(data, crop_pct=settings.crop_pct)
+    env = init_distributed(detect())
+    dev = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    amp = precision.startswith("amp_")
+    dtype = DTYPES[precision.removeprefix("amp_")]
+    model.to(dev, dtype=torch.float32 if amp else dtype)
+    context = (lambda: torch.autocast(dev.type, dtype=dtype)) if amp else contextlib.nullcontext
+    feats, n = dataset_features(model, model.head, data, (fs.train_split, fs.val_split), env, model.cfg.image_hw,
+                                o["eval.micro_batch"], dev, torch.float32 if amp else dtype, context,
+                                (settings.mean, settings.std))
+    return feats, n, {"image_size": list(model.cfg.image_hw), "precision": precision, "crop_pct": data.crop_pct,
+                      "is_main": env.is_main}
+
+
+def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dict:
+    """`fewshot` (probe=False) or `linear-probe`: print a table, write the JSON, return the result."""
+    data, fs, o = _options(overrides)
+    feats, n, info = _features(weights, data, fs, o)
+    train, val = feats[fs.train_split], feats[fs.val_split]
+    name = dataset_name(data.path)
+    result = {"weights": str(weights), "dataset": name, "classes": n, "train_samples": len(train[1]),
+              "val_samples": len(val[1]), **{k: v for k, v in info.items() if k != "is_main"}}
+    if probe:
+        result["linear_probe"] = linear_probe_top1(train, val, n, fs.l2)
+        rows = [("linear probe (all train)", result["linear_probe"]["top1"])]
+    else:
+        res = fewshot_top1(train, val, n, fs.shots, fs.seeds, fs.holdout, fs.l2)
+        result.update(seeds=fs.seeds, holdout=fs.holdout, fewshot={f"{k}shot": r for k, r in res.items()})
+        rows = [(f"{k}-shot", r["top1"]) for k, r in res.items()]
+    out = Path(o["out"] or Path(weights).with_suffix("").as_posix() + f".{'probe' if probe else 'fewshot'}.json")
+    if info["is_main"]:
+        atomic_write_json(out, result)
+        print(f"{name}: {n} classes, {result['train_samples']} train / {result['val_samples']} val images at "
+              f"{info['image_size'][0]}x{info['image_size'][1]} px")
+        print("\n".join(f"  {label:<26}{top1:>8.2%}" for label, top1 in rows))
+        print(json.dumps({"top1": {label: top1 for label, top1 in rows}, "json": str(out)}))
+    return result
+
+
+def fewshot_verbs(sub) -> dict:
+    """The stage CLI's `fewshot` and `linear-probe` verbs (for trainer.cli.stage_main's `extra=`)."""
+    for verb, text in (("fewshot", "few-shot linear top-1 (closed-form ridge on frozen pre-logits, big_vision's "
+                        "fewshot_lsr) of a weight file on a dataset"),
+                       ("linear-probe", "the same ridge on the features of the whole training split")):
+        v = sub.add_parser(verb, help=text)
+        v.add_argument("weights", help="a vitscale weight file or a run dir (its latest checkpoint)")
+        v.add_argument("overrides", nargs="*", help="data.path=... (required), shots=1,5,10, seeds=3, holdout=2, "
+                       "out=F.json, data.train_split=, data.val_split=, model.image_size=, eval.micro_batch=")
+    return {"fewshot": lambda a: fewshot_verb(a.weights, a.overrides),
+            "linear-probe": lambda a: fewshot_verb(a.weights, a.overrides, probe=True)}
