@@ -35,8 +35,8 @@ def _options(overrides: list[str]) -> tuple[DataCfg, FewShotCfg, dict]:
     for text in overrides:
         keys, value = parse_override(text)
         key = ".".join(keys)
-        if key in ("shots", "l2") and isinstance(value, (str, int, float)):
-            value = [v for v in str(value).split(",") if v]  # shots=1,5,10 as well as shots=[1,5,10]
+        if key in ("shots", "l2") and isinstance(value, (str, int, float)):  # shots=1,5,10 as well as shots=[1,5,10]
+            value = [parse_override(f"x={v}")[1] for v in str(value).split(",") if v.strip()]
         if key in opts:
             opts[key] = value
         elif len(keys) == 2 and keys[0] == "data" and keys[1] in data_fields:
