@@ -65,16 +65,18 @@ def _targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return 2.0 * torch.nn.functional.one_hot(labels, num_classes).double() - 1.0  # (n, C) in {-1, 1}
 
 
-def fit_and_score(train_x: torch.Tensor, train_y: torch.Tensor, tests: list[tuple[torch.Tensor, torch.Tensor]],
-                  num_classes: int, l2s: Sequence[float]) -> list[np.ndarray]:
-    """Whiten with the fit's statistics, fit every l2, and return per test set the top-1 of each l2 (len(l2s),)."""
-    mean, std = train_x.mean(0), train_x.std(0, unbiased=False) + 1e-5  # big_vision's whitening
-    fits = ridge_fit((train_x - mean) / std, _targets(train_y, num_classes), l2s)
-    scores = []
-    for x, y in tests:
-        xw = (x - mean) / std  # (m, d)
-        scores.append(np.array([((xw @ w + b).argmax(1) == y).double().mean().item() for w, b in fits]))
-    return scores
+class RidgeFits:
+    """Ridge classifiers for every l2 of a grid, fitted on whitened features (big_vision's fewshot_lsr)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, l2s: Sequence[float]):
+        self.mean, self.std = x.mean(0), x.std(0, unbiased=False) + 1e-5  # whitening, as big_vision
+        self.fits = ridge_fit((x - self.mean) / self.std, _targets(y, num_classes), l2s)
+
+    def top1(self, x: torch.Tensor, y: torch.Tensor, which: Sequence[int] | None = None) -> np.ndarray:
+        """Top-1 on (x, y) of each fit (or of the fits `which`)."""
+        xw = (x - self.mean) / self.std  # (m, d)
+        fits = self.fits if which is None else [self.fits[i] for i in which]
+        return np.array([((xw @ w + b).argmax(1) == y).double().mean().item() for w, b in fits])
 
 
 def choose_l2(scores: np.ndarray, l2s: Sequence[float]) -> int:
@@ -100,11 +102,10 @@ def fewshot_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
         for k in shots:
             fit = torch.from_numpy(np.concatenate([p[:k] for p in perms]))
             held = torch.from_numpy(np.concatenate([p[k:k + holdout] for p in perms]))
-            i = len(l2s) - 1  # no image left to hold out: the strongest regulariser
-            if len(held):
-                held_scores, = fit_and_score(tx[fit], ty[fit], [(tx[held], ty[held])], num_classes, l2s)
-                i = choose_l2(held_scores, l2s)
-            top1, = fit_and_score(tx[fit], ty[fit], [(vx, vy)], num_classes, [l2s[i]])
+            fits = RidgeFits(tx[fit], ty[fit], num_classes, l2s)
+            # no image left to hold out: the strongest regulariser
+            i = choose_l2(fits.top1(tx[held], ty[held]), l2s) if len(held) else len(l2s) - 1
+            top1 = fits.top1(vx, vy, [i])
             out[k]["top1_per_seed"].append(float(top1[0]))
             out[k]["l2"].append(l2s[i])
     for r in out.values():
@@ -120,9 +121,8 @@ def linear_probe_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(ty)))
     n_held = max(1, int(len(ty) * holdout_share))
     held, fit = perm[:n_held], perm[n_held:]
-    scores, = fit_and_score(tx[fit], ty[fit], [(tx[held], ty[held])], num_classes, l2s)
-    i = choose_l2(scores, l2s)
-    top1, = fit_and_score(tx, ty, [(val[0].double(), val[1].long())], num_classes, [l2s[i]])
+    i = choose_l2(RidgeFits(tx[fit], ty[fit], num_classes, l2s).top1(tx[held], ty[held]), l2s)
+    top1 = RidgeFits(tx, ty, num_classes, [l2s[i]]).top1(val[0].double(), val[1].long())
     return {"top1": float(top1[0]), "l2": l2s[i], "train_samples": len(ty), "val_samples": len(val[1])}
 
 

@@ -1,0 +1,112 @@
+"""What few-shot eval every N steps adds to pre-training, measured (trainer/fewshot.py; issue #17).
+
+    python bench/fewshot_cost.py                                  (CPU: B/16 at 224 px, the L/16 recipe's schedule)
+    python bench/fewshot_cost.py --variant debug --image-size 32 --micro-batch 32    (seconds, a smoke run)
+
+A few-shot eval is (a) one no-grad forward per image of the downstream train and val splits, through the real
+`extract_features` (hook on the head, key-sorted gather), and (b) the ridge fits on the host: every seed,
+shot count and l2 of the grid. A training step is forward + backward + AdamW over `global_batch` images.
+(a) and the training step are both the model's matmuls, so their ratio measured here carries over to the GPU
+(a forward is ~1/3 of a training image on any device); (b) runs on the host in training too, so its seconds
+are measured as they are, at the recipe's feature width and the datasets' sizes, and set against the GPU
+interval at the throughput given by --gpu-img-per-s. Prints each part and the overhead share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.fewshot import extract_features, fewshot_top1  # noqa: E402
+from vit import VisionTransformer, vit_config  # noqa: E402
+
+# big_vision's few-shot datasets (train, val, classes): what `eval.fewshot.datasets` would typically hold
+DATASETS = {"cifar100": (50_000, 10_000, 100), "pets": (3_680, 3_669, 37), "dtd": (3_760, 1_880, 47),
+            "caltech101": (3_060, 6_084, 102)}
+
+
+def _per_image(fn, batch: int, reps: int) -> float:
+    fn()  # warm-up (allocations, kernels)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / (reps * batch)
+
+
+def measure_model(variant: str, image_size: int, micro_batch: int, reps: int) -> tuple[float, float]:
+    """(seconds per training image, seconds per few-shot feature image) of one model on this machine."""
+    torch.manual_seed(0)
+    cfg = vit_config(variant, image_size=image_size, num_classes=1000)
+    model = VisionTransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(micro_batch, 3, image_size, image_size)
+    y = torch.randint(0, 1000, (micro_batch,))
+
+    def train_step() -> None:
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    batches = [(torch.randint(0, 256, (micro_batch, 3, image_size, image_size), dtype=torch.uint8),
+                torch.arange(micro_batch), [f"{i:06d}" for i in range(micro_batch)])]
+    t_train = _per_image(train_step, micro_batch, reps)
+    t_feat = _per_image(lambda: extract_features(model, model.head, batches, torch.device("cpu")), micro_batch, reps)
+    return t_train, t_feat
+
+
+def measure_solve(width: int, train: int, val: int, classes: int, shots: list[int], seeds: int) -> float:
+    """Seconds of the ridge fits of one dataset (every seed, shot count, l2) on random features of `width`."""
+    g = torch.Generator().manual_seed(0)
+    tr = (torch.randn(train, width, generator=g), torch.randint(0, classes, (train,), generator=g))
+    va = (torch.randn(val, width, generator=g), torch.randint(0, classes, (val,), generator=g))
+    t0 = time.perf_counter()
+    fewshot_top1(tr, va, classes, shots, seeds, holdout=2)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="B/16", help="model whose forward/train ratio is measured (default B/16)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--every", type=int, default=5000, help="steps between few-shot evals (vit_l16_in21k: eval.every)")
+    p.add_argument("--global-batch", type=int, default=4096)
+    p.add_argument("--width", type=int, default=1024, help="feature width (L/16's pre-logits: 1024)")
+    p.add_argument("--datasets", default="cifar100,pets", help=f"of {', '.join(DATASETS)}")
+    p.add_argument("--shots", default="1,5,10,25")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--gpu-img-per-s", type=float, default=8 * 600.0,
+                   help="pre-training throughput of the job, images/s (default: 8 GPUs x 600, L/16 bf16 on A100)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t_train, t_feat = measure_model(args.variant, args.image_size, args.micro_batch, args.reps)
+    names = args.datasets.split(",")
+    shots = [int(s) for s in args.shots.split(",")]
+    images = sum(DATASETS[n][0] + DATASETS[n][1] for n in names)
+    solve = sum(measure_solve(args.width, *DATASETS[n], shots, args.seeds) for n in names)
+    interval_images = args.every * args.global_batch
+    feat_share = images * t_feat / (interval_images * t_train)  # device time: ratio carries over
+    interval_s = interval_images / args.gpu_img_per_s
+    solve_share = solve / interval_s
+    print(f"{args.variant} @ {args.image_size} px on {torch.get_num_threads()} CPU threads: training "
+          f"{t_train * 1e3:.1f} ms/image, few-shot features {t_feat * 1e3:.1f} ms/image "
+          f"(ratio {t_feat / t_train:.2f})")
+    print(f"few-shot every {args.every} steps x {args.global_batch} = {interval_images:,} training images; "
+          f"datasets {', '.join(names)}: {images:,} feature images ({feat_share:.3%} of the interval's device time)")
+    print(f"ridge fits ({len(shots)} shot counts x {args.seeds} seeds x 13 l2, width {args.width}): {solve:.1f} s on "
+          f"the host = {solve_share:.3%} of the interval at {args.gpu_img_per_s:.0f} img/s ({interval_s / 60:.0f} min)")
+    total = feat_share + solve_share
+    print(f"overhead: {total:.2%} of pre-training wall time ({'under' if total < 0.03 else 'OVER'} 3 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
