@@ -8,8 +8,11 @@
    under torchrun (on a GPU machine, one per GPU);
 3. `pretrain export` -> model.safetensors;
 4. `finetune eval` at 64 px (an 8x8 grid, pos-embed interpolated), no training;
+   (few-shot linear eval on the digits at initialisation, mid-way and at the end: `eval.fewshot.*`);
 5. `finetune train` at 64 px with Accelerate, then `finetune eval` of the best weights;
-6. a table: samples, shards, accuracies, images/s of each stage, wall time, where logs and weights are.
+6. `vit inspect` of the fine-tuned weights: embedding filters, pos-embed similarity, attention distance and
+   rollout figures in OUT/inspect/;
+7. a table: samples, shards, accuracies, images/s of each stage, wall time, where logs and weights are.
 
 Every stage is the real CLI, run as a subprocess; its command is printed first, so it can be copied. A stage
 whose outputs are complete is skipped when the demo is run again; an interrupted training resumes from its
@@ -135,8 +138,11 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
                 "data.crop_pct=1.0", "data.workers=1"]
 
     def trained(run: Path, steps: int, top1: Callable[[dict], float]) -> dict:
-        return {"images": steps * GLOBAL_BATCH, "img_per_s": _tb_img_per_s(run / "tb"),
-                "top1": top1(_read_json(run / "report.json"))}
+        report = _read_json(run / "report.json")
+        fewshot = {"fewshot_before": report["fewshot"][0]["shards"],
+                   "fewshot_after": report["fewshot"][-1]["shards"]} if report.get("fewshot") else {}
+        return {"images": steps * GLOBAL_BATCH, "img_per_s": _tb_img_per_s(run / "tb"), "top1": top1(report),
+                **fewshot}
 
     def evaluated(path: Path) -> dict:
         m = _read_json(path)
@@ -146,7 +152,9 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
     return [
         Stage("pretrain", [*_torchrun(args.nproc), "-m", "pretrain", "train", "debug_cpu", data,
                            f"run.dir={_shown(pre)}", f"model.image_size={PRETRAIN_PX}", f"train.steps={p_steps}",
-                           micro, f"eval.every={max(1, p_steps // 2)}", "log.every=10", "checkpoint.every=100"],
+                           micro, f"eval.every={max(1, p_steps // 2)}", "log.every=10", "checkpoint.every=100",
+                           f"eval.fewshot.datasets=[{_shown(out / 'shards' / 'dataset.json')}]",
+                           "eval.fewshot.shots=[1,5,10]"],
               [pre / "report.json"], threads, p_steps, collect=lambda: trained(pre, p_steps, lambda r: r["eval/top1"]),
               note=FIRST_START if args.cpu else ""),
         Stage("export", [*py, "-m", "pretrain", "export", _shown(pre), "--out", _shown(weights)], [weights]),
@@ -160,6 +168,9 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
               collect=lambda: trained(ft, f_steps, lambda r: r["best"]["top1"])),
         Stage("eval_after", evaluate(best), [out / "eval_after.json"],
               json_out=out / "eval_after.json", collect=lambda: evaluated(out / "eval_after.json")),
+        Stage("inspect", [*py, "-m", "vit", "inspect", _shown(best), "--images",
+                          _shown(out / "shards" / "dataset.json"), "--out", _shown(out / "inspect")],
+              [out / "inspect" / "inspect.json"]),
     ]
 
 
@@ -238,6 +249,8 @@ def summarize(state: dict, out: Path, wall_s: float, reused: set[str]) -> dict:
         "shards": {k: len(v["shards"]) for k, v in splits.items()},
         "pretrain_top1": stages["pretrain"]["top1"], "top1_before": stages["eval_before"]["top1"],
         "top1_after": stages["eval_after"]["top1"], "stages": rows, "wall_s": wall_s,
+        "fewshot_before": stages["pretrain"].get("fewshot_before"), "fewshot_after": stages["pretrain"].get(
+            "fewshot_after"), "inspect": sorted(_shown(p) for p in (out / "inspect").glob("*.png")),
         "tensorboard_logdir": _shown(out),
         "tensorboard": [_shown(out / "pretrain" / "tb"), _shown(out / "finetune" / "tb")],
         "weights": {"pretrained": _shown(out / "pretrain" / "export" / "model.safetensors"),
@@ -260,7 +273,13 @@ def table(s: dict, args: argparse.Namespace) -> str:
                                                for k in s["samples"]), "",
              f"  {'':<84}{'val top-1':>10}"]
     lines += [f"  {text:<84}{top1:>10.1%}" for text, top1 in results]
-    lines += [f"  {'(chance)':<84}{0.1:>10.1%}", "", f"  {'stage':<14}{'seconds':>9}{'images/s':>11}"]
+    lines += [f"  {'(chance)':<84}{0.1:>10.1%}"]
+    if s["fewshot_before"] and s["fewshot_after"]:  # few-shot linear eval of the pre-training run (ridge, 3 seeds)
+        lines += ["", f"  {'few-shot linear top-1 on the digits val split (frozen features, ridge, 3 seeds)':<84}"
+                  f"{'before':>10}{'after':>8}"]
+        lines += [f"  {f'  {k[:-4]}-shot, pre-training at {PRETRAIN_PX} px':<84}{s['fewshot_before'][k]:>10.1%}"
+                  f"{s['fewshot_after'][k]:>8.1%}" for k in s["fewshot_after"]]
+    lines += ["", f"  {'stage':<14}{'seconds':>9}{'images/s':>11}"]
     for name, r in s["stages"].items():
         rate = f"{r['img_per_s']:11.0f}" if r["img_per_s"] else f"{'':>11}"
         lines.append(f"  {name:<14}{r['seconds']:9.1f}{rate}{'   (reused)' if r['reused'] else ''}")
@@ -273,7 +292,8 @@ def table(s: dict, args: argparse.Namespace) -> str:
         f"({', '.join(s['tensorboard'])})",
         f"  weights      {s['weights']['pretrained']} (pre-trained, {PRETRAIN_PX} px)",
         f"               {s['weights']['finetuned']} (fine-tuned, {FINETUNE_PX} px)",
-        f"  previews     {', '.join(s['previews'])}", "=" * 100,
+        f"  previews     {', '.join(s['previews'])}",
+        f"  inspect      {', '.join(s['inspect'])}", "=" * 100,
     ]
     return "\n".join(lines)
 

@@ -22,7 +22,8 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
-STAGES = ["digits", "shards", "verify", "preview", "pretrain", "export", "eval_before", "finetune", "eval_after"]
+STAGES = ["digits", "shards", "verify", "preview", "pretrain", "export", "eval_before", "finetune", "eval_after",
+          "inspect"]
 
 
 def _demo(out: Path) -> subprocess.CompletedProcess:
@@ -54,6 +55,10 @@ def test_accuracies_beat_thresholds(demo: tuple[Path, str]) -> None:
         assert s["stages"][name]["seconds"] > 0 and not s["stages"][name]["reused"]
     assert s["stages"]["pretrain"]["img_per_s"] > 0 and s["stages"]["finetune"]["img_per_s"] > 0
     assert f"{s['top1_after']:.1%}" in stdout  # the final table shows it
+    before, after = s["fewshot_before"], s["fewshot_after"]  # few-shot linear top-1 at init and after pre-training
+    print(f"10-shot before {before['10shot']:.3f}, after {after['10shot']:.3f}")
+    assert set(after) == {"1shot", "5shot", "10shot"} and after["10shot"] > before["10shot"] + 0.05
+    assert f"{after['10shot']:.1%}" in stdout
 
 
 def test_outputs_exist_and_load(demo: tuple[Path, str]) -> None:
@@ -70,6 +75,10 @@ def test_outputs_exist_and_load(demo: tuple[Path, str]) -> None:
     assert load_model(ft).cfg.image_hw == (64, 64)
     with Image.open(out / "preview_digits.png") as img:
         assert img.width > 200 and img.height > 200
+    for name in ("embedding_filters", "pos_embed_similarity", "attention_distance", "attention_rollout"):
+        with Image.open(out / "inspect" / f"{name}.png") as img:  # the fine-tuned model's figures
+            assert img.width > 300
+    assert json.loads((out / "inspect" / "inspect.json").read_text())["grid"] == [8, 8]
     for run in ("pretrain", "finetune"):
         assert list((out / run / "tb").rglob("events.out.tfevents.*")), run
         assert (out / run / "report.json").is_file() and (out / run / "config.yaml").is_file()

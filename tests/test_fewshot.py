@@ -63,7 +63,7 @@ def test_choose_l2_breaks_ties_toward_regularisation() -> None:
 # ---- a real pre-training run (2 processes, DeepSpeed ZeRO-2) with few-shot eval on ---------------------------
 @pytest.fixture(scope="module")
 def pretrained(digits_shards: Path, tmp_path_factory) -> Path:
-    """300 steps of debug_cpu on digits with few-shot eval at steps 150 and 300 (~40 s)."""
+    """300 steps of debug_cpu on digits with few-shot eval at steps 0, 150 and 300 (~40 s)."""
     run = tmp_path_factory.mktemp("fewshot_run")
     rc, out = _train(digits_shards, run, "train.steps=300", "eval.every=150", "checkpoint.every=300",
                      f"eval.fewshot.datasets=[{digits_shards}]", "eval.fewshot.shots=[1,10]", "eval.fewshot.seeds=2")
@@ -98,11 +98,12 @@ def _fewshot_cli(*args: str, nproc: int = 0) -> dict:
 @pytest.mark.slow
 def test_training_logs_fewshot_and_inspect(pretrained: Path) -> None:
     report = _report(pretrained)
-    assert [r["step"] for r in report["fewshot"]] == [150, 300]
-    last = report["fewshot"][-1]["shards"]  # a dataset's tag is its folder's name
+    assert [r["step"] for r in report["fewshot"]] == [0, 150, 300]
+    first, last = report["fewshot"][0]["shards"], report["fewshot"][-1]["shards"]  # tag: the dataset's folder
     assert set(last) == {"1shot", "10shot"} and last["10shot"] > last["1shot"]
+    assert last["10shot"] > first["10shot"] + 0.1  # pre-training improves the representation
     tags = _scalars(pretrained)
-    assert [s for s, _ in tags["fewshot/shards/10shot"]] == [150, 300]
+    assert [s for s, _ in tags["fewshot/shards/10shot"]] == [0, 150, 300]
     assert {f"inspect/{f}" for f in ("embedding_filters", "pos_embed_similarity", "attention_distance",
                                      "attention_rollout")} <= set(tags["_images"])
 

@@ -116,6 +116,8 @@ class Loop:
     def run(self) -> dict:
         """Train to the end; returns the report (also written to run.dir/report.json by rank 0)."""
         meter, s = self.monitor.meter, self.state
+        if self.fewshot is not None and s.step == 0:
+            self.run_fewshot()  # a fresh run's baseline at initialisation: the curve starts where the weights did
         try:
             while s.applied < self.total:  # the run is `total` applied steps: a skipped step is made up
                 meter.start_wait()
