@@ -4,21 +4,25 @@
     python bench/fewshot_cost.py --variant debug --image-size 32 --micro-batch 32    (seconds, a smoke run)
 
 A few-shot eval is (a) one no-grad forward per image of the downstream train and val splits, through the real
-`extract_features` (hook on the head, key-sorted gather), and (b) the ridge fits on the host: every seed,
-shot count and l2 of the grid. A training step is forward + backward + AdamW over `global_batch` images.
+`extract_features` (hook on the head, key-sorted gather), (b) the ridge fits on the host: every seed, shot
+count and l2 of the grid, and (c) decoding those images in the loader workers (the stream's own eval decode
+of a 500x375 JPEG, ImageNet's typical size; split over ranks x workers; the GPU waits for it). A training
+step is forward + backward + AdamW over `global_batch` images.
 (a) and the training step are both the model's matmuls, so their ratio measured here carries over to the GPU
 (a forward is ~1/3 of a training image on any device); (b) runs on the host in training too, so its seconds
 are measured as they are, at the recipe's feature width and the datasets' sizes, and set against the GPU
-interval at the throughput given by --gpu-img-per-s. Prints each part and the overhead share.
+interval at the throughput given by --gpu-img-per-s; so are (c)'s. Prints each part and the overhead share.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,6 +65,23 @@ def measure_model(variant: str, image_size: int, micro_batch: int, reps: int) ->
     return t_train, t_feat
 
 
+def measure_decode(image_size: int, reps: int = 50) -> float:
+    """Seconds to decode, resize and centre-crop one 500x375 JPEG as the eval stream does (one worker)."""
+    from PIL import Image
+
+    from data_prep.transforms import center_crop_box, crop_resize_pil
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG", quality=90)
+    data, size = buf.getvalue(), (image_size, image_size)
+    box = center_crop_box(500, 375, size)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        crop_resize_pil(data, box, size, False)
+    return (time.perf_counter() - t0) / reps
+
+
 def measure_solve(width: int, train: int, val: int, classes: int, shots: list[int], seeds: int) -> float:
     """Seconds of the ridge fits of one dataset (every seed, shot count, l2) on random features of `width`."""
     g = torch.Generator().manual_seed(0)
@@ -85,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--gpu-img-per-s", type=float, default=8 * 600.0,
                    help="pre-training throughput of the job, images/s (default: 8 GPUs x 600, L/16 bf16 on A100)")
+    p.add_argument("--ranks", type=int, default=8, help="GPUs of the job (the few-shot images are split over them)")
+    p.add_argument("--workers", type=int, default=10, help="loader workers per rank (vit_l16_in21k: data.workers)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_train, t_feat = measure_model(args.variant, args.image_size, args.micro_batch, args.reps)
@@ -96,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     feat_share = images * t_feat / (interval_images * t_train)  # device time: ratio carries over
     interval_s = interval_images / args.gpu_img_per_s
     solve_share = solve / interval_s
+    decode = images * measure_decode(args.image_size) / (args.ranks * args.workers)
+    decode_share = decode / interval_s
     print(f"{args.variant} @ {args.image_size} px on {torch.get_num_threads()} CPU threads: training "
           f"{t_train * 1e3:.1f} ms/image, few-shot features {t_feat * 1e3:.1f} ms/image "
           f"(ratio {t_feat / t_train:.2f})")
@@ -103,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
           f"datasets {', '.join(names)}: {images:,} feature images ({feat_share:.3%} of the interval's device time)")
     print(f"ridge fits ({len(shots)} shot counts x {args.seeds} seeds x 13 l2, width {args.width}): {solve:.1f} s on "
           f"the host = {solve_share:.3%} of the interval at {args.gpu_img_per_s:.0f} img/s ({interval_s / 60:.0f} min)")
-    total = feat_share + solve_share
+    print(f"decoding {images:,} JPEGs (500x375) over {args.ranks} ranks x {args.workers} workers: {decode:.1f} s = "
+          f"{decode_share:.3%} of the interval")
+    total = feat_share + solve_share + decode_share
     print(f"overhead: {total:.2%} of pre-training wall time ({'under' if total < 0.03 else 'OVER'} 3 %)")
     return 0
 

@@ -202,9 +202,9 @@ class FewShotEval:
         self.f: FewShotCfg = cfg.eval.fewshot
         self.env, self.image_size, self.monitor = env, image_size, monitor
         self.micro_batch = cfg.eval.micro_batch or cfg.train.micro_batch
-        # the run's own eval preprocessing; few workers: these loaders live only for the duration of one eval
-        self.data = [dataclasses.replace(cfg.data, path=p, num_classes=None, shard_root=None,
-                                         workers=min(cfg.data.workers, 2)) for p in self.f.datasets]
+        # the run's own eval preprocessing and workers (decoding is the cost the GPU waits for; the loaders live
+        # only for the duration of one eval)
+        self.data = [dataclasses.replace(cfg.data, path=p, num_classes=None, shard_root=None) for p in self.f.datasets]
 
     def run(self, backend, step: int) -> dict:
         """{dataset: {k: top-1 result}} of the backend's current weights (every rank must call it)."""
