@@ -123,8 +123,9 @@ class Monitor:
             return
         from vit.inspect import figure_rgb, inspect_model
 
-        model = VisionTransformer(vcfg)
-        model.load_state_dict(weights)
+        with torch.device("meta"):  # no initialisation: the weights are assigned
+            model = VisionTransformer(vcfg)
+        model.load_state_dict(weights, assign=True)
         _, figures = inspect_model(model, self.sample_images)
         for name, fig in figures.items():
             self.tb.image(f"inspect/{name}", figure_rgb(fig), step)

@@ -76,6 +76,10 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
             resolve_source(d.path, d.train_split)  # format version, split, shards present
             if d.val_split:
                 resolve_source(d.path, d.val_split)
+        fs = cfg.eval.fewshot
+        for path in fs.datasets:  # their splits, before the first few-shot eval (step 0) could fail mid-run
+            resolve_source(path, fs.train_split)
+            resolve_source(path, fs.val_split)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
