@@ -155,7 +155,7 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
                            micro, f"eval.every={max(1, p_steps // 2)}", "log.every=10", "checkpoint.every=100",
                            f"eval.fewshot.datasets=[{_shown(out / 'shards' / 'dataset.json')}]",
                            "eval.fewshot.shots=[1,5,10]"],
-              [pre / "report.json"], threads, p_steps, collect=lambda: trained(pre, p_steps, lambda r: r["eval/top1"]),
+              [pre / "report.json"], threads, p_steps, collect=lambda: trained(pre, p_steps, lambda r: r["last"]["top1"]),
               note=FIRST_START if args.cpu else ""),
         Stage("export", [*py, "-m", "pretrain", "export", _shown(pre), "--out", _shown(weights)], [weights]),
         Stage("eval_before", evaluate(weights), [out / "eval_before.json"], json_out=out / "eval_before.json",
