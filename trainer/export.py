@@ -84,6 +84,8 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     """The model with its own head from a weight file or a run dir (its latest checkpoint), at `image_size`
     (position embeddings resampled when it differs), with the eval settings it was saved with."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no weight file or run dir at {path}")
     if path.is_dir() and identify_weights(path).kind != "hf-folder":
         sd, src, state = consolidate(path, ema=bool(state_ema(path)))
         settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
