@@ -33,8 +33,10 @@ from data_prep.manifest import (
     size_bin,
     summary_table,
 )
+from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
+from data_prep.readers import read_locs
 from data_prep.sources import Listing, list_source
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
@@ -49,6 +51,9 @@ class ShardJob:
     root: str
     out: str
     opts: ImageOptions
+    kind: str = "file"  # where the bytes are: readers.read_locs
+    column: str = ""  # parquet: the image column
+    near: str = ""  # the downstream pHash index (.npz) of --exclude-near, if any
 
 
 class _HashingWriter:
@@ -76,16 +81,23 @@ def _stats_add(stats: dict, w: int, h: int, nbytes: int) -> None:
     stats["shorter_side"][size_bin(min(w, h))] += 1
 
 
-def _read(root: str, rel: str, want_sha: str) -> tuple[bytes, str]:
-    try:
-        with open(os.path.join(root, rel), "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise Reject("unreadable", e.strerror or str(e)) from None
+def _checked(data: bytes | Reject, want_sha: str) -> tuple[bytes, str]:
+    if isinstance(data, Reject):
+        raise data
     sha = hashlib.sha256(data).hexdigest()
     if want_sha and sha != want_sha:
         raise Reject("changed", "file changed after it was indexed; rerun to index it again")
     return data, sha
+
+
+def _near_check(job: ShardJob, phash: int | None) -> None:
+    """Reject an image within --near-threshold bits of a downstream image, naming that image."""
+    if not job.near or phash is None:
+        return
+    index, names = cached_index(job.near)
+    hit = index.lookup(phash)
+    if hit is not None:
+        raise Reject("near_duplicate", f"{hit[1]} bits from {names[hit[0]]} (--exclude-near)")
 
 
 def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
@@ -108,10 +120,12 @@ def _write_tmp_then_rename(job: ShardJob, name: str, split: str, items: list, fi
     with open(tmp, "wb") as f:
         hf = _HashingWriter(f)
         with TarWriter(hf, encoder=False, compress=False, mtime=TAR_MTIME, user="vitscale", group="vitscale") as tw:
-            for key, rel, label, label_name, want_sha in items:
+            datas = read_locs(job.kind, job.root, [it[2] for it in items], job.column)
+            for (key, rel, _, label, label_name, want_sha), raw in zip(items, datas, strict=True):
                 try:
-                    data, src_sha = _read(job.root, rel, want_sha)
-                    enc = encode_image(data, job.opts)
+                    data, src_sha = _checked(raw, want_sha)
+                    enc = encode_image(data, job.opts, want_hash=bool(job.near))
+                    _near_check(job, enc.phash)
                 except Reject as r:
                     rejects.append({"path": rel, "reason": r.reason, "detail": r.detail})
                     continue
@@ -204,7 +218,24 @@ def load_exclude_hashes(path: str | os.PathLike) -> set[bytes]:
     return hashes
 
 
-def _check_plan(out: Path, plan: Plan, options: dict) -> None:
+def load_class_names(path: str | os.PathLike) -> dict[str, str]:
+    """Class id -> human name from a text file of `id<whitespace>name` lines (ImageNet's `words.txt`,
+    `LOC_synset_mapping.txt`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise FileNotFoundError(f"--class-names {path}: {e.strerror or e}") from None
+    names = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            parts = line.strip().split(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{n}: expected `class_id name`, got {line.strip()[:80]!r}")
+            names[parts[0]] = parts[1].strip()
+    return names
+
+
+def _check_plan(out: Path, plan: Plan, options: dict, class_names: dict[str, str] | None = None) -> None:
     """Save the plan; refuse to mix shards of a different plan into the same folder."""
     path = parts_dir(out) / "plan.json"
     if path.exists() and load_json(path).get("fingerprint") != plan.fingerprint:
@@ -215,7 +246,9 @@ def _check_plan(out: Path, plan: Plan, options: dict) -> None:
         splits[s.split].append(s.name)
     atomic_write_json(path, {"fingerprint": plan.fingerprint, "classes": plan.classes, "splits": splits,
                              "shard_fingerprints": {s.name: shard_fingerprint(plan, s.name) for s in plan.shards},
-                             "rejects": plan.rejects, "options": options}, indent=None)
+                             "rejects": plan.rejects, "options": options, "dropped_classes": plan.dropped,
+                             "class_names": [class_names.get(c, "") for c in plan.classes] if class_names else None},
+                      indent=None)
 
 
 def shard_fingerprint(plan: Plan, name: str) -> str:
@@ -224,8 +257,10 @@ def shard_fingerprint(plan: Plan, name: str) -> str:
 
 def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterator[tuple]:
     for s in shards:
-        items = [(f"{i:08d}", listing.paths[i], int(listing.labels[i]), plan.classes[listing.labels[i]],
-                  index.sha[i].tobytes().hex() if index is not None else "") for i in s.entries.tolist()]
+        label = plan.label_map[listing.labels[s.entries]].tolist()
+        items = [(f"{i:08d}", listing.paths[i], listing.loc(i), k, plan.classes[k],
+                  index.sha[i].tobytes().hex() if index is not None else "")
+                 for i, k in zip(s.entries.tolist(), label, strict=True)]
         yield job, s.name, s.split, items, shard_fingerprint(plan, s.name)
 
 
@@ -234,40 +269,53 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
                  quality: int = 90, min_size: int = MIN_SIZE, dedup: bool = True,
                  exclude_hashes: str | os.PathLike | None = None, workers: int = 1, num_nodes: int | None = None,
-                 node_rank: int | None = None, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict:
-    """Write `src` (ImageFolder tree or .csv/.jsonl list) as shards into `out`; return the manifest.
+                 node_rank: int | None = None, progress: bool = False, source_format: str = "auto",
+                 labels: str | None = None, image_column: str | None = None, label_column: str | None = None,
+                 min_per_class: int = 0, class_names: str | None = None, exclude_near: str | None = None,
+                 near_threshold: int = NEAR_THRESHOLD, log: Callable[[str], None] | None = None) -> dict:
+    """Write `src` (any source of `sources.list_source`) as shards into `out`; return the manifest.
 
     With several nodes this writes the node's share only and returns a node report
     (`{"node_rank", "num_nodes", "shards", "written"}`); `merge(out)` then writes the manifest.
     """
     t0 = time.perf_counter()
     opts = ImageOptions(resize_shorter, resize_longer, format, quality, min_size)
-    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1:
+    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1 \
+            or min_per_class < 0:
         raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
-                         "--max-shard-bytes >= 1")
+                         "--max-shard-bytes >= 1, --min-per-class >= 0")
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
     if Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve()):
         raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
                          "images of a class; write somewhere else")
+    names = load_class_names(class_names) if class_names else None
     out.mkdir(parents=True, exist_ok=True)
     exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
     options = {"source": str(Path(src).resolve()), "val_fraction": val_fraction,
                "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed,
                **{k: v for k, v in asdict(opts).items()}, "dedup": dedup,
-               "exclude_hashes": str(Path(exclude_hashes).resolve()) if exclude_hashes else None}
+               "exclude_hashes": str(Path(exclude_hashes).resolve()) if exclude_hashes else None,
+               "source_format": source_format, "labels": str(Path(labels).resolve()) if labels else None,
+               "image_column": image_column, "label_column": label_column, "min_per_class": min_per_class}
     # a single-node write owns its folder; a node of several may only clean up after its own shards
     own: list[str] | None = None if num_nodes == 1 else []
     with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
-        listing = list_source(src, map_fn=imap)
-        index = None
-        if dedup or exclude or max_shard_bytes:  # needs every file's contents before planning
+        listing = list_source(src, map_fn=imap, source_format=source_format, labels=labels,
+                              image_column=image_column, label_column=label_column,
+                              cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
+        near = ""
+        if exclude_near:
+            digest = downstream_index(exclude_near, near_threshold, parts_dir(out) / "near.npz", imap)
+            options.update(exclude_near=exclude_near, near_threshold=near_threshold, near_hashes_sha256=digest)
+            near = str(parts_dir(out) / "near.npz")
+        index = listing.index
+        if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
             with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
                 index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
         plan = make_plan(listing, index, {**options, "_exclude": exclude})
-        _check_plan(out, plan, options)
-        job = ShardJob(str(listing.root), str(out), opts)
+        _check_plan(out, plan, options, names)
+        job = ShardJob(str(listing.root), str(out), opts, listing.kind, listing.column, near)
         mine = plan.node_share(node_rank, num_nodes)
         todo = [s for s in mine if load_receipt(out, s.name, shard_fingerprint(plan, s.name)) is None]
         if own is not None:
