@@ -231,9 +231,10 @@ def test_tar_of_tars_on_two_nodes_then_merge_equals_one_node(archive, tmp_path):
     from data_prep import merge
 
     plain, _, _, _ = archive
-    write_shards(plain, tmp_path / "one", samples_per_shard=4, val_fraction=0.2)
+    one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
+    write_shards(plain, one, samples_per_shard=4, val_fraction=0.2)
     for rank in (1, 0):  # node 1 lists its inner tars, node 0 its own and takes node 1's from the cache
-        write_shards(plain, tmp_path / "two", samples_per_shard=4, val_fraction=0.2, num_nodes=2, node_rank=rank)
-    assert len(list((tmp_path / "two" / ".parts" / "list").glob("unit-*.npz"))) == 5
-    merge(tmp_path / "two")
-    assert output_files(tmp_path / "two") == output_files(tmp_path / "one")
+        write_shards(plain, two, samples_per_shard=4, val_fraction=0.2, num_nodes=2, node_rank=rank)
+    assert len(list((two / ".parts" / "list").glob("unit-*.npz"))) == 5
+    merge(two)
+    assert output_files(two) == output_files(one)
