@@ -171,8 +171,8 @@ def encode_image(data: bytes, opts: ImageOptions, want_hash: bool = False) -> En
     orientation = _orientation(img)
     fmt = output_format(img.format, opts)
     if opts.format == "keep" and scale == 1.0 and fmt == img.format and img.mode == "RGB" and orientation == 1:
-        if img.format == "JPEG":  # full entropy decode, cheap IDCT (>= 64 px when hashing, as near.phash_bytes)
-            side = 64 if want_hash else 1
+        if img.format == "JPEG":  # full entropy decode, cheap IDCT (>= 32 px when hashing, as near.phash_bytes)
+            side = 32 if want_hash else 1
             img.draft("RGB", (min(w, max(side, w // 8)), min(h, max(side, h // 8))))
         _decode(img)
         return Encoded(data, EXT[fmt], w, h, _phash(img, want_hash))

@@ -42,7 +42,6 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT = _dct_matrix(HASH_SIDE)[:LOW]  # only the rows of the frequencies kept: (8, 32)
-_BITS = (np.uint64(1) << np.arange(64, dtype=np.uint64)).astype(np.uint64)
 
 
 def phash_image(img: Image.Image) -> int:
@@ -52,15 +51,16 @@ def phash_image(img: Image.Image) -> int:
         grey = grey.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX)
     px = np.asarray(grey, np.float64)
     low = (_DCT @ px @ _DCT.T).ravel()  # (64,) coefficients, DC first
-    bits = low > np.median(low)
-    return int(_BITS[bits].sum(dtype=np.uint64))
+    bits = low > np.partition(low, (31, 32))[31:33].mean()  # above the median
+    return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
 
 
 def phash_bytes(data: bytes) -> int:
-    """pHash of encoded image bytes; JPEGs are decoded at the smallest DCT scale still >= 64 px (fast)."""
+    """pHash of encoded image bytes; JPEGs are decoded at the smallest DCT scale still >= 32 px (fast), as the
+    writer's pass-through check decodes them (`images.encode_image`), so both see the same pixels."""
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
-        img.draft("L", (2 * HASH_SIDE, 2 * HASH_SIDE))
+        img.draft("L", (HASH_SIDE, HASH_SIDE))
     img.load()
     if img.mode in ("P", "RGBA", "LA", "PA") or img.mode.startswith("I"):
         from data_prep.images import to_rgb  # alpha over white, 16-bit scaled: as the shards store them
@@ -84,14 +84,15 @@ def _masks(radius: int) -> np.ndarray:
 
 @dataclass
 class NearIndex:
-    """Stored hashes (uint64) and, per 16-bit chunk, a bucket table: `order[c]` lists hash indices sorted by
-    chunk value and `starts[c][v]` is where value v's bucket begins in it."""
+    """Stored hashes (uint64) and, per 16-bit chunk c, a bucket table: `order[c * N:(c + 1) * N]` lists hash
+    indices sorted by chunk value, and `starts[c, v]` is where value v's bucket begins in `order`."""
 
     hashes: np.ndarray  # (N,) uint64
     threshold: int
-    order: list[np.ndarray]
-    starts: list[np.ndarray]
-    masks: np.ndarray
+    order: np.ndarray  # (CHUNKS * N,) int64
+    starts: np.ndarray  # (CHUNKS, 65537) int64, absolute positions in `order`
+    masks: np.ndarray  # (M,) the 16-bit values with at most threshold // CHUNKS bits set
+    sorted_hashes: np.ndarray  # hashes[order]: a bucket's hashes lie together (reads stay in cache lines)
 
     @classmethod
     def build(cls, hashes: np.ndarray, threshold: int = NEAR_THRESHOLD) -> NearIndex:
@@ -104,8 +105,9 @@ class NearIndex:
             v = ((hashes >> np.uint64(16 * c)) & np.uint64(0xFFFF)).astype(np.int64)
             o = np.argsort(v, kind="stable")
             order.append(o)
-            starts.append(np.searchsorted(v[o], np.arange((1 << 16) + 1)))
-        return cls(hashes, threshold, order, starts, _masks(threshold // CHUNKS))
+            starts.append(np.searchsorted(v[o], np.arange((1 << 16) + 1)) + c * len(hashes))
+        order = np.concatenate(order)
+        return cls(hashes, threshold, order, np.stack(starts), _masks(threshold // CHUNKS), hashes[order])
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -113,28 +115,35 @@ class NearIndex:
     def lookup(self, h: int) -> tuple[int, int] | None:
         """(index of the closest stored hash, its distance) if one is within the threshold, else None;
         ties go to the lowest index, so the answer never depends on the bucket order."""
-        if not len(self.hashes):
-            return None
-        cands = []
-        for c in range(CHUNKS):
-            nb = ((h >> (16 * c)) & 0xFFFF) ^ self.masks
-            a, b = self.starts[c][nb], self.starts[c][nb + 1]
-            keep = b > a
-            if keep.any():
-                a, b = a[keep], b[keep]
-                lens = b - a
-                # every position a..b-1 of every bucket, without a Python loop
-                pos = np.repeat(a - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-                cands.append(self.order[c][pos])
-        if not cands:
-            return None
-        cand = np.unique(np.concatenate(cands))
-        d = hamming(self.hashes[cand], np.uint64(h))
-        ok = d <= self.threshold
-        if not ok.any():
-            return None
-        best = np.flatnonzero(ok)[np.argmin(d[ok])]
-        return int(cand[best]), int(d[best])
+        return self.lookup_many(np.array([h], np.uint64))[0]
+
+    def lookup_many(self, queries: np.ndarray) -> list[tuple[int, int] | None]:
+        """`lookup` of every query at once (numpy's per-call cost paid once per batch, not per image)."""
+        q = np.asarray(queries, np.uint64)
+        if not len(self.hashes) or not len(q):
+            return [None] * len(q)
+        shifts = np.uint64(16) * np.arange(CHUNKS, dtype=np.uint64)
+        chunks = ((q[:, None] >> shifts[None, :]) & np.uint64(0xFFFF)).astype(np.int64)  # (Q, CHUNKS)
+        nb = chunks[:, :, None] ^ self.masks[None, None, :]  # (Q, CHUNKS, M) neighbouring chunk values
+        rows = np.arange(CHUNKS)[None, :, None]
+        a, b = self.starts[rows, nb].ravel(), self.starts[rows, nb + 1].ravel()
+        lens = b - a
+        total = int(lens.sum())
+        if not total:
+            return [None] * len(q)
+        # every position a..b-1 of every bucket, without a Python loop (a candidate may come twice: harmless)
+        pos = np.repeat(a - np.cumsum(lens) + lens, lens) + np.arange(total)
+        qid = np.repeat(np.arange(len(q)).repeat(nb.shape[1] * nb.shape[2]), lens)
+        d = np.bitwise_count(self.sorted_hashes[pos] ^ q[qid])
+        hit = d <= self.threshold
+        qid, d, idx = qid[hit], d[hit].astype(np.int64), self.order[pos[hit]]
+        first = np.lexsort((idx, d, qid))  # per query: smallest distance, then lowest index
+        out: list[tuple[int, int] | None] = [None] * len(q)
+        seen = np.ones(len(first), bool)
+        seen[1:] = qid[first][1:] != qid[first][:-1]
+        for k in first[seen].tolist():
+            out[int(qid[k])] = (int(idx[k]), int(d[k]))
+        return out
 
     def save(self, path: Path, names: list[str]) -> None:
         """Hashes and the downstream image names (what a reject names), atomically."""

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from data_prep.images import MIN_SIZE, ImageOptions, Reject, encode_image
+from data_prep.images import MIN_SIZE, Encoded, ImageOptions, Reject, encode_image
 from data_prep.manifest import (
     ManifestError,
     finalize,
@@ -42,6 +43,7 @@ from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
 
 TAR_MTIME = 0  # fixed member times: reruns are byte-identical
+NEAR_BATCH = 64  # images encoded before one --exclude-near lookup: bounded memory, numpy overhead amortised
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,35 @@ def _checked(data: bytes | Reject, want_sha: str) -> tuple[bytes, str]:
     return data, sha
 
 
-def _near_check(job: ShardJob, phash: int | None) -> None:
-    """Reject an image within --near-threshold bits of a downstream image, naming that image."""
-    if not job.near or phash is None:
-        return
+def _encoded(job: ShardJob, items: list) -> Iterator[tuple[tuple, Encoded | Reject, bytes, str]]:
+    """(item, encoded image or its Reject, source bytes, source sha256) in item order. With --exclude-near the
+    images are checked against the downstream index NEAR_BATCH at a time (one vectorised lookup per batch)."""
+    datas = read_locs(job.kind, job.root, [it[2] for it in items], job.column)
+    batch: list = []
+    for item, raw in zip(items, datas, strict=True):
+        data, sha = b"", ""
+        try:
+            data, sha = _checked(raw, item[5])
+            batch.append((item, encode_image(data, job.opts, want_hash=bool(job.near)), data, sha))
+        except Reject as r:
+            batch.append((item, r, data, sha))
+        if len(batch) >= NEAR_BATCH:
+            yield from _near_check(job, batch)
+            batch = []
+    yield from _near_check(job, batch)
+
+
+def _near_check(job: ShardJob, batch: list) -> list:
+    """Turn images within --near-threshold bits of a downstream image into rejects naming that image."""
+    if not job.near:
+        return batch
     index, names = cached_index(job.near)
-    hit = index.lookup(phash)
-    if hit is not None:
-        raise Reject("near_duplicate", f"{hit[1]} bits from {names[hit[0]]} (--exclude-near)")
+    todo = [k for k, b in enumerate(batch) if not isinstance(b[1], Reject)]
+    for k, hit in zip(todo, index.lookup_many(np.array([batch[k][1].phash for k in todo], np.uint64)), strict=True):
+        if hit is not None:
+            batch[k] = (batch[k][0], Reject("near_duplicate", f"{hit[1]} bits from {names[hit[0]]} (--exclude-near)"),
+                        *batch[k][2:])
+    return batch
 
 
 def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
@@ -120,14 +143,9 @@ def _write_tmp_then_rename(job: ShardJob, name: str, split: str, items: list, fi
     with open(tmp, "wb") as f:
         hf = _HashingWriter(f)
         with TarWriter(hf, encoder=False, compress=False, mtime=TAR_MTIME, user="vitscale", group="vitscale") as tw:
-            datas = read_locs(job.kind, job.root, [it[2] for it in items], job.column)
-            for (key, rel, _, label, label_name, want_sha), raw in zip(items, datas, strict=True):
-                try:
-                    data, src_sha = _checked(raw, want_sha)
-                    enc = encode_image(data, job.opts, want_hash=bool(job.near))
-                    _near_check(job, enc.phash)
-                except Reject as r:
-                    rejects.append({"path": rel, "reason": r.reason, "detail": r.detail})
+            for (key, rel, _, label, label_name, _), enc, data, src_sha in _encoded(job, items):
+                if isinstance(enc, Reject):
+                    rejects.append({"path": rel, "reason": enc.reason, "detail": enc.detail})
                     continue
                 sha = src_sha if enc.data is data else hashlib.sha256(enc.data).hexdigest()
                 meta = json.dumps({"label": label_name, "src": rel, "width": enc.width, "height": enc.height,

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (CPU settings: seconds to a minute or two each, GPU settings). The GPU rows are docs/performance.md's.
 SETTINGS = {
     "shard_write": (["--n", "200", "--repeats", "1"], ["--n", "1000", "--repeats", "3"]),
+    "near_dup": (["--n", "300", "--lookups", "500"], ["--n", "1000"]),
     "loader": (["--images", "128", "--rounds", "1"], ["--gpu-decode", "--images", "4096", "--batch", "256"]),
     "train_throughput": (["--variant", "debug", "--micro-batch", "64", "--steps", "10", "--warmup", "3"],
                          ["--variant", "L/16", "--micro-batch", "128", "--zero", "1", "--compile"]),
