@@ -16,7 +16,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from data_prep.manifest import (
 from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
-from data_prep.readers import read_locs
+from data_prep.readers import read_locs, spool_gzip
 from data_prep.sources import Listing, list_source
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
@@ -273,6 +273,23 @@ def shard_fingerprint(plan: Plan, name: str) -> str:
     return hashlib.sha256(f"{plan.fingerprint}/{name}".encode()).hexdigest()
 
 
+def _spooled(listing: Listing, todo: list, spool: Path, progress: bool) -> tuple[Listing, Path | None]:
+    """A `.tar.gz` source: its members that `todo` needs, copied in one decompression pass into `spool` (raw
+    bytes, one file), and a listing that reads them there as from an uncompressed archive. Other sources as
+    they are. The spool holds the images once more (disk, not memory) until the shards are written; a killed
+    run's spool is simply written again."""
+    if listing.kind != "gztar" or not todo:
+        return listing, None
+    need = np.concatenate([s.entries for s in todo])
+    with tqdm(total=int(listing.size[need].sum()), desc="spool", unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        where = spool_gzip(listing.files[0], listing.offset[need], listing.size[need], str(spool), bar.update)
+    offset = np.full(len(listing), -1, np.int64)
+    offset[need] = where
+    return replace(listing, kind="tar", files=[str(spool)], file_id=np.zeros(len(listing), np.int32),
+                   offset=offset), spool
+
+
 def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterator[tuple]:
     for s in shards:
         label = plan.label_map[listing.labels[s.entries]].tolist()
@@ -339,11 +356,17 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         if own is not None:
             own += [s.name for s in todo]
         remove_temp_files(out, own)  # what a killed earlier run left behind
+        listing, spool = _spooled(listing, todo, parts_dir(out) / f"spool-{node_rank}.bin", progress)
+        job = replace(job, kind=listing.kind)
         processed = 0
-        with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
-            for receipt in imap_unordered(write_shard, _tasks(listing, plan, index, job, todo)):
-                bar.update(receipt["inputs"])
-                processed += receipt["inputs"]
+        try:
+            with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
+                for receipt in imap_unordered(write_shard, _tasks(listing, plan, index, job, todo)):
+                    bar.update(receipt["inputs"])
+                    processed += receipt["inputs"]
+        finally:
+            if spool:  # the spool is only needed until the shards are written
+                spool.unlink(missing_ok=True)
     if num_nodes > 1:
         report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
                   "written": len(todo)}
