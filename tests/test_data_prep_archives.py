@@ -241,3 +241,30 @@ def test_tar_of_tars_on_two_nodes_then_merge_equals_one_node(archive, tmp_path):
     assert len(list((two / ".parts" / "list").glob("unit-*.npz"))) == 5
     merge(two)
     assert output_files(two) == output_files(one)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tarscan_reads_what_tarfile_reads(tmp_path, fmt):
+    from data_prep.tarscan import scan_members
+
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90  # past 100 chars: prefix, L or pax
+    names = ["a.jpg", f"{long_dir}/b.png", "ünï/çödé.jpg" if fmt == tarfile.PAX_FORMAT else "c.jpg", "empty.jpg"]
+    with tarfile.open(tmp_path / "x.tar", "w", format=fmt) as tar:
+        for k, name in enumerate(names):
+            data = bytes([k]) * (k * 700)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+    size = (tmp_path / "x.tar").stat().st_size
+    with open(tmp_path / "x.tar", "rb") as f, tarfile.open(tmp_path / "x.tar") as tar:
+        want = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        assert list(scan_members(f, 0, size)) == want and [w[0] for w in want] == names
+    (tmp_path / "bad.tar").write_bytes(b"garbage " * 200)
+    with open(tmp_path / "bad.tar", "rb") as f, pytest.raises(tarfile.ReadError):
+        list(scan_members(f, 0, 1600))
