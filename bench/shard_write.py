@@ -97,12 +97,13 @@ def naive(src: Path, out: Path, resize: bool, per_shard: int) -> int:
 
 
 def tar_of_tars(archive: Path, src: Path, out: Path, per_shard: int, workers: int, repeats: int) -> dict:
-    """Best images/s of ours on the archive and on the extracted folder, pass-through, alternating."""
-    best = {"folder": 0.0, "tar-of-tars": 0.0}
+    """Best (images/s, images per CPU-s) of ours on the archive and on the extracted folder, pass-through,
+    alternating (the CPU figure is the steadier one on a machine shared with other jobs)."""
+    best = {"folder": (0.0, 0.0), "tar-of-tars": (0.0, 0.0)}
     for r in range(repeats):
         for who, path in (("folder", src), ("tar-of-tars", archive)):
-            secs, _, n = timed(ours, path, out / f"{who}-{r}", False, per_shard, workers)
-            best[who] = max(best[who], n / secs)
+            secs, cpu, n = timed(ours, path, out / f"{who}-{r}", False, per_shard, workers)
+            best[who] = (max(best[who][0], n / secs), max(best[who][1], n / cpu))
             shutil.rmtree(out / f"{who}-{r}")
     return best
 
@@ -155,11 +156,12 @@ def main() -> None:
                   f"ours {best['ours'][0]:7.1f} img/s ({best['ours'][1]:.2f} CPU ms/img)")
         archive = make_tar_of_tars(src, tmp / "whole.tar")
         tot = tar_of_tars(archive, src, tmp, args.samples_per_shard, args.workers, args.repeats)
-        print(f"{'pass-through':<13} folder {tot['folder']:7.1f} img/s   tar-of-tars {tot['tar-of-tars']:7.1f} img/s "
-              "(the same images, never extracted)")
+        (fw, fc), (tw, tc) = tot["folder"], tot["tar-of-tars"]
+        print(f"{'pass-through':<13} folder {fw:7.1f} img/s ({1e3 / fc:.2f} CPU ms/img)   tar-of-tars {tw:7.1f} img/s "
+              f"({1e3 / tc:.2f} CPU ms/img): the same images, never extracted")
         print(f"ratio resize-256 (ours/peer): {rates['resize-256']['ours'] / rates['resize-256']['peer']:.2f}x")
         print(f"ratio pass-through (ours/peer): {rates['pass-through']['ours'] / rates['pass-through']['peer']:.2f}x")
-        print(f"ratio tar-of-tars/folder pass-through (target >= 1.0): {tot['tar-of-tars'] / tot['folder']:.2f}x")
+        print(f"ratio tar-of-tars/folder pass-through (target >= 1.0): {tw / fw:.2f}x wall, {tc / fc:.2f}x per CPU-s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
