@@ -174,11 +174,11 @@ def cached_index(path: str) -> tuple[NearIndex, np.ndarray]:
 
 def hash_locs(args: tuple[str, str, str, list]) -> tuple[bytes, bytes]:
     """Worker: pHashes of a chunk of a listing's entries (uint64 bytes) and which ones decoded (bool bytes)."""
-    from data_prep.readers import read_locs
+    from data_prep.readers import read_locs_any_order
 
     kind, root, column, locs = args
     hashes, ok = np.zeros(len(locs), np.uint64), np.zeros(len(locs), bool)
-    for k, data in enumerate(read_locs(kind, root, locs, column)):
+    for k, data in read_locs_any_order(kind, root, locs, column):
         if isinstance(data, bytes):
             try:
                 hashes[k], ok[k] = phash_bytes(data), True
@@ -198,9 +198,12 @@ def downstream_index(specs: str, threshold: int, dest: Path, imap=map, chunk: in
     all_hashes, names = [], []
     for spec in (s.strip() for s in specs.split(",") if s.strip()):
         listing = list_source(spec, imap)
-        tasks = [(listing.kind, str(listing.root), listing.column, [listing.loc(i) for i in range(a, min(a + chunk,
-                  len(listing)))]) for a in range(0, len(listing), chunk)]
-        for a, (h, ok) in zip(range(0, len(listing), chunk), imap(hash_locs, tasks), strict=True):
+        # a .tar.gz has no random access: the whole set in one streamed pass, in one worker
+        step = max(len(listing), 1) if listing.kind == "gztar" else chunk
+        starts = range(0, len(listing), step)
+        tasks = [(listing.kind, str(listing.root), listing.column,
+                  [listing.loc(i) for i in range(a, min(a + step, len(listing)))]) for a in starts]
+        for a, (h, ok) in zip(starts, imap(hash_locs, tasks), strict=True):
             ok = np.frombuffer(ok, bool)
             all_hashes.append(np.frombuffer(h, np.uint64)[ok])
             names += [f"{spec}:{listing.paths[a + k]}" for k in np.flatnonzero(ok).tolist()]

@@ -5,6 +5,7 @@ unrelated images (scikit-learn's digits) are all kept; the multi-index lookup eq
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def test_near_copies_dropped_and_unrelated_images_kept(near_sets, tmp_path):
 
 def test_near_filter_with_resizing_on_the_way_and_threshold_zero(near_sets, tmp_path):
     down, _, train, copies = near_sets
-    m = write_shards(train, tmp_path / "a", samples_per_shard=2000, exclude_near=str(down), resize_shorter=24)
+    with tarfile.open(tmp_path / "down.tar.gz", "w:gz") as tar:  # the downstream set as a gzip'd tar of folders
+        tar.add(down / "any", arcname="any")
+    m = write_shards(train, tmp_path / "a", samples_per_shard=2000, exclude_near=str(tmp_path / "down.tar.gz"),
+                     resize_shorter=24)
     assert m["rejects"]["by_reason"]["near_duplicate"] == sum(":any/" in v for v in copies.values())
     m = write_shards(train, tmp_path / "b", samples_per_shard=2000, exclude_near=str(down), near_threshold=0)
     assert m["rejects"]["by_reason"].get("near_duplicate", 0) < 20  # exact-hash matches only: most copies pass
