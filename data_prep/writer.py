@@ -283,7 +283,11 @@ def _spooled(listing: Listing, todo: list, spool: Path, progress: bool) -> tuple
     need = np.concatenate([s.entries for s in todo])
     with tqdm(total=int(listing.size[need].sum()), desc="spool", unit="B", unit_scale=True,
               disable=not progress) as bar:
-        where = spool_gzip(listing.files[0], listing.offset[need], listing.size[need], str(spool), bar.update)
+        try:
+            where = spool_gzip(listing.files[0], listing.offset[need], listing.size[need], str(spool), bar.update)
+        except BaseException:
+            spool.unlink(missing_ok=True)  # a disk-full error must not leave a half-dataset-sized file behind
+            raise
     offset = np.full(len(listing), -1, np.int64)
     offset[need] = where
     return replace(listing, kind="tar", files=[str(spool)], file_id=np.zeros(len(listing), np.int32),
