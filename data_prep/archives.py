@@ -3,8 +3,10 @@ existing WebDataset shards.
 
 - tar-of-tars (`fall11_whole.tar`, `winter21_whole.tar.gz`, `ILSVRC2012_img_train.tar`): one inner tar per
   class (`n01440764.tar`), whose stem is the label. An uncompressed archive is listed by inner tar in
-  parallel (each worker reads its inner tars' headers and hashes their members at their offsets); a `.tar.gz`
-  is streamed once, in one process (gzip has no random access).
+  parallel (each worker reads its inner tars' headers and hashes their members at their offsets). A `.tar.gz`
+  has no random access: it is streamed once, in one process, and while its members are hashed their bytes
+  are copied into one spool file (`OUT/.parts/spool-<node>.bin`), which the writer then reads as an
+  uncompressed archive (one decompression in all; the spool is deleted once the shards are written).
 - flat tar (`ILSVRC2012_img_val.tar`): labels from `--labels FILE` (CSV/JSONL `path,label[,split]`, the path
   being the member name), or else the member's first folder (an ImageFolder tree inside a tar).
 - WebDataset shards (a brace pattern, a folder of `.tar`, or a `dataset.json`): one sample per key, its
@@ -15,12 +17,13 @@ Each entry is located by (archive, offset of its data, size): the writer reads e
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +62,29 @@ class Window:
         return self.pos
 
 
-def _list_tar(tar: tarfile.TarFile, base: int, rows: dict, prefix: str = "", label: str = "") -> None:
-    """Append a row per file member of `tar` (hashed; offsets absolute = `base` + offset in `tar`)."""
+def _list_tar(tar: tarfile.TarFile, base: int, rows: dict, prefix: str = "", label: str = "", spool=None) -> None:
+    """Append a row per file member of `tar` (hashed; offsets absolute = `base` + offset in `tar`, or in `spool`
+    when the bytes are copied there)."""
     for m in tar:
         if m.isfile():
-            add_row(rows, prefix + m.name, base + m.offset_data, m.size, tar.extractfile(m), label)
+            add_row(rows, prefix + m.name, base + m.offset_data, m.size, tar.extractfile(m), label, spool)
+
+
+@contextlib.contextmanager
+def _spool_file(spool: str) -> Iterator:
+    """The spool opened for writing (None when there is none), flushed to disk at the end."""
+    if not spool:
+        yield None
+        return
+    Path(spool).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(spool, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(spool).unlink(missing_ok=True)  # half a spool is of no use (and may be half a dataset in size)
+        raise
 
 
 def _not_a_tar(name: str, e: Exception) -> dict:
@@ -83,12 +104,13 @@ def list_inner_tar(args: tuple[str, str, int, int]) -> dict:
     return pack(rows, rejects)
 
 
-def stream_tar_of_tars(args: tuple[str]) -> dict:
-    """A gzip'd tar-of-tars in one streamed pass: every inner tar's members listed and hashed."""
-    (path,) = args
+def stream_tar_of_tars(args: tuple[str, str]) -> dict:
+    """A gzip'd tar-of-tars in one streamed pass: every inner tar's members listed, hashed and, with a spool
+    path, copied there (offsets are then the spool's)."""
+    path, spool = args
     rows, rejects = new_rows(), []
     try:
-        with tarfile.open(path, mode="r|gz") as outer:
+        with _spool_file(spool) as sp, tarfile.open(path, mode="r|gz") as outer:
             for m in outer:
                 if not m.isfile():
                     continue
@@ -97,7 +119,7 @@ def stream_tar_of_tars(args: tuple[str]) -> dict:
                     continue
                 try:
                     with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as tar:
-                        _list_tar(tar, m.offset_data, rows, f"{m.name}/", Path(m.name).name.removesuffix(".tar"))
+                        _list_tar(tar, m.offset_data, rows, f"{m.name}/", Path(m.name).name.removesuffix(".tar"), sp)
                 except TAR_ERRORS as e:
                     rejects.append(_not_a_tar(m.name, e))
     except TAR_ERRORS as e:
@@ -120,10 +142,17 @@ def _outer_members(path: str) -> tuple[list[tarfile.TarInfo], list[dict]]:
     return inner, rejects
 
 
+def spool_path(cache_dir: Path | None, nodes: tuple[int, int]) -> str:
+    """Where a `.tar.gz`'s members are spooled: beside the listing cache, one file per node ("" without a cache:
+    a downstream set, read straight from the stream)."""
+    return str(cache_dir.parent / f"spool-{nodes[0]}.bin") if cache_dir else ""
+
+
 def _units(path: str, cache_dir: Path | None, imap: Callable, nodes: tuple[int, int]) -> tuple[list[dict], list[dict]]:
-    if is_gzip(path):
-        result = run_units(stream_tar_of_tars, [(path,)], [unit_fingerprint(path, "tar-of-tars")],
-                           [os.path.getsize(path)], cache_dir, map, *nodes)  # one stream: one process
+    if is_gzip(path):  # one stream, one process; every node spools for itself, so no node split
+        spool = spool_path(cache_dir, nodes)
+        result = run_units(stream_tar_of_tars, [(path, spool)], [unit_fingerprint(path, "tar-of-tars", bool(spool))],
+                           [os.path.getsize(path)], cache_dir)
         return result, []
     inner, rejects = _outer_members(path)
     tasks = [(path, m.name, m.offset_data, m.size) for m in inner]
@@ -132,7 +161,7 @@ def _units(path: str, cache_dir: Path | None, imap: Callable, nodes: tuple[int, 
 
 
 def _assemble(path: str, results: list[dict], rejects: list[dict], labels: list[str] | None = None,
-              classes: list[str] | None = None, kind: str | None = None) -> Listing:
+              classes: list[str] | None = None, kind: str | None = None, spool: str = "") -> Listing:
     """One listing from unit results: entries in (class, path) order; the class list sorted unless given."""
     cat = {k: np.concatenate([r[k] for r in results]) if results else np.zeros(0) for k in ("offset", "size")}
     names = [str(n) for r in results for n in r["name"]]
@@ -151,8 +180,9 @@ def _assemble(path: str, results: list[dict], rejects: list[dict], labels: list[
     idx = np.array(order, np.int64)
     listing = Listing(root=Path(path).resolve().parent, paths=[names[i] for i in order],
                       labels=np.array([cid[labels[i]] for i in order], np.int32), classes=classes)
-    listing.kind = kind or ("gztar" if is_gzip(path) else "tar")
-    listing.files, listing.file_id = [str(Path(path).resolve())], np.zeros(len(order), np.int32)
+    listing.kind = kind or ("gztar" if is_gzip(path) and not spool else "tar")
+    listing.files, listing.file_id = [spool or str(Path(path).resolve())], np.zeros(len(order), np.int32)
+    listing.spool = spool
     listing.offset, listing.size = cat["offset"][idx].astype(np.int64), cat["size"][idx].astype(np.int64)
     listing.index = Index(sha[idx], listing.size.copy(), status[idx])
     listing.index.detail = {int(i): "zero bytes" for i in np.flatnonzero(listing.index.status)}
@@ -164,7 +194,7 @@ def list_tar_of_tars(path: str, imap: Callable = map, cache_dir: Path | None = N
                      nodes: tuple[int, int] = (0, 1)) -> Listing:
     """ImageNet's layout: one inner tar per class, the label its stem; never extracted."""
     results, rejects = _units(path, cache_dir, imap, nodes)
-    return _assemble(path, results, rejects)
+    return _assemble(path, results, rejects, spool=spool_path(cache_dir, nodes) if is_gzip(path) else "")
 
 
 def _labels_by_member(labels_file: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -176,20 +206,22 @@ def _labels_by_member(labels_file: str) -> tuple[dict[str, str], dict[str, str]]
     return label, split
 
 
-def list_flat_tar(path: str, labels_file: str | None = None, cache_dir: Path | None = None) -> Listing:
+def list_flat_tar(path: str, labels_file: str | None = None, cache_dir: Path | None = None,
+                  nodes: tuple[int, int] = (0, 1)) -> Listing:
     """A tar of images; labels from `labels_file` (member name -> label[, split]) or each member's first folder."""
-    mode = "r|gz" if is_gzip(path) else "r:"
+    gz = is_gzip(path)
+    spool = spool_path(cache_dir, nodes) if gz else ""
 
     def one(args):
         rows = new_rows()
         try:
-            with tarfile.open(path, mode=mode) as tar:
-                _list_tar(tar, 0, rows)
+            with _spool_file(spool) as sp, tarfile.open(path, mode="r|gz" if gz else "r:") as tar:
+                _list_tar(tar, 0, rows, spool=sp)
         except TAR_ERRORS as e:
             raise SourceError(f"{path}: not a readable tar ({e})") from None
         return pack(rows, [])
 
-    (result,) = run_units(one, [(path,)], [unit_fingerprint(path, "flat")], [0], cache_dir)
+    (result,) = run_units(one, [(path,)], [unit_fingerprint(path, "flat", bool(spool))], [0], cache_dir)
     names = [str(n).removeprefix("./") for n in result["name"]]
     result["name"] = np.array(names, dtype=str) if names else result["name"]
     rejects, splits = [], {}
@@ -208,7 +240,7 @@ def list_flat_tar(path: str, labels_file: str | None = None, cache_dir: Path | N
                               "name,label), as ImageNet-1k val needs")
         rejects += [{"path": n, "reason": "unlabeled", "detail": "not in a class folder"}
                     for n, lab in zip(names, labels, strict=True) if not lab]
-    listing = _assemble(path, [result], rejects, labels)
+    listing = _assemble(path, [result], rejects, labels, spool=spool)
     if splits:
         listing.split_names = tuple(sort_splits(set(splits.values())))
         sid = {s: i for i, s in enumerate(listing.split_names)}

@@ -8,9 +8,8 @@ Nothing is ever extracted to disk, and memory stays bounded whatever an archive'
 - `tar`: `os.pread` of one member's bytes at its offset in the (uncompressed) archive; no other byte is read.
 - `gztar`: a `.tar.gz` has no random access: the members asked for are read in archive order through one
   forward pass of the decompressor (which stops after the last one), then handed out in the asked order;
-  memory is the asked members' bytes. The writer does not read a `.tar.gz` this way, shard by shard (one
-  decompression each): `spool_gzip` copies every member its shards need, in one pass, into one spool file
-  that the workers then read as an uncompressed archive.
+  memory is the asked members' bytes. Only downstream sets (`--exclude-near`) are read this way, in one pass;
+  the writer reads a `.tar.gz` source from the spool its listing pass made (`archives.py`), as a `tar`.
 - `parquet`: the row groups that hold the asked rows, one at a time, image column only; memory is one row
   group plus the asked rows' bytes.
 """
@@ -60,23 +59,6 @@ def _skip_to(f, offset: int) -> None:
     while f.tell() < offset:
         if not f.read(min(SKIP_CHUNK, offset - f.tell())):
             raise EOFError(f"archive ends before offset {offset}")
-
-
-def spool_gzip(path: str, offsets, sizes, dest: str, on_bytes=lambda n: None) -> list[int]:
-    """Copy the members at `offsets` (any order) of the gzip'd archive `path` into the file `dest`, in one forward
-    pass; return where each one starts in `dest`."""
-    order = sorted(range(len(offsets)), key=lambda k: offsets[k])
-    where = [0] * len(offsets)
-    with gzip.open(path, "rb") as f, open(dest, "wb") as out:
-        for k in order:
-            _skip_to(f, int(offsets[k]))
-            where[k] = out.tell()
-            data = f.read(int(sizes[k]))
-            out.write(data)
-            on_bytes(len(data))
-        out.flush()
-        os.fsync(out.fileno())
-    return where
 
 
 def _gztar_in_archive_order(locs: Sequence[tuple[str, int, int]]) -> Iterator[tuple[int, bytes | Reject]]:

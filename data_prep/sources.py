@@ -50,6 +50,7 @@ class Listing:
     column: str = ""  # parquet: the image column
     index: object | None = None  # plan.Index when listing already hashed every entry (archives, parquet)
     rejects: list[dict] = field(default_factory=list)  # found while listing (not a tar, unlabeled, ...)
+    spool: str = ""  # a .tar.gz's members, copied here by the listing pass (`files` is then [spool])
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -247,7 +248,7 @@ def list_source(src: str | os.PathLike, map_fn: Callable = map, *, source_format
     if fmt == "tar-of-tars":
         return archives.list_tar_of_tars(src, map_fn, cache_dir, nodes)
     if fmt == "tar":
-        return archives.list_flat_tar(src, labels, cache_dir)
+        return archives.list_flat_tar(src, labels, cache_dir, nodes)
     if fmt == "parquet":
         return parquet_source.list_parquet(src, image_column, label_column, map_fn, cache_dir, nodes)
     return archives.list_shards(src, label_column or "cls", map_fn, cache_dir, nodes)

@@ -27,14 +27,19 @@ def new_rows() -> dict[str, list]:
     return {k: [] for k in FIELDS}
 
 
-def add_row(rows: dict, name: str, offset: int, size: int, fileobj, label: str = "") -> None:
-    """Hash `size` bytes from `fileobj` (a member's data) and append the member's row."""
+def add_row(rows: dict, name: str, offset: int, size: int, fileobj, label: str = "", copy_to=None) -> None:
+    """Hash `size` bytes from `fileobj` (a member's data) and append the member's row; with `copy_to` (a spool
+    file) also copy the bytes there, and the row's offset is where they start in it."""
     h, left = hashlib.sha256(), size
+    if copy_to is not None:
+        offset = copy_to.tell()
     while left > 0:
         b = fileobj.read(min(READ_CHUNK, left))
         if not b:
             break
         h.update(b)
+        if copy_to is not None:
+            copy_to.write(b)
         left -= len(b)
     rows["name"].append(name)
     rows["offset"].append(offset)

@@ -16,7 +16,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from data_prep.manifest import (
 from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
-from data_prep.readers import read_locs, spool_gzip
+from data_prep.readers import read_locs
 from data_prep.sources import Listing, list_source
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
@@ -273,25 +273,13 @@ def shard_fingerprint(plan: Plan, name: str) -> str:
     return hashlib.sha256(f"{plan.fingerprint}/{name}".encode()).hexdigest()
 
 
-def _spooled(listing: Listing, todo: list, spool: Path, progress: bool) -> tuple[Listing, Path | None]:
-    """A `.tar.gz` source: its members that `todo` needs, copied in one decompression pass into `spool` (raw
-    bytes, one file), and a listing that reads them there as from an uncompressed archive. Other sources as
-    they are. The spool holds the images once more (disk, not memory) until the shards are written; a killed
-    run's spool is simply written again."""
-    if listing.kind != "gztar" or not todo:
-        return listing, None
-    need = np.concatenate([s.entries for s in todo])
-    with tqdm(total=int(listing.size[need].sum()), desc="spool", unit="B", unit_scale=True,
-              disable=not progress) as bar:
-        try:
-            where = spool_gzip(listing.files[0], listing.offset[need], listing.size[need], str(spool), bar.update)
-        except BaseException:
-            spool.unlink(missing_ok=True)  # a disk-full error must not leave a half-dataset-sized file behind
-            raise
-    offset = np.full(len(listing), -1, np.int64)
-    offset[need] = where
-    return replace(listing, kind="tar", files=[str(spool)], file_id=np.zeros(len(listing), np.int32),
-                   offset=offset), spool
+def spool_ready(listing: Listing) -> bool:
+    """Whether a `.tar.gz` listing's spool still holds every member (a finished run deletes it; a rerun that
+    finds the listing cached but the spool gone must stream the archive again)."""
+    if not listing.spool:
+        return True
+    end = int((listing.offset + listing.size).max(initial=0))
+    return os.path.exists(listing.spool) and os.path.getsize(listing.spool) >= end
 
 
 def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterator[tuple]:
@@ -340,9 +328,10 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     # a single-node write owns its folder; a node of several may only clean up after its own shards
     own: list[str] | None = None if num_nodes == 1 else []
     with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
-        listing = list_source(src, map_fn=imap, source_format=source_format, labels=labels,
-                              image_column=image_column, label_column=label_column,
-                              cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
+        relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
+                                     image_column=image_column, label_column=label_column,
+                                     cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
+        listing = relist()
         near = ""
         if exclude_near:
             digest = downstream_index(exclude_near, near_threshold, parts_dir(out) / "near.npz", imap)
@@ -360,8 +349,10 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         if own is not None:
             own += [s.name for s in todo]
         remove_temp_files(out, own)  # what a killed earlier run left behind
-        listing, spool = _spooled(listing, todo, parts_dir(out) / f"spool-{node_rank}.bin", progress)
-        job = replace(job, kind=listing.kind)
+        if todo and not spool_ready(listing):  # listed by an earlier run whose spool is gone: stream it again
+            for p in (parts_dir(out) / "list").glob("unit-*.npz"):
+                p.unlink()
+            listing = relist()
         processed = 0
         try:
             with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
@@ -369,8 +360,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                     bar.update(receipt["inputs"])
                     processed += receipt["inputs"]
         finally:
-            if spool:  # the spool is only needed until the shards are written
-                spool.unlink(missing_ok=True)
+            if listing.spool and (not todo or processed == sum(len(s.entries) for s in todo)):
+                Path(listing.spool).unlink(missing_ok=True)  # only needed until this node's shards are written
     if num_nodes > 1:
         report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
                   "written": len(todo)}

@@ -120,6 +120,10 @@ def test_tar_and_tar_gz_give_the_same_shards(archive, tmp_path):
     write_shards(gz, tmp_path / "b", samples_per_shard=5)
     shards = lambda d: {k: v for k, v in output_files(d).items() if k.endswith(".tar")}  # noqa: E731
     assert shards(tmp_path / "a") == shards(tmp_path / "b") and len(shards(tmp_path / "a")) == 6
+    assert not list((tmp_path / "b" / ".parts").glob("spool*"))  # the .tar.gz's spool is gone once written
+    (tmp_path / "b" / "train-000002.tar").unlink()  # lost: the rerun finds the listing cached, the spool gone
+    write_shards(gz, tmp_path / "b", samples_per_shard=5)
+    assert shards(tmp_path / "b") == shards(tmp_path / "a") and not list((tmp_path / "b" / ".parts").glob("spool*"))
 
 
 def test_tar_of_tars_same_bytes_for_any_worker_count(archive, tmp_path):
