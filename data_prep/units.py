@@ -82,12 +82,22 @@ def _save(path: Path, fp: str, result: dict) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def node_of_units(sizes: Sequence[int], num_nodes: int) -> list[int]:
+    """Each unit's node: largest first, to the node with the fewest bytes so far (ties: the lower rank), so
+    every node lists about the same number of bytes; a function of the sizes only, so every node agrees."""
+    load, node = [0] * num_nodes, [0] * len(sizes)
+    for u in sorted(range(len(sizes)), key=lambda u: (-sizes[u], u)):
+        node[u] = min(range(num_nodes), key=lambda k: (load[k], k))
+        load[node[u]] += sizes[u]
+    return node
+
+
 def run_units(fn: Callable, tasks: Sequence[tuple], fps: Sequence[str], sizes: Sequence[int], cache_dir: Path | None,
               imap: Callable = map, node_rank: int = 0, num_nodes: int = 1) -> list[dict]:
     """`fn(task)` for every unit, results in `tasks` order. The largest units go first (a plan balanced by size:
     no worker is left with a big unit at the end); cached results are reused and new ones cached."""
     results: list[dict | None] = [None] * len(tasks)
-    mine = [u for u in range(len(tasks)) if u % num_nodes == node_rank]
+    mine = [u for u, node in enumerate(node_of_units(sizes, num_nodes)) if node == node_rank]
     for wave in (mine, range(len(tasks))):  # own units first, then whatever no other node has cached yet
         todo = []
         for u in wave:

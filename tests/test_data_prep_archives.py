@@ -272,3 +272,13 @@ def test_tarscan_reads_what_tarfile_reads(tmp_path, fmt):
     (tmp_path / "bad.tar").write_bytes(b"garbage " * 200)
     with open(tmp_path / "bad.tar", "rb") as f, pytest.raises(tarfile.ReadError):
         list(scan_members(f, 0, 1600))
+
+
+def test_units_are_split_among_nodes_by_size():
+    from data_prep.units import node_of_units
+
+    sizes = [100, 10, 10, 10, 10, 10, 60, 30]
+    nodes = node_of_units(sizes, 2)
+    load = [sum(s for s, n in zip(sizes, nodes, strict=True) if n == k) for k in (0, 1)]
+    assert load == [120, 120] and nodes == node_of_units(sizes, 2)
+    assert node_of_units(sizes, 1) == [0] * 8
