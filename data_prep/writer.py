@@ -291,6 +291,43 @@ def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterat
         yield job, s.name, s.split, items, shard_fingerprint(plan, s.name)
 
 
+def _check_args(src, out, samples_per_shard: int, val_fraction: float, workers: int, max_shard_bytes: int | None,
+                min_per_class: int) -> None:
+    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1 \
+            or min_per_class < 0:
+        raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
+                         "--max-shard-bytes >= 1, --min-per-class >= 0")
+    if Path(src).is_dir() and Path(out).resolve().is_relative_to(Path(src).resolve()):
+        raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
+                         "images of a class; write somewhere else")
+
+
+def _near_index(exclude_near: str | None, threshold: int, out: Path, imap: Callable, options: dict) -> str:
+    """--exclude-near: hash the downstream sets into OUT/.parts/near.npz (the workers' index) and record them
+    in the options (the plan's fingerprint changes with them); "" when not asked for."""
+    if not exclude_near:
+        return ""
+    path = parts_dir(out) / "near.npz"
+    digest = downstream_index(exclude_near, threshold, path, imap)
+    options.update(exclude_near=exclude_near, near_threshold=threshold, near_hashes_sha256=digest)
+    return str(path)
+
+
+def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: str, progress: bool) -> int:
+    """Write the shards of `tasks` in the workers; return the inputs processed. A `.tar.gz`'s spool is deleted
+    once every shard of this node is written (kept after a failure: the rerun resumes from it)."""
+    processed, total = 0, sum(len(s.entries) for s in todo)
+    try:
+        with tqdm(total=total, desc="write", unit="img", disable=not progress) as bar:
+            for receipt in imap_unordered(write_shard, tasks):
+                bar.update(receipt["inputs"])
+                processed += receipt["inputs"]
+    finally:
+        if spool and processed == total:
+            Path(spool).unlink(missing_ok=True)
+    return processed
+
+
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
                  samples_per_shard: int = 1000, max_shard_bytes: int | None = None, seed: int = 0,
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
@@ -307,23 +344,16 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     """
     t0 = time.perf_counter()
     opts = ImageOptions(resize_shorter, resize_longer, format, quality, min_size)
-    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1 \
-            or min_per_class < 0:
-        raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
-                         "--max-shard-bytes >= 1, --min-per-class >= 0")
+    _check_args(src, out, samples_per_shard, val_fraction, workers, max_shard_bytes, min_per_class)
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
-    if Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve()):
-        raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
-                         "images of a class; write somewhere else")
     names = load_class_names(class_names) if class_names else None
     out.mkdir(parents=True, exist_ok=True)
     exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
-    options = {"source": str(Path(src).resolve()), "val_fraction": val_fraction,
-               "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed,
-               **{k: v for k, v in asdict(opts).items()}, "dedup": dedup,
-               "exclude_hashes": str(Path(exclude_hashes).resolve()) if exclude_hashes else None,
-               "source_format": source_format, "labels": str(Path(labels).resolve()) if labels else None,
+    resolved = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    options = {"source": resolved(src), "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
+               "max_shard_bytes": max_shard_bytes, "seed": seed, **asdict(opts), "dedup": dedup,
+               "exclude_hashes": resolved(exclude_hashes), "source_format": source_format, "labels": resolved(labels),
                "image_column": image_column, "label_column": label_column, "min_per_class": min_per_class}
     # a single-node write owns its folder; a node of several may only clean up after its own shards
     own: list[str] | None = None if num_nodes == 1 else []
@@ -331,12 +361,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
                                      image_column=image_column, label_column=label_column,
                                      cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
+        near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
         listing = relist()
-        near = ""
-        if exclude_near:
-            digest = downstream_index(exclude_near, near_threshold, parts_dir(out) / "near.npz", imap)
-            options.update(exclude_near=exclude_near, near_threshold=near_threshold, near_hashes_sha256=digest)
-            near = str(parts_dir(out) / "near.npz")
         index = listing.index
         if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
             with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
@@ -353,15 +379,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
             for p in (parts_dir(out) / "list").glob("unit-*.npz"):
                 p.unlink()
             listing = relist()
-        processed = 0
-        try:
-            with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
-                for receipt in imap_unordered(write_shard, _tasks(listing, plan, index, job, todo)):
-                    bar.update(receipt["inputs"])
-                    processed += receipt["inputs"]
-        finally:
-            if listing.spool and (not todo or processed == sum(len(s.entries) for s in todo)):
-                Path(listing.spool).unlink(missing_ok=True)  # only needed until this node's shards are written
+        processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
+                                progress)
     if num_nodes > 1:
         report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
                   "written": len(todo)}

@@ -108,3 +108,16 @@ def test_multi_index_lookup_equals_a_full_scan(threshold):
         assert index.lookup(int(q)) == want
     with pytest.raises(ValueError, match="--near-threshold"):
         NearIndex.build(base, 40)
+
+
+def test_bad_near_options_fail_before_any_work(near_sets, tmp_path, capsys):
+    from data_prep.__main__ import main
+
+    _, _, train, _ = near_sets
+    out = tmp_path / "out"
+    assert main(["write", str(train), str(out), "--exclude-near", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["write", str(train), str(out), "--exclude-near", str(train), "--near-threshold", "40",
+                 "--no-progress"]) == 2
+    assert "--near-threshold must be in 0..31" in capsys.readouterr().err
+    assert not list(out.glob("*.tar")) and not (out / ".parts" / "plan.json").exists()
