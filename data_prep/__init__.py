@@ -1,4 +1,4 @@
-"""vitscale data_prep: image datasets -> WebDataset tar shards (the shard format: docs/architecture.md, docs/formats.md), and their checks.
+"""vitscale data_prep: image datasets -> WebDataset tar shards (format: docs/formats.md), and their checks.
 
 Sources: ImageFolder trees, CSV/JSONL lists, ImageNet's tar-of-tars (.tar/.tar.gz, never extracted), flat tars
 with a labels file, Hugging Face parquet files and existing shards (`sources.list_source`); optional filters:

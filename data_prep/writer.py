@@ -1,4 +1,4 @@
-"""`write_shards`: a source -> WebDataset tar shards + dataset.json (the shard format: docs/architecture.md, docs/formats.md).
+"""`write_shards`: a source -> WebDataset tar shards + dataset.json (format: docs/formats.md).
 
 The parent lists the source and plans; worker processes do every per-file step (hash, decode, resize,
 encode) and each writes whole shards, so the bytes never depend on `workers`. A shard is written as
