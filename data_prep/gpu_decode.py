@@ -1,0 +1,249 @@
+"""decode="gpu", the training process's half: encoded JPEGs -> cropped uint8 micro-batches on the device.
+
+The workers ship, per micro-batch, the bytes of the baseline JPEGs with their crop boxes and flips (drawn by
+the same seeded RNG as on the CPU path), and the few images nvJPEG cannot batch (progressive, CMYK,
+greyscale, PNG...) already cropped by PIL (data_prep/stream_worker.py). Here:
+
+- `crop_resize_batch`: every crop + resize of a micro-batch as one `roi_align` over the decoded images padded
+  into one tensor, the flips as one batched select, one round/cast to uint8 (not 5-6 kernels per image).
+- `DeviceDecoder`: one micro-batch: batched `decode_jpeg`, `crop_resize_batch`, the worker-decoded images put
+  in place, failed images replaced by a neighbour. On CUDA it runs on a stream of its own and records an event.
+- `decode_ahead`: runs the decoder on a background thread, `ahead` micro-batches ahead of the training thread,
+  which then only makes its stream wait on the event (`receive`): nvJPEG's host synchronisation and the
+  Python per batch happen beside the training step, not in it. On a CPU device the same thread runs, and
+  there is nothing to wait on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+from data_prep.stream_worker import FILLER_LABEL, StreamConfig, substitute_index
+
+DECODE_AHEAD = 2  # micro-batches decoded ahead of the one being trained on
+PAD_BUDGET_BYTES = 1 << 30  # float32 bytes of one padded roi_align input; a batch of huge images goes in chunks
+JOIN_AT_EXIT_S = 5.0
+
+# decode threads alive in this process, by key: stopped at interpreter exit before the workers (data_prep.stream)
+_THREADS: dict[int, tuple[threading.Thread, threading.Event, queue.SimpleQueue]] = {}
+_KEYS = itertools.count()
+
+
+def _pad(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """float32 (B, 3, Hmax, Wmax), each image in the top-left corner and its last row and column repeated once.
+
+    roi_align's bilinear samples read one pixel past a box that touches the image's right or bottom edge
+    (with weight up to 1/2); repeating the edge there gives PIL's clamped edge instead of a dark fringe.
+    """
+    hs = [int(im.shape[-2]) for im in images]
+    ws = [int(im.shape[-1]) for im in images]
+    out = torch.zeros((len(images), 3, max(hs) + 1, max(ws) + 1), dtype=torch.float32, device=device)
+    for i, im in enumerate(images):
+        out[i, :, : hs[i], : ws[i]] = im  # one copy + cast kernel per image
+    b = torch.arange(len(images), device=device)
+    h, w = torch.tensor(hs, device=device), torch.tensor(ws, device=device)
+    out[b, :, :, w] = out[b, :, :, w - 1]  # columns first, so that the row copy below fills the corner too
+    out[b, :, h, :] = out[b, :, h - 1, :]
+    return out
+
+
+def _chunks(images: list[torch.Tensor], budget: int = PAD_BUDGET_BYTES) -> list[list[int]]:
+    """Indices of `images` in groups whose padded float32 tensor fits `budget` (usually one group)."""
+    order = sorted(range(len(images)), key=lambda i: images[i].shape[-2] * images[i].shape[-1])
+    groups: list[list[int]] = []
+    h = w = 0
+    for i in order:
+        nh, nw = max(h, images[i].shape[-2] + 1), max(w, images[i].shape[-1] + 1)
+        if groups and (len(groups[-1]) + 1) * 3 * nh * nw * 4 <= budget:
+            groups[-1].append(i)
+            h, w = nh, nw
+        else:
+            groups.append([i])
+            h, w = images[i].shape[-2] + 1, images[i].shape[-1] + 1
+    return groups
+
+
+def crop_resize_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                      size: tuple[int, int]) -> torch.Tensor:
+    """Crop box i of image i (uint8 (3, h_i, w_i), one device), resize to `size` (h, w), flip where `flips`.
+
+    boxes: (B, 4) as (left, top, width, height) in source pixels; flips: (B,) bool. Returns uint8 (B, 3, h, w).
+    roi_align with aligned=True samples the box in PIL's pixel convention (pixel i spans [i, i+1)); its
+    adaptive sampling averages ceil(box / output) bilinear samples per output pixel along each axis, an
+    antialiased downscale like PIL's bilinear filter (plain bilinear when upscaling).
+    """
+    device = images[0].device
+    out = torch.empty((len(images), 3, *size), dtype=torch.float32, device=device)
+    rois = boxes.to(device=device, dtype=torch.float32)
+    rois = torch.cat([rois[:, :2], rois[:, :2] + rois[:, 2:]], dim=1)  # (x1, y1, x2, y2)
+    for group in _chunks(images):
+        idx = torch.tensor(group, device=device)
+        pos = torch.arange(len(group), device=device, dtype=torch.float32).unsqueeze(1)
+        out[idx] = roi_align(_pad([images[i] for i in group], device), torch.cat([pos, rois[idx]], dim=1), size,
+                             spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = torch.where(flips.to(device).view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One image on `device`, falling back to the CPU decoders; None if unreadable."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        return None
+
+
+def _decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    try:  # one batched call (nvJPEG on CUDA); one bad image makes it fail as a whole
+        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        return [_decode_one(b, device) for b in blobs]
+
+
+class DeviceDecoder:
+    """Turns a worker's decode="gpu" micro-batch (see ShardStream._assemble) into uint8 images on `device`."""
+
+    def __init__(self, cfg: StreamConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self._stream: torch.cuda.Stream | None = None  # made on first use, in the decode thread
+
+    def __call__(self, batch: dict) -> dict:
+        """The batch with `images` uint8 (B, 3, H, W) on the device, labels/keys of replaced images updated,
+        decode faults added to its stats, and `ready`: the CUDA event after which the images may be read
+        (None off CUDA; see `receive`)."""
+        if self.device.type != "cuda":
+            return self._decode_batch(batch)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            out = self._decode_batch(batch)
+            out["ready"] = torch.cuda.Event()
+            out["ready"].record(self._stream)
+        return out
+
+    def _decode_batch(self, batch: dict) -> dict:
+        cfg, dev = self.cfg, self.device
+        labels, keys = batch["labels"].clone(), list(batch["keys"])
+        lengths = batch["lengths"].tolist()
+        blobs = torch.split(batch["data"][: sum(lengths)], lengths)
+        images = torch.zeros((len(keys), 3, *cfg.size), dtype=torch.uint8, device=dev)
+        ok = [False] * len(keys)
+        cpu_index = batch["cpu_index"].tolist()
+        if cpu_index:  # decoded by the workers (pinned on CUDA: the copy runs on this thread's stream)
+            images[batch["cpu_index"].to(dev)] = batch["images"].to(dev, non_blocking=True)
+            for i in cpu_index:
+                ok[i] = True
+        present = [i for i, n in enumerate(lengths) if n > 0]
+        decoded = _decode([blobs[i] for i in present], dev) if present else []
+        good = []
+        for i, img in zip(present, decoded, strict=True):
+            left, top, w, h = batch["boxes"][i].tolist()
+            if img is not None and img.shape[-2] >= top + h and img.shape[-1] >= left + w:
+                good.append((i, img))
+        if good:
+            idx = [i for i, _ in good]
+            images[torch.tensor(idx, device=dev)] = crop_resize_batch(
+                [img for _, img in good], batch["boxes"][idx], batch["flips"][idx], cfg.size)
+            for i in idx:
+                ok[i] = True
+        counts = batch["stats"]["counts"]
+        for i in present:
+            if ok[i]:
+                continue
+            for name, n in (("corrupt_image", 1), ("samples", -1)):
+                counts[name] = counts.get(name, 0) + n
+            j = substitute_index(ok, i) if cfg.train else None
+            if j is None:
+                images[i], labels[i], keys[i] = 0, FILLER_LABEL, ""
+            else:
+                images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
+            name = "filler" if j is None else "substituted"
+            counts[name] = counts.get(name, 0) + 1
+        return {"images": images, "labels": labels, "keys": keys, "stats": batch["stats"], "slot": batch["slot"],
+                "index": batch["index"], "ready": None}
+
+
+def receive(batch: dict) -> torch.Tensor:
+    """On the training thread: its CUDA stream waits (on the GPU, the host does not) for the decode of
+    `batch`, and the images' memory is marked as in use by that stream (the decoder's stream allocated it)."""
+    images, ready = batch["images"], batch["ready"]
+    if ready is not None:
+        stream = torch.cuda.current_stream(images.device)
+        stream.wait_event(ready)
+        images.record_stream(stream)
+    return images
+
+
+def _serve(decode: Callable[[dict], dict], jobs: queue.SimpleQueue, results: queue.SimpleQueue,
+           stop: threading.Event) -> None:
+    """The decode thread: decode jobs in order until None; after `stop`, skip what is left."""
+    while (batch := jobs.get()) is not None:
+        if stop.is_set():
+            continue
+        try:
+            results.put(decode(batch))
+        except BaseException as e:  # handed to the training thread, which raises it
+            results.put(e)
+            return
+
+
+def decode_ahead(batches: Iterator[dict], decode: Callable[[dict], dict], ahead: int = DECODE_AHEAD
+                 ) -> Iterator[dict]:
+    """`decode(b) for b in batches`, computed on a background thread up to `ahead` batches ahead, in order.
+
+    The thread ends when this generator does: exhausted, closed (a new pass, `close()`), garbage-collected, or
+    at interpreter exit (`stop_all`). It never touches the DataLoader: the batches are pulled here, on the
+    consumer's thread, so stopping it cannot race with the DataLoader's own shutdown.
+    """
+    jobs, results, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    thread = threading.Thread(target=_serve, args=(decode, jobs, results, stop), name="vitscale-gpu-decode",
+                              daemon=True)  # daemon: an exit never waits on it (stop_all ends it first anyway)
+    key = next(_KEYS)
+    _THREADS[key] = (thread, stop, jobs)
+    thread.start()
+    pending = 0
+    try:
+        for batch in batches:
+            jobs.put(batch)
+            pending += 1
+            if pending > ahead:
+                pending -= 1
+                yield _result(results)
+        while pending:
+            pending -= 1
+            yield _result(results)
+    finally:
+        stop.set()
+        jobs.put(None)
+        thread.join()  # at most the decode in progress
+        _THREADS.pop(key, None)
+
+
+def _result(results: queue.SimpleQueue) -> dict:
+    out = results.get()
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def stop_all(timeout_s: float = JOIN_AT_EXIT_S) -> None:
+    """Stop every decode thread of this process (interpreter exit: the generators may never be closed)."""
+    for key in list(_THREADS):
+        thread, stop, jobs = _THREADS.pop(key)
+        stop.set()
+        jobs.put(None)
+        with contextlib.suppress(RuntimeError):  # a thread that was never started (fork copy)
+            thread.join(timeout_s)
