@@ -37,37 +37,61 @@ _THREADS: dict[int, tuple[threading.Thread, threading.Event, queue.SimpleQueue]]
 _KEYS = itertools.count()
 
 
-def _pad(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float32 (B, 3, Hmax, Wmax), each image in the top-left corner and its last row and column repeated once.
+def _to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host tensor on `device` without a stream synchronisation (a copy from pageable memory waits for
+    the stream's queued work; one from pinned memory does not)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
-    roi_align's bilinear samples read one pixel past a box that touches the image's right or bottom edge
-    (with weight up to 1/2); repeating the edge there gives PIL's clamped edge instead of a dark fringe.
+
+def _pad(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """float32 (B, 3, Hmax, Wmax), each image in the top-left corner, the row and column past a smaller image
+    repeating its edge.
+
+    roi_align's bilinear samples read one pixel past a box that touches the image's right or bottom edge (with
+    weight up to 1/2), and clamp only at the tensor's border: repeating the edge gives PIL's clamped edge there
+    instead of a dark fringe from the padding.
     """
+    if all(im.shape == images[0].shape for im in images):  # e.g. a dataset resized to one size: no padding
+        return torch.stack(images).float()
     hs = [int(im.shape[-2]) for im in images]
     ws = [int(im.shape[-1]) for im in images]
-    out = torch.zeros((len(images), 3, max(hs) + 1, max(ws) + 1), dtype=torch.float32, device=device)
+    out = torch.zeros((len(images), 3, max(hs), max(ws)), dtype=torch.float32, device=device)
     for i, im in enumerate(images):
         out[i, :, : hs[i], : ws[i]] = im  # one copy + cast kernel per image
-    b = torch.arange(len(images), device=device)
-    h, w = torch.tensor(hs, device=device), torch.tensor(ws, device=device)
-    out[b, :, :, w] = out[b, :, :, w - 1]  # columns first, so that the row copy below fills the corner too
-    out[b, :, h, :] = out[b, :, h - 1, :]
+    # columns first, so that the row copy below fills the corner too
+    for dim, sizes in ((3, ws), (2, hs)):
+        short = [i for i, n in enumerate(sizes) if n < out.shape[dim]]
+        if short:
+            b, n = _to_device(short, device), _to_device([sizes[i] for i in short], device)
+            if dim == 3:
+                out[b, :, :, n] = out[b, :, :, n - 1]
+            else:
+                out[b, :, n, :] = out[b, :, n - 1, :]
     return out
 
 
 def _chunks(images: list[torch.Tensor], budget: int = PAD_BUDGET_BYTES) -> list[list[int]]:
-    """Indices of `images` in groups whose padded float32 tensor fits `budget` (usually one group)."""
+    """Indices of `images` in groups whose padded float32 tensor fits `budget`: all in order when they fit
+    (the usual case), else by size, so that a few huge images do not pad the whole batch to their size."""
+    def padded_bytes(n: int, h: int, w: int) -> int:
+        return n * 3 * h * w * 4
+
+    if padded_bytes(len(images), max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)) <= budget:
+        return [list(range(len(images)))]
     order = sorted(range(len(images)), key=lambda i: images[i].shape[-2] * images[i].shape[-1])
     groups: list[list[int]] = []
     h = w = 0
     for i in order:
-        nh, nw = max(h, images[i].shape[-2] + 1), max(w, images[i].shape[-1] + 1)
-        if groups and (len(groups[-1]) + 1) * 3 * nh * nw * 4 <= budget:
+        nh, nw = max(h, images[i].shape[-2]), max(w, images[i].shape[-1])
+        if groups and padded_bytes(len(groups[-1]) + 1, nh, nw) <= budget:
             groups[-1].append(i)
             h, w = nh, nw
         else:
             groups.append([i])
-            h, w = images[i].shape[-2] + 1, images[i].shape[-1] + 1
+            h, w = images[i].shape[-2], images[i].shape[-1]
     return groups
 
 
@@ -81,15 +105,18 @@ def crop_resize_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: to
     antialiased downscale like PIL's bilinear filter (plain bilinear when upscaling).
     """
     device = images[0].device
-    out = torch.empty((len(images), 3, *size), dtype=torch.float32, device=device)
-    rois = boxes.to(device=device, dtype=torch.float32)
-    rois = torch.cat([rois[:, :2], rois[:, :2] + rois[:, 2:]], dim=1)  # (x1, y1, x2, y2)
-    for group in _chunks(images):
-        idx = torch.tensor(group, device=device)
-        pos = torch.arange(len(group), device=device, dtype=torch.float32).unsqueeze(1)
-        out[idx] = roi_align(_pad([images[i] for i in group], device), torch.cat([pos, rois[idx]], dim=1), size,
-                             spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    out = torch.where(flips.to(device).view(-1, 1, 1, 1), out.flip(-1), out)
+    groups = _chunks(images)
+    out = None if len(groups) == 1 else torch.empty((len(images), 3, *size), dtype=torch.float32, device=device)
+    for group in groups:
+        # (position in the padded tensor, x1, y1, x2, y2), built on the host: one copy to the device
+        rois = [(k, left, top, left + w, top + h) for k, (left, top, w, h) in enumerate(boxes[group].tolist())]
+        crops = roi_align(_pad([images[i] for i in group], device), _to_device(rois, device, torch.float32), size,
+                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        if out is None:
+            out = crops
+        else:
+            out[_to_device(group, device)] = crops
+    out = torch.where(_to_device(flips, device).view(-1, 1, 1, 1), out.flip(-1), out)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -143,7 +170,7 @@ class DeviceDecoder:
         ok = [False] * len(keys)
         cpu_index = batch["cpu_index"].tolist()
         if cpu_index:  # decoded by the workers (pinned on CUDA: the copy runs on this thread's stream)
-            images[batch["cpu_index"].to(dev)] = batch["images"].to(dev, non_blocking=True)
+            images[_to_device(cpu_index, dev)] = batch["images"].to(dev, non_blocking=True)
             for i in cpu_index:
                 ok[i] = True
         present = [i for i, n in enumerate(lengths) if n > 0]
@@ -155,7 +182,7 @@ class DeviceDecoder:
                 good.append((i, img))
         if good:
             idx = [i for i, _ in good]
-            images[torch.tensor(idx, device=dev)] = crop_resize_batch(
+            images[_to_device(idx, dev)] = crop_resize_batch(
                 [img for _, img in good], batch["boxes"][idx], batch["flips"][idx], cfg.size)
             for i in idx:
                 ok[i] = True

@@ -91,7 +91,7 @@ def test_boxes_touching_the_edge_repeat_it_not_the_padding() -> None:
 
 def test_chunks_bound_the_padded_tensor() -> None:
     images = [torch.zeros((3, h, 100), dtype=torch.uint8) for h in (10, 90, 20, 50)]
-    groups = gpu_decode._chunks(images, budget=3 * 101 * 51 * 4 * 2)  # room for two 50-row images
+    groups = gpu_decode._chunks(images, budget=3 * 100 * 50 * 4 * 2)  # room for two 50-row images
     assert sorted(i for g in groups for i in g) == [0, 1, 2, 3] and groups[0] == [0, 2] and [1] in groups
     out = gpu_decode.crop_resize_batch(images, torch.tensor([[0, 0, 100, 10]] * 4), torch.zeros(4, dtype=bool), (4, 4))
     assert out.shape == (4, 3, 4, 4)
