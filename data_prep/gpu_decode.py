@@ -144,6 +144,9 @@ class DeviceDecoder:
 
     def __init__(self, cfg: StreamConfig, device: torch.device):
         self.cfg = cfg
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            # resolved here, on the caller's thread: the decode thread's current device is 0, not the caller's
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self._stream: torch.cuda.Stream | None = None  # made on first use, in the decode thread
 
@@ -175,9 +178,9 @@ class DeviceDecoder:
                 ok[i] = True
         present = [i for i, n in enumerate(lengths) if n > 0]
         decoded = _decode([blobs[i] for i in present], dev) if present else []
-        good = []
+        good, boxes = [], batch["boxes"].tolist()
         for i, img in zip(present, decoded, strict=True):
-            left, top, w, h = batch["boxes"][i].tolist()
+            left, top, w, h = boxes[i]
             if img is not None and img.shape[-2] >= top + h and img.shape[-1] >= left + w:
                 good.append((i, img))
         if good:
