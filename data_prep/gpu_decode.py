@@ -189,21 +189,22 @@ class DeviceDecoder:
                 [img for _, img in good], batch["boxes"][idx], batch["flips"][idx], cfg.size)
             for i in idx:
                 ok[i] = True
-        counts = batch["stats"]["counts"]
-        for i in present:
-            if ok[i]:
-                continue
-            for name, n in (("corrupt_image", 1), ("samples", -1)):
-                counts[name] = counts.get(name, 0) + n
-            j = substitute_index(ok, i) if cfg.train else None
+        self._replace_failed([i for i in present if not ok[i]], ok, images, labels, keys, batch["stats"]["counts"])
+        return {"images": images, "labels": labels, "keys": keys, "stats": batch["stats"], "slot": batch["slot"],
+                "index": batch["index"], "ready": None}
+
+    def _replace_failed(self, failed: list[int], ok: list[bool], images: torch.Tensor, labels: torch.Tensor,
+                        keys: list[str], counts: dict[str, int]) -> None:
+        """As the workers do for what they find faulty: a corrupt image is counted and replaced by its nearest
+        good neighbour (train) or a label -1 filler (eval, or no good neighbour)."""
+        for i in failed:
+            j = substitute_index(ok, i) if self.cfg.train else None
             if j is None:
                 images[i], labels[i], keys[i] = 0, FILLER_LABEL, ""
             else:
                 images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
-            name = "filler" if j is None else "substituted"
-            counts[name] = counts.get(name, 0) + 1
-        return {"images": images, "labels": labels, "keys": keys, "stats": batch["stats"], "slot": batch["slot"],
-                "index": batch["index"], "ready": None}
+            for name, n in (("corrupt_image", 1), ("samples", -1), ("filler" if j is None else "substituted", 1)):
+                counts[name] = counts.get(name, 0) + n
 
 
 def receive(batch: dict) -> torch.Tensor:
