@@ -46,8 +46,9 @@ def _check_plugin(cfg: FinetuneConfig) -> None:
 
 def train(cfg: FinetuneConfig) -> dict:
     """Fine-tune as `cfg` says (resuming from run.dir/checkpoints/latest if there); returns the report."""
-    from trainer.backend_accelerate import AccelerateBackend
+    from trainer.backend_accelerate import AccelerateBackend  # imports accelerate: only when training
 
     _check_plugin(cfg)
-    stage = Stage("finetune", lambda names: build_model(cfg, names), AccelerateBackend, report={"init": cfg.init})
+    stage = Stage("finetune", lambda names: build_model(cfg, names), AccelerateBackend, AccelerateBackend.name,
+                  report={"init": cfg.init})
     return run_training(cfg, stage)

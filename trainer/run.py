@@ -33,11 +33,12 @@ from vit import ViTConfig
 class Stage:
     """What a stage adds to the core: its model (built on the CPU from the class names, before any process
     group: loading errors are bad input; returns (model, ViTConfig, a line for the log)) and its backend (a
-    class taking (model, groups, cfg, env, universal))."""
+    callable taking (model, groups, cfg, env, universal), named by the checkpoints it writes)."""
 
     name: str
     build: Callable[[list[str]], tuple[nn.Module, ViTConfig, str]]
     backend: Callable[..., object]
+    backend_name: str
     report: dict = field(default_factory=dict)
 
 
@@ -97,7 +98,7 @@ def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.de
 def train(cfg: TrainerConfig, stage: Stage) -> dict:
     """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json)."""
     env = detect()
-    preflight(cfg, env, stage.backend.name)
+    preflight(cfg, env, stage.backend_name)
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
     try:
