@@ -29,7 +29,8 @@ Guarantees:
   fatal except a source with no readable sample at all.
 - Lifetime: the DataLoader workers end when the loader is closed, garbage-collected or the interpreter exits
   (a script need not call `close()`), but they ignore SIGTERM/SIGUSR1/SIGINT: a preemption signal sent to the
-  whole process group is the training process's to handle, and cannot kill them mid-checkpoint.
+  whole process group is the training process's to handle, and cannot kill them mid-checkpoint. With
+  decode="gpu", the thread that decodes ahead (data_prep/gpu_decode.py) ends with its pass, and so with the loader.
 """
 
 from __future__ import annotations
