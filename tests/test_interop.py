@@ -143,6 +143,9 @@ def test_transformers_own_folders_and_files_load_for_fine_tuning(tmp_path: Path)
     ours.load_state_dict(ckpt.state_dict, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, **TOL)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")  # model.safetensors.index.json + shards
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _same(read_any(tmp_path / "sharded").state_dict, ckpt.state_dict)
     # its model.safetensors alone (`vit.` keys, heads from read_checkpoint's hint), and transformers 5's
     # in-memory names (vit.layers.N.attention.q_proj) read the same
     sd, cfg, _ = read_checkpoint(tmp_path / "hf" / "model.safetensors", heads=4)
