@@ -131,21 +131,21 @@ def _missing_shards(tmp: Path, data: Path) -> list[str]:
     return [f"data.path={copy / data.name}"]
 
 
-# name -> (stages, overrides or a function of (tmp, data) giving them; data.path=None: leave it out)
+# name -> (stages, overrides or a function of (tmp, data) giving them, what the error line must name)
 BAD = {
-    "data_path_missing": (STAGES, ["data.path=/nope"]),
-    "image_size_not_patch_multiple": (STAGES, ["model.image_size=50"]),  # the debug variant's patch is 8
-    "global_batch_not_divisible": (STAGES, ["train.global_batch=30"]),  # micro-batch 8
-    "unknown_key": (STAGES, ["optim.lrr=0.1"]),
-    "unknown_section": (STAGES, ["nosuch.key=1"]),
-    "recipe_unknown": (STAGES, ["RECIPE=no_such_recipe"]),
-    "no_data_path": (STAGES, ["DATA=none"]),
-    "shards_missing": (STAGES, _missing_shards),
-    "init_not_vit_safetensors": (("finetune",), lambda tmp, data: _bad_init_safetensors(tmp)),
-    "init_pickle_pth": (("finetune",), lambda tmp, data: _bad_init_pth(tmp)),
-    "init_missing": (("finetune",), ["init=/nope/model.safetensors"]),
+    "data_path_missing": (STAGES, ["data.path=/nope"], "/nope does not exist"),
+    "image_size_not_patch_multiple": (STAGES, ["model.image_size=50"], "patch size 8"),  # the debug variant's
+    "global_batch_not_divisible": (STAGES, ["train.global_batch=30"], "global batch 30"),  # micro-batch 8
+    "unknown_key": (STAGES, ["optim.lrr=0.1"], "'optim.lrr'"),
+    "unknown_section": (STAGES, ["nosuch.key=1"], "'nosuch'"),
+    "recipe_unknown": (STAGES, ["RECIPE=no_such_recipe"], "no_such_recipe"),
+    "no_data_path": (STAGES, ["DATA=none"], "data.path is required"),
+    "shards_missing": (STAGES, _missing_shards, "missing"),
+    "init_not_vit_safetensors": (("finetune",), lambda tmp, data: _bad_init_safetensors(tmp), "no ViT keys"),
+    "init_pickle_pth": (("finetune",), lambda tmp, data: _bad_init_pth(tmp), "pickled"),
+    "init_missing": (("finetune",), ["init=/nope/model.safetensors"], "does not exist"),
 }
-BAD_CASES = [(stage, name) for name, (stages, _) in BAD.items() for stage in stages]
+BAD_CASES = [(stage, name) for name, (stages, *_) in BAD.items() for stage in stages]
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, what: str) -> str:
@@ -158,7 +158,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, what: str) -> str:
 @pytest.mark.parametrize(("stage", "case"), BAD_CASES, ids=[f"{s}-{c}" for s, c in BAD_CASES])
 def test_bad_input_is_one_line_exit_2_no_run_dir(stage: str, case: str, runs: Runs, cli_server: CliServer,
                                                  tmp_path: Path) -> None:
-    spec = BAD[case][1]
+    _, spec, named = BAD[case]
     overrides = spec(tmp_path, runs.data) if callable(spec) else list(spec)
     recipe, data = "debug_cpu", runs.data
     if overrides[0].startswith("RECIPE="):
@@ -171,6 +171,7 @@ def test_bad_input_is_one_line_exit_2_no_run_dir(stage: str, case: str, runs: Ru
     args = train_args(stage, data, run_dir, init, *overrides, recipe=recipe)
     proc = cli_server.run(stage, *args[2:])
     line = assert_one_error_line(proc, f"{stage} {case}")
+    assert named in line, line
     assert not run_dir.exists(), f"{stage} {case} created {run_dir}: {sorted(files(run_dir))}"
     if case.startswith("init_"):
         assert str(init) in line, line  # names the file it could not use
