@@ -176,9 +176,3 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
     if img.size != (out_w, out_h):
         img = img.resize((out_w, out_h), RESAMPLE)
     return Encoded(_save(img, fmt, opts.quality), EXT[fmt], out_w, out_h)
-
-
-def resized_dims(w: int, h: int, opts: ImageOptions) -> tuple[int, int]:
-    """Output size for a `w` x `h` upright image (used by tests and the benchmark's peer)."""
-    return scaled_size(w, h, target_scale(w, h, opts))
-

@@ -1,4 +1,4 @@
-"""The streaming loader that feeds training and evaluation from WebDataset shards (DESIGN contract 2).
+"""The streaming loader that feeds training and evaluation from WebDataset shards (see docs/architecture.md).
 
     data = DataCfg(path="data/dataset.json", workers=8)   # a recipe's `data:` section
     loader = build_loader(data, "train", train=True, dist_env=env, image_size=224, micro_batch=128, seed=0,

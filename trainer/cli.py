@@ -32,10 +32,11 @@ def run_verb(fn: Callable[[], object]) -> int:
 
 
 def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str]], dict],
-               argv: list[str] | None = None) -> int:
+               argv: list[str] | None = None, extra: Callable | None = None) -> int:
     """The CLI every stage has: `train RECIPE [k=v ...]`, `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
 
-    `train(recipe, overrides)` loads the stage's config and runs it.
+    `train(recipe, overrides)` loads the stage's config and runs it. `extra(subparsers)` adds a stage's own
+    verbs and returns {verb: run(args)}.
     """
     import argparse
     import json
@@ -56,10 +57,17 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     v.add_argument("weights", help="a weight file or a run dir (its latest checkpoint)")
     v.add_argument("overrides", nargs="*", help="data.path=... (required), data.split=val, model.image_size=, "
                    "eval.micro_batch=, eval.precision=, data.crop_pct=")
-    args = p.parse_args(argv)
+    own = extra(sub) if extra else {}
+    args, rest = p.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest  # key=value overrides after the options
+    elif rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
 
     def verb() -> None:
-        if args.verb == "train":
+        if args.verb in own:
+            own[args.verb](args)
+        elif args.verb == "train":
             from runtime.dist import detect
 
             report = train(args.recipe, args.overrides)

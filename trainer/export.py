@@ -17,7 +17,7 @@ import torch
 from runtime.config import ConfigError
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
-from vit.weights import EvalSettings, adapt_pos_embed, load_weights, save_weights, to_timm
+from vit.weights import EvalSettings, adapt_pos_embed, identify_weights, load_weights, save_weights, to_timm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = {"deepspeed": "trainer.backend_deepspeed", "accelerate": "trainer.backend_accelerate"}
@@ -31,7 +31,8 @@ def _checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str, dict]:
     if tag is None or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
         raise ConfigError(f"{ckpt_dir} holds no complete checkpoint{f' {tag}' if tag else ''} (no `latest`); "
                           "train first, or pass a weight file")
-    return ckpt_dir, tag, ckpt.read_state(ckpt_dir, tag)
+    state = ckpt.read_state(ckpt_dir, tag)
+    return ckpt_dir, tag, ckpt.check_resumable(ckpt_dir, tag, state.get("backend", "?"))
 
 
 def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False
@@ -70,11 +71,13 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     if path.is_dir():
         sd, src, state = consolidate(path, ema=bool(state_ema(path)))
         settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    elif path.is_file():
+    else:
+        fmt = identify_weights(path)
+        if fmt.kind != "vitscale":  # eval needs the config and eval settings only our files carry
+            fix = fmt.fix if not fmt.loadable else "fine-tune or export it with vitscale first (it has no config)"
+            raise ConfigError(f"{path} {fmt.found}; eval takes a vitscale weight file or run dir: {fix}")
         sd, meta = load_weights(path)
         src, settings = meta["config"], meta["eval"]
-    else:
-        raise ConfigError(f"no weight file or run dir at {path}")
     if src.num_classes <= 0 or "head.weight" not in sd:
         raise ConfigError(f"{path} has no classification head to evaluate")
     dst = src.replace(image_size=image_size) if image_size else src
