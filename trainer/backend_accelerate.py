@@ -171,7 +171,7 @@ class AccelerateBackend:
             self._engine().load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
             return
         check_pickles(src, ())
-        sd = load_file(str(src / MODEL_FILE), device=str(self.device))
+        sd = load_file(str(src / MODEL_FILE))  # on the CPU: safetensors refuses torch's "cpu:0" device name
         self.module.load_state_dict({k: v.to(self.module.state_dict()[k].dtype) for k, v in sd.items()}, strict=True)
         optim = torch.load(src / OPTIM_FILE, map_location=self.device, weights_only=True)
         self.optimizer.optimizer.load_state_dict(optim)
