@@ -16,6 +16,7 @@ The expensive runs are made once per session (`Runs`) and read by several tests.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import os
 import shutil
@@ -187,21 +188,41 @@ def test_bad_input_in_a_fresh_process(stage: str, runs: Runs, tmp_path: Path) ->
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_unsafe_checkpoint_refused_before_anything_is_written(stage: str, runs: Runs, cli_server: CliServer,
-                                                             tmp_path: Path) -> None:
-    """A run dir whose latest checkpoint holds a pickle naming os.system: refused, one line, nothing written."""
-    run_dir, tag = tmp_path / "run", "global_step4"
+def _fake_checkpoint(run_dir: Path, stage: str, case: str) -> str:
+    """A `latest` checkpoint the stage must refuse: one whose pickle names os.system, one of the other stage, one
+    of an older version (its trainer_state.json lacks keys). Returns what the error line must name."""
+    from trainer.checkpoint import STATE_KEYS
+
+    tag, own = "global_step4", {"pretrain": "deepspeed", "finetune": "accelerate"}[stage]
     ckpt = run_dir / "checkpoints" / tag
     ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text('{"step": 4, "world_size": 1}')
+    state = {k: None for k in STATE_KEYS} | {"step": 4, "world_size": 1, "backend": own}
+    if case == "other_stage":
+        state["backend"] = {"deepspeed": "accelerate", "accelerate": "deepspeed"}[own]
+    if case == "older_version":
+        del state["eval_settings"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
     name = "mp_rank_00_model_states.pt" if stage == "pretrain" else "optimizer.pt"
-    torch.save({"state": {}, "hook": os.system}, ckpt / name)  # unpickling it would resolve posix.system
+    if case == "unsafe_pickle":
+        torch.save({"state": {}, "hook": os.system}, ckpt / name)  # unpickling it would resolve posix.system
+    else:
+        torch.save({"state": {}}, ckpt / name)
     (run_dir / "checkpoints" / "latest").write_text(tag)
+    return {"unsafe_pickle": "system", "other_stage": f"a {state['backend']} checkpoint",
+            "older_version": "older vitscale"}[case]
+
+
+@pytest.mark.parametrize("case", ["unsafe_pickle", "other_stage", "older_version"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_bad_checkpoint_refused_before_anything_is_written(stage: str, case: str, runs: Runs, cli_server: CliServer,
+                                                           tmp_path: Path) -> None:
+    """run.dir holds a `latest` checkpoint this stage must not resume: one line, exit 2, nothing written."""
+    run_dir = tmp_path / "run"
+    named = _fake_checkpoint(run_dir, stage, case)
     before = files(run_dir)
     proc = cli_server.run(stage, *train_args(stage, runs.data, run_dir, runs.init)[2:])
-    line = assert_one_error_line(proc, f"{stage} unsafe checkpoint")
-    assert name in line and "system" in line, line
+    line = assert_one_error_line(proc, f"{stage} {case}")
+    assert named in line and "global_step4" in line, line
     assert files(run_dir) == before, "the refused run wrote into its run dir"
 
 
@@ -258,8 +279,6 @@ def test_nan_step_skipped_and_lr_follows_applied_steps(stage: str, runs: Runs) -
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_eval_of_exported_and_best_weights_reproduces_report(stage: str, runs: Runs) -> None:
-    import json
-
     run_dir = runs.baseline(stage)
     r = report(run_dir)
     out = run_dir / "export" / "model.safetensors"
