@@ -77,7 +77,8 @@ class AccelerateBackend:
     def __init__(self, model: nn.Module, groups: list[dict], cfg, env: DistEnv, universal: bool = False):
         self.acc = make_accelerator(cfg, env)
         self.env, self.precision, self.clip = env, cfg.precision, cfg.optim.clip
-        self.device: torch.device = self.acc.device
+        # Accelerate names the CPU "cpu:0" under torchrun, which safetensors and torch.load's map_location refuse
+        self.device: torch.device = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
         self.module = model.to(self.device)
         optimizer = build_optimizer(groups, cfg.optim, fused=self.device.type == "cuda")
         wrapped, self.optimizer = self.acc.prepare(self.module, optimizer)
@@ -171,7 +172,7 @@ class AccelerateBackend:
             self._engine().load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
             return
         check_pickles(src, ())
-        sd = load_file(str(src / MODEL_FILE))  # on the CPU: safetensors refuses torch's "cpu:0" device name
+        sd = load_file(str(src / MODEL_FILE), device=str(self.device))
         self.module.load_state_dict({k: v.to(self.module.state_dict()[k].dtype) for k, v in sd.items()}, strict=True)
         optim = torch.load(src / OPTIM_FILE, map_location=self.device, weights_only=True)
         self.optimizer.optimizer.load_state_dict(optim)
