@@ -1,7 +1,7 @@
 """`python -m pretrain train|export|eval`: DeepSpeed ZeRO pre-training of a ViT.
 
   python -m pretrain train RECIPE [key.sub=value ...]        (under deepspeed, torchrun or srun)
-  python -m pretrain export RUN_DIR [--tag T] [--out F] [--ema] [--dtype bf16|fp32] [--timm]
+  python -m pretrain export RUN_DIR [--tag T] [--out F] [--ema] [--dtype bf16|fp32] [--format vitscale|timm|hf]
   python -m pretrain eval RUN_DIR_OR_WEIGHTS data.path=.../dataset.json [key=value ...]
   python -m pretrain plan RECIPE [key=value ...] --gpus 8 [--nodes 4] --gpu-mem 80    (no GPU needed)
 """

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (CPU settings: seconds to a minute or two each, GPU settings). The GPU rows are docs/performance.md's.
 SETTINGS = {
     "shard_write": (["--n", "200", "--repeats", "1"], ["--n", "1000", "--repeats", "3"]),
+    "near_dup": (["--n", "300", "--lookups", "500"], ["--n", "1000"]),
     "loader": (["--images", "128", "--rounds", "1"], ["--gpu-decode", "--images", "4096", "--batch", "256"]),
     "train_throughput": (["--recipe", "debug_cpu", "--accum", "2", "--steps", "5", "--warmup", "2",
                           "train.micro_batch=32"], ["--recipe", "vit_l16_in21k", "--accum", "4"]),

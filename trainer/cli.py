@@ -49,10 +49,13 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
     e.add_argument("run_dir")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    e.add_argument("--out", default=None, help="default: RUN_DIR/export/model.safetensors")
+    e.add_argument("--out", default=None, help="default: RUN_DIR/export/model.safetensors (hf: RUN_DIR/export/hf/)")
     e.add_argument("--ema", action="store_true", help="export the EMA weights")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    e.add_argument("--timm", action="store_true", help="write timm key names")
+    e.add_argument("--format", dest="fmt", choices=["vitscale", "timm", "hf"], default="vitscale",
+                   help="vitscale: timm tensor names + our metadata (timm loads it strictly); timm: the same, refused "
+                   "for models timm's ViT cannot hold (tanh pre-logits); hf: a transformers ViT folder")
+    e.add_argument("--timm", action="store_true", help="same as --format timm")
     v = sub.add_parser("eval", help="top-1/top-5 of a weight file or run dir, with its own eval settings")
     v.add_argument("weights", help="a weight file or a run dir (its latest checkpoint)")
     v.add_argument("overrides", nargs="*", help="data.path=... (required), data.split=val, model.image_size=, "
@@ -77,7 +80,7 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
         elif args.verb == "export":
             from trainer.export import export
 
-            print(export(args.run_dir, args.out, args.tag, args.ema, args.dtype, args.timm))
+            print(export(args.run_dir, args.out, args.tag, args.ema, args.dtype, args.timm, args.fmt))
         else:
             from trainer.evaluate import evaluate_weights
 
