@@ -72,20 +72,24 @@ def _shard_images(path: Path, hw: tuple[int, int], crop_pct: float, n: int) -> t
 
 
 def inspect_verb(weights: str, images: str | None, out: str, n: int = 8) -> list[Path]:
-    """`inspect`: the figures and numbers of a vitscale weight file into `out`."""
+    """`inspect`: the figures and numbers of a weight file (any format vit.interop reads) into `out`."""
     from runtime.config import ConfigError
     from vit.inspect import inspect_model, write_inspection
-    from vit.weights import identify_weights, load_weights
+    from vit.interop import read_any
+    from vit.weights import EvalSettings
 
-    if not Path(weights).is_file():
-        raise ConfigError(f"{weights} does not exist; pass a vitscale weight file (.safetensors)")
-    fmt = identify_weights(weights)
-    if fmt.kind != "vitscale":
-        raise ConfigError(f"{weights} {fmt.found}; inspect takes a vitscale weight file: {fmt.fix}")
-    sd, meta = load_weights(weights)
-    model = VisionTransformer(meta["config"])
-    model.load_state_dict(sd)
-    settings, batch = meta["eval"], None
+    if not Path(weights).exists():
+        raise ConfigError(f"{weights} does not exist; pass a weight file (vitscale, timm, transformers, .npz)")
+    try:
+        ckpt = read_any(weights)
+    except ValueError as err:
+        raise ConfigError(f"{err} (inspect takes a weight file)") from err
+    model = VisionTransformer(ckpt.config)
+    missing = [k for k in model.load_state_dict(ckpt.state_dict, strict=False).missing_keys if "head" not in k]
+    if missing:
+        raise ConfigError(f"{weights} lacks {', '.join(missing[:3])}; pass a whole ViT's weights")
+    settings = ckpt.eval_settings or EvalSettings(image_size=ckpt.config.image_hw)
+    batch = None
     if images:
         src = Path(images)
         if not src.exists():
