@@ -131,7 +131,8 @@ def test_bad_input_is_one_line(digits_shards: Path, tmp_path: Path, capsys: pyte
     from pretrain.__main__ import main as pretrain_main
 
     for args in (["nowhere.safetensors", f"data.path={digits_shards}"], [str(tmp_path), "shots=0"],
-                 [str(tmp_path), f"data.path={digits_shards}", "shots=0"], [str(tmp_path), "bogus=1"]):
+                 [str(tmp_path), f"data.path={digits_shards}", "shots=0"], [str(tmp_path), "bogus=1"],
+                 [str(tmp_path), f"data.path={tmp_path}"]):
         assert finetune_main(["fewshot", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, (args, err)

@@ -15,7 +15,8 @@ from typing import Literal
 from data_prep.stream_config import DataCfg
 
 __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
-           "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "total_steps"]
+           "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "missing_datasets",
+           "total_steps"]
 
 
 @dataclass
@@ -165,10 +166,17 @@ def validate_fewshot(f: FewShotCfg, prefix: str = "eval.fewshot.") -> list[str]:
         problems.append(f"{prefix}shots must be a list of counts >= 1, e.g. [1,5,10,25], got {f.shots}")
     if not f.l2 or min(f.l2) <= 0:
         problems.append(f"{prefix}l2 must be a list of regularisers > 0, got {f.l2}")
+    return problems
+
+
+def missing_datasets(f: FewShotCfg, key: str = "eval.fewshot.datasets") -> list[str]:
+    """The few-shot datasets that are not a dataset.json on this machine (checked at preflight, not in the
+    config: a recipe names paths of the machine it runs on)."""
+    problems = []
     for path in f.datasets:
         p = Path(path)
         if not (p / "dataset.json" if p.is_dir() else p).is_file():
-            problems.append(f"{prefix}datasets: {path} is not a dataset.json (or its folder); write one with "
+            problems.append(f"{key}: {path} is not a dataset.json (or its folder); write one with "
                             "`python -m data_prep write SRC OUT`")
     return problems
 

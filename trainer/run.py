@@ -23,7 +23,7 @@ from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, 
 from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
-from trainer.config import DataCfg, TrainerConfig, total_steps
+from trainer.config import DataCfg, TrainerConfig, missing_datasets, total_steps
 from trainer.loop import Loop
 from trainer.optim import param_groups
 from vit import ViTConfig
@@ -77,6 +77,8 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
             if d.val_split:
                 resolve_source(d.path, d.val_split)
         fs = cfg.eval.fewshot
+        if missing := missing_datasets(fs):
+            raise ConfigError("; ".join(missing))
         for path in fs.datasets:  # their splits, before the first few-shot eval (step 0) could fail mid-run
             resolve_source(path, fs.train_split)
             resolve_source(path, fs.val_split)
