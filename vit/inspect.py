@@ -166,7 +166,7 @@ def write_inspection(out: str | Path, numbers: dict, figures: dict) -> list[Path
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=110)
+        fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(out / f"{name}.png")
     (out / "inspect.json").write_text(json.dumps(numbers))
