@@ -55,7 +55,8 @@ def test_accuracies_beat_thresholds(demo: tuple[Path, str]) -> None:
         assert s["stages"][name]["seconds"] > 0 and not s["stages"][name]["reused"]
     assert s["stages"]["pretrain"]["img_per_s"] > 0 and s["stages"]["finetune"]["img_per_s"] > 0
     assert f"{s['top1_after']:.1%}" in stdout  # the final table shows it
-    before, after = s["fewshot_before"], s["fewshot_after"]  # few-shot linear top-1 at init and after pre-training
+    # few-shot linear top-1 at init and after pre-training; seen at 200 steps: 10-shot 0.568 -> 0.642
+    before, after = s["fewshot_before"], s["fewshot_after"]
     print(f"10-shot before {before['10shot']:.3f}, after {after['10shot']:.3f}")
     assert set(after) == {"1shot", "5shot", "10shot"} and after["10shot"] > before["10shot"] + 0.05
     assert f"{after['10shot']:.1%}" in stdout
