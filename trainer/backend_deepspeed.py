@@ -85,7 +85,7 @@ class DeepSpeedBackend:
             ds_config["checkpoint"] = {"load_universal": True}
         optimizer = None
         if "optimizer" not in ds_config:
-            optimizer = build_optimizer(groups, cfg.optim, fused=torch.cuda.is_available())
+            optimizer = build_optimizer(groups, cfg.optim)
             ds_config["zero_allow_untested_optimizer"] = True
         params = [{k: v for k, v in g.items() if k != "names"} for g in groups]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
