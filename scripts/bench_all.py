@@ -26,6 +26,8 @@ SETTINGS = {
     "loader": (["--images", "128", "--rounds", "1"], ["--gpu-decode", "--images", "4096", "--batch", "256"]),
     "train_throughput": (["--recipe", "debug_cpu", "--accum", "2", "--steps", "5", "--warmup", "2",
                           "train.micro_batch=32"], ["--recipe", "vit_l16_in21k", "--accum", "4"]),
+    "fewshot_cost": (["--variant", "debug", "--image-size", "224", "--micro-batch", "8", "--datasets", "pets"],
+                     ["--variant", "L/16", "--micro-batch", "32", "--reps", "5"]),
     "finetune_throughput": (["--variant", "debug", "--image-size", "32", "--micro-batch", "8", "--steps", "4",
                              "--warmup", "1"], []),
 }
