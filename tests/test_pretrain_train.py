@@ -53,7 +53,8 @@ def test_tensorboard_has_the_scalars(baseline: Path) -> None:
     assert wanted <= set(s), wanted - set(s)
     assert [step for step, _ in s["train/loss"]] == list(range(20, STEPS + 1, 20))
     assert s["train/lr"][-1][1] < s["train/lr"][0][1]  # cosine decay after warm-up
-    assert s["_images"] == ["train/batch"]
+    assert set(s["_images"]) == {"train/batch"} | {f"inspect/{f}" for f in (  # eval.inspect: the figures at evals
+        "embedding_filters", "pos_embed_similarity", "attention_distance", "attention_rollout")}
     assert all(v > 0 for _, v in s["perf/img_per_s"])
 
 
