@@ -304,8 +304,9 @@ def test_same_tensorboard_tags_from_both_stages(runs: Runs) -> None:
     tags = {stage: _scalars(runs.baseline(stage)) for stage in STAGES}
     pre, fine = ({k for k in tags[s] if k != "_images"} for s in STAGES)
     assert pre == fine, {"pretrain only": pre - fine, "finetune only": fine - pre}
-    assert set(tags["pretrain"]["_images"]) == set(tags["finetune"]["_images"]) == {"train/batch"} | {
-        f"inspect/{f}" for f in ("embedding_filters", "pos_embed_similarity", "attention_distance", "attention_rollout")}
+    figures = ("embedding_filters", "pos_embed_similarity", "attention_distance", "attention_rollout")
+    images = {"train/batch"} | {f"inspect/{f}" for f in figures}  # eval.inspect: the figures at each eval
+    assert set(tags["pretrain"]["_images"]) == set(tags["finetune"]["_images"]) == images
     assert {"train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/img_per_s",
             "perf/data_wait_share", "perf/step_time", "eval/top1", "eval/top5", "eval/loss"} <= pre, pre
     assert any(t.startswith("data/skipped_") for t in pre), pre
