@@ -13,11 +13,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from runtime.config import ConfigError
+from runtime.io import atomic_path
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
-from vit.weights import EvalSettings, adapt_pos_embed, load_weights, save_weights, to_timm
+from vit.weights import EvalSettings, adapt_pos_embed, identify_weights, load_weights, save_weights, to_timm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = {"deepspeed": "trainer.backend_deepspeed", "accelerate": "trainer.backend_accelerate"}
@@ -56,9 +59,16 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
     out = Path(out) if out else Path(run_dir) / "export" / "model.safetensors"
     settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    if timm:
-        sd = to_timm(sd)
-    save_weights(out, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
+    if not timm:
+        save_weights(out, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
+        return out
+    # timm key names: not a vitscale weight file (whose keys are vitscale's), but a timm state dict that
+    # carries its config along, which `init=` and `eval` read back (finetune.load.read_checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in to_timm(sd).items()}, str(tmp),
+                  metadata={"format": "pt", "vitscale_config": vcfg.to_json(),
+                            "class_names": json.dumps(state["class_names"]), "eval": settings.to_json()})
     return out
 
 
@@ -70,9 +80,16 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     if path.is_dir():
         sd, src, state = consolidate(path, ema=bool(state_ema(path)))
         settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    elif path.is_file():
+    elif path.is_file() and identify_weights(path).kind == "vitscale":
         sd, meta = load_weights(path)
         src, settings = meta["config"], meta["eval"]
+    elif path.is_file():  # timm key names (`export --timm`, a timm ViT), or a format named in one ConfigError
+        from finetune.load import read_checkpoint
+
+        sd, src, _ = read_checkpoint(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        settings = EvalSettings.from_json(meta["eval"]) if "eval" in meta else EvalSettings(image_size=src.image_hw)
     else:
         raise ConfigError(f"no weight file or run dir at {path}")
     if src.num_classes <= 0 or "head.weight" not in sd:
