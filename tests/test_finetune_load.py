@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.config import RECIPES_DIR, FinetuneConfig, load_finetune_config
-from finetune.load import build_finetune_model, export_run_dir, finetune_config, load_for_eval, read_checkpoint
-from finetune.optim import EMA, build_optimizer, lr_at, param_groups
+from finetune.load import build_finetune_model, finetune_config, read_checkpoint
 from runtime.config import ConfigError
+from trainer.export import export, load_eval_model
+from trainer.optim import EMA, build_optimizer, lr_at, param_groups
 from vit import VisionTransformer, vit_config
 from vit.weights import save_weights, to_timm
 
@@ -120,7 +121,7 @@ def test_weight_file_and_timm_state_dict(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in t.state_dict().items()}, str(tmp_path / "timm.safetensors"))
     sd3, cfg3, _ = read_checkpoint(tmp_path / "timm.safetensors")
     assert (cfg3.patch_size, cfg3.width, cfg3.depth, cfg3.heads, cfg3.grid) == (4, 32, 2, 2, (4, 4))
-    model, _ = load_for_eval(tmp_path / "timm.safetensors")
+    model, _ = load_eval_model(tmp_path / "timm.safetensors")
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model.eval()(x), t.eval()(x), atol=1e-4, rtol=1e-4)
     ft = build_finetune_model(sd3, cfg3, finetune_config(cfg3, image_size=24, num_classes=2))
@@ -147,7 +148,7 @@ def test_schedule_and_optimizer() -> None:
     cfg = load_finetune_config("vit_l16_384", REQUIRED + ["optim.warmup_steps=10", "optim.lr=0.1"]).optim
     assert lr_at(0, 100, cfg) == pytest.approx(0.01) and lr_at(9, 100, cfg) == pytest.approx(0.1)
     assert lr_at(55, 100, cfg) == pytest.approx(0.05, abs=1e-3) and lr_at(100, 100, cfg) == pytest.approx(0.0)
-    opt = build_optimizer(VisionTransformer(vit_config("debug")), cfg)
+    opt = build_optimizer(param_groups(VisionTransformer(vit_config("debug")), cfg.weight_decay), cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)  # the paper: no weight decay
 
@@ -183,6 +184,10 @@ def test_recipes_load_and_bad_configs_are_refused() -> None:
 
 
 def test_a_folder_that_is_no_run_dir_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="could not export pretrain run dir .* pass the .safetensors file"):
-        export_run_dir(tmp_path, tmp_path / "out.safetensors")
+    with pytest.raises(ConfigError, match="holds no complete checkpoint .* pass a weight file"):
+        export(tmp_path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ConfigError):  # as init=: one clear error, not a traceback from deep inside a loader
+        read_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="no weight file or run dir"):
+        load_eval_model(tmp_path / "nope")
