@@ -201,11 +201,14 @@ def field_help(cls: type) -> dict[str, str]:
 
     names = {f.name for f in dataclasses.fields(cls)}
     helps = {}
-    source = textwrap.dedent(inspect.getsource(cls))
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        name = tok.line.split(":", 1)[0].strip()
-        if tok.type == tokenize.COMMENT and name in names:
-            helps[name] = tok.string.lstrip("#").strip()
+    # base classes first: a field inherited from a shared section (trainer/config.py) keeps its comment, and
+    # a subclass that redeclares the field overrides it
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            name = tok.line.split(":", 1)[0].strip()
+            if tok.type == tokenize.COMMENT and name in names:
+                helps[name] = tok.string.lstrip("#").strip()
     helps.update({f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata})
     return helps
 
