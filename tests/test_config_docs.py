@@ -42,6 +42,8 @@ def test_every_key_has_its_default_and_a_meaning() -> None:
     assert keys["optim.lr"]["default"] == "0.001" and keys["optim.lr"]["help"].startswith("peak learning rate")
     assert keys["data.scale"]["default"] == "[0.08, 1.0]" and keys["zero.stage"]["type"] == "int"
     assert "- zero.stage must be 0, 1, 2 or 3, got -1" in page  # required keys come from validate()
+    # a section defined once in the core (trainer/config.py) and extended by the stage keeps its meanings
+    assert keys["model.variant"]["help"].startswith("B/16") and keys["model.representation_size"]["help"]
 
 
 @dataclasses.dataclass
@@ -56,9 +58,17 @@ class Outer:
     size: tuple[int, int] | None = None
 
 
+@dataclasses.dataclass
+class Derived(Inner):
+    extra: int = 1  # added by a subclass
+
+
 def test_a_field_comment_and_metadata_help_are_read() -> None:
     from runtime.config import config_fields
 
+    derived = {r["key"]: r["help"] for r in config_fields(Derived)}
+    assert derived == {"rate": "how often: a # inside the comment is kept", "mode": "from metadata",
+                       "extra": "added by a subclass"}  # inherited fields keep their comments
     rows = {r["key"]: r for r in config_fields(Outer)}
     assert rows["inner.rate"] == {"key": "inner.rate", "type": "float", "default": "0.5",
                                   "help": "how often: a # inside the comment is kept"}
