@@ -8,8 +8,11 @@ enabled), best/last weight files and logging are the core's (trainer/, see docs/
 
 from __future__ import annotations
 
+import torch
+
 from finetune.config import FinetuneConfig
 from finetune.load import build_finetune_model, finetune_config, read_checkpoint
+from runtime.config import ConfigError
 from trainer.run import Stage
 from trainer.run import train as run_training
 from vit.config import vit_config
@@ -31,5 +34,8 @@ def train(cfg: FinetuneConfig) -> dict:
     """Fine-tune as `cfg` says (resuming from run.dir/checkpoints/latest if there); returns the report."""
     from trainer.backend_accelerate import AccelerateBackend
 
+    if cfg.deepspeed.zero_stage and not torch.cuda.is_available():  # bad input: before any group or run dir
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} asked for, but this machine has no GPU "
+                          "(Accelerate's DeepSpeed plugin needs GPUs); use deepspeed.zero_stage=0 on this machine")
     stage = Stage("finetune", lambda names: build_model(cfg, names), AccelerateBackend, report={"init": cfg.init})
     return run_training(cfg, stage)
