@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import DEEPSPEED_GLOBALS, UnsafeCheckpointError, check_pickles
 from runtime.config import ConfigError
 from tests.conftest import ROOT
 from tests.faults.inputs import Payload, bad_inputs, write_payload_pt
 from tests.launch_fixtures import ds_ops_build_env
+from trainer.checkpoint import DEEPSPEED_GLOBALS, UnsafeCheckpointError, check_pickles
 
 pytestmark = pytest.mark.slow
 COMBOS = ["0-fp32", "1-bf16", "2-bf16", "3-bf16"]  # every ZeRO stage (fp16 needs a GPU: see below)
@@ -23,12 +23,12 @@ COMBOS = ["0-fp32", "1-bf16", "2-bf16", "3-bf16"]  # every ZeRO stage (fp16 need
 
 def test_bad_inputs(ctx):
     out = bad_inputs(ctx)
-    assert out.data_lost == 0 and out.extra["cases"] >= 15
+    assert out.data_lost == 0 and out.extra["cases"] >= 30
 
 
 @pytest.fixture(scope="module")
 def real_checkpoints(tmp_path_factory) -> Path:
-    """One real checkpoint of the trainer's DeepSpeed engine per ZeRO stage, after one optimizer step."""
+    """One real checkpoint of the core's DeepSpeed backend per ZeRO stage, after one optimizer step."""
     out = tmp_path_factory.mktemp("ds-checkpoints")
     env = {**os.environ, **ds_ops_build_env()}
     done = subprocess.run([sys.executable, "-m", "tests.faults.inputs", "checkpoints", str(out), *COMBOS], cwd=ROOT,

@@ -120,7 +120,7 @@ def baseline(ctx: Ctx) -> Path:
 
 
 def weights(run_dir: Path) -> dict:
-    from pretrain.export import consolidate
+    from trainer.export import consolidate
 
     return consolidate(run_dir)[0]
 
@@ -139,7 +139,7 @@ def resume_equals_baseline(ctx: Ctx, run_dir: Path) -> int:
     rc, out = _train(ctx.digits, run_dir, *COMMON, extra_env=ds_env())
     assert rc == 0, out[-4000:]
     assert tag is None or f"resumed from {tag}" in out, f"did not resume from {tag}:\n{out[-3000:]}"
-    assert _report(run_dir)["step"] == STEPS
+    assert _report(run_dir)["steps"] == STEPS
     base = baseline(ctx)
     diff = max_diff(weights(base), weights(run_dir))
     assert diff <= TOL, f"resumed weights differ from the uninterrupted run's by {diff:.3g}"
