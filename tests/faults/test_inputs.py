@@ -42,11 +42,13 @@ def test_real_checkpoints_pass_and_need_the_allowlist(real_checkpoints: Path):
     seen = set()
     for combo in COMBOS:
         tag = real_checkpoints / f"z{combo}" / "global_step1"
-        assert check_pickles(tag) >= 1, f"no .pt files in {tag}"
+        assert check_pickles(tag, DEEPSPEED_GLOBALS) >= 1, f"no .pt files in {tag}"
         for f in tag.glob("*.pt"):
             seen |= set(torch.serialization.get_unsafe_globals_in_checkpoint(f))
     fp16_only = {"deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"}
     assert seen == DEEPSPEED_GLOBALS - fp16_only, seen ^ (DEEPSPEED_GLOBALS - fp16_only)
+    with pytest.raises(UnsafeCheckpointError, match="names deepspeed"):  # without the backend's allowlist: refused
+        check_pickles(real_checkpoints / "z1-bf16" / "global_step1")
 
 
 def test_fp16_loss_scaler_pickle_is_allowed(tmp_path: Path):
@@ -60,7 +62,7 @@ def test_fp16_loss_scaler_pickle_is_allowed(tmp_path: Path):
     assert type(scaler).__name__ == "DynamicLossScaler"
     (tmp_path / "t").mkdir()
     torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True}, tmp_path / "t" / "optim_states.pt")
-    assert check_pickles(tmp_path / "t") == 1
+    assert check_pickles(tmp_path / "t", DEEPSPEED_GLOBALS) == 1
 
 
 @pytest.mark.parametrize("combo", COMBOS)
@@ -72,7 +74,7 @@ def test_payload_in_a_real_checkpoint_is_refused(real_checkpoints: Path, tmp_pat
     marker = tmp_path / "PWNED"
     write_payload_pt(victim, marker)
     with pytest.raises(UnsafeCheckpointError, match=rf"{victim.name} names .*posix\.system") as err:
-        check_pickles(tag)
+        check_pickles(tag, DEEPSPEED_GLOBALS)
     assert isinstance(err.value, ConfigError) and "\n" not in str(err.value)
     assert not marker.exists()
 
