@@ -1,4 +1,8 @@
-"""vitscale data_prep: image datasets -> WebDataset tar shards (DESIGN contract 1), and their checks.
+"""vitscale data_prep: image datasets -> WebDataset tar shards (format: docs/formats.md), and their checks.
+
+Sources: ImageFolder trees, CSV/JSONL lists, ImageNet's tar-of-tars (.tar/.tar.gz, never extracted), flat tars
+with a labels file, Hugging Face parquet files and existing shards (`sources.list_source`); optional filters:
+exact duplicates, `--exclude-hashes`, near copies of downstream images (`near.py`), `--min-per-class`.
 
 Python API: `write_shards(src, out, **options) -> manifest`, `merge(out) -> manifest`,
 `verify(out, decode=False) -> [problems]`, `write_example_images(out_dir, dataset="digits")`.

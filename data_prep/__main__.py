@@ -1,6 +1,7 @@
 """`python -m data_prep <verb>`: write | merge | verify | stats | preview | example.
 
-  write SRC OUT [options]   an ImageFolder tree or .csv/.jsonl list -> tar shards + dataset.json
+  write SRC OUT [options]   images -> tar shards + dataset.json; SRC: an ImageFolder tree, a .csv/.jsonl list, a
+                            tar-of-tars (ImageNet), a flat tar (+ --labels), parquet files, or WebDataset shards
   merge OUT                 dataset.json from the shards of every node of a --num-nodes run
   verify OUT [--decode]     check every shard against dataset.json; exit 1 and list what is wrong
   stats OUT                 the manifest as a table: splits, label histogram, image sizes
@@ -17,6 +18,8 @@ import sys
 from data_prep.examples import DATASETS, write_example_images
 from data_prep.images import FORMATS, MIN_SIZE
 from data_prep.manifest import ManifestError, merge, summary_table
+from data_prep.near import NEAR_THRESHOLD
+from data_prep.sources import FORMATS as SOURCE_FORMATS
 from data_prep.sources import SourceError
 from data_prep.verify import preview, stats_table, verify
 from data_prep.writer import DiskFullError, write_shards
@@ -24,8 +27,26 @@ from data_prep.writer import DiskFullError, write_shards
 
 def _write_parser(sub) -> None:
     w = sub.add_parser("write", help="write tar shards + dataset.json from an image folder or list")
-    w.add_argument("src", help="ImageFolder tree (SRC/<class>/<image>) or a .csv/.jsonl list of path,label[,split]")
+    w.add_argument("src", help="ImageFolder tree (SRC/<class>/<image>), .csv/.jsonl list of path,label[,split], "
+                   ".tar/.tar.gz (tar-of-tars or flat), .parquet file/folder/glob, or shards (brace pattern, "
+                   "folder of .tar, dataset.json)")
     w.add_argument("out", help="output folder")
+    g = w.add_argument_group("source")
+    g.add_argument("--source-format", choices=SOURCE_FORMATS, default="auto",
+                   help="what SRC is (auto: from its name and contents)")
+    g.add_argument("--labels", default=None, help="flat tar: CSV/JSONL of member name -> label[, split] "
+                   "(path,label[,split])")
+    g.add_argument("--image-column", default=None, help="parquet: the image column (default: image)")
+    g.add_argument("--label-column", default=None, help="parquet: the label column (default: label); shards: the "
+                   "label member (default: cls) or json:FIELD")
+    g.add_argument("--class-names", default=None, help="text file of `class_id name` lines (ImageNet's words.txt): "
+                   "human names in dataset.json")
+    g.add_argument("--min-per-class", type=int, default=0, help="drop classes with fewer usable images than this "
+                   "(ImageNet-21K-P uses 500)")
+    g.add_argument("--exclude-near", default=None, help="comma-separated downstream sets (any SRC kind): drop "
+                   "training images within --near-threshold bits of one of their images (perceptual hash)")
+    g.add_argument("--near-threshold", type=int, default=NEAR_THRESHOLD, help="Hamming distance of 64-bit pHashes "
+                   f"(default {NEAR_THRESHOLD}: measured in data_prep/near.py)")
     g = w.add_argument_group("splits and shards")
     g.add_argument("--val-fraction", type=float, default=0.0, help="class-stratified hold-out for a val split")
     g.add_argument("--samples-per-shard", type=int, default=1000)

@@ -68,6 +68,7 @@ class Encoded:
     ext: str  # tar member extension: jpg | png | webp
     width: int
     height: int
+    phash: int | None = None  # near.phash_image of the decoded image, when asked for
 
 
 def target_scale(w: int, h: int, opts: ImageOptions) -> float:
@@ -150,8 +151,18 @@ def _save(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
-    """Check and transform one image's bytes into what the shard stores; raise `Reject` if unusable."""
+def _phash(img: Image.Image, want: bool) -> int | None:
+    if not want:
+        return None
+    from data_prep.near import phash_image
+
+    return phash_image(img)
+
+
+def encode_image(data: bytes, opts: ImageOptions, want_hash: bool = False) -> Encoded:
+    """Check and transform one image's bytes into what the shard stores; raise `Reject` if unusable.
+
+    `want_hash`: also the perceptual hash, from the image decoded here anyway (no second decode)."""
     img = _open(data)
     w, h = img.size  # as stored, before EXIF rotation
     if min(w, h) < opts.min_size:
@@ -160,10 +171,11 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
     orientation = _orientation(img)
     fmt = output_format(img.format, opts)
     if opts.format == "keep" and scale == 1.0 and fmt == img.format and img.mode == "RGB" and orientation == 1:
-        if img.format == "JPEG":
-            img.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # full entropy decode, cheap IDCT
+        if img.format == "JPEG":  # full entropy decode, cheap IDCT (>= 32 px when hashing, as near.phash_bytes)
+            side = 32 if want_hash else 1
+            img.draft("RGB", (min(w, max(side, w // 8)), min(h, max(side, h // 8))))
         _decode(img)
-        return Encoded(data, EXT[fmt], w, h)
+        return Encoded(data, EXT[fmt], w, h, _phash(img, want_hash))
     out_w, out_h = scaled_size(w, h, scale)
     if scale < 1.0 and img.format == "JPEG":
         img.draft(img.mode, (out_w, out_h))  # decode at >= the target size
@@ -175,10 +187,4 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
     img = to_rgb(img)
     if img.size != (out_w, out_h):
         img = img.resize((out_w, out_h), RESAMPLE)
-    return Encoded(_save(img, fmt, opts.quality), EXT[fmt], out_w, out_h)
-
-
-def resized_dims(w: int, h: int, opts: ImageOptions) -> tuple[int, int]:
-    """Output size for a `w` x `h` upright image (used by tests and the benchmark's peer)."""
-    return scaled_size(w, h, target_scale(w, h, opts))
-
+    return Encoded(_save(img, fmt, opts.quality), EXT[fmt], out_w, out_h, _phash(img, want_hash))

@@ -112,6 +112,13 @@ def build_manifest(plan: dict, receipts: dict[str, dict]) -> tuple[dict, list[di
         "options": plan["options"],
         "image_stats": image_stats,
     }
+    if plan.get("class_names"):  # --class-names: human names beside the ids, by index
+        manifest["class_names"] = plan["class_names"]
+    if plan["options"].get("min_per_class"):  # --min-per-class: the classes left out and their image counts
+        manifest["dropped_classes"] = {"min_per_class": plan["options"]["min_per_class"],
+                                       "count": len(plan.get("dropped_classes") or {}),
+                                       "images": sum((plan.get("dropped_classes") or {}).values()),
+                                       "classes": plan.get("dropped_classes") or {}}
     return manifest, rejects
 
 
@@ -175,6 +182,10 @@ def summary_table(manifest: dict, seconds: float | None = None, processed: int |
     rej = manifest["rejects"]
     rows.append(f"rejects: {rej['count']}" + (" (" + ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items())
                                              + f"; see {rej['log']})" if rej["count"] else ""))
+    dropped = manifest.get("dropped_classes")
+    if dropped:
+        rows.append(f"dropped classes: {dropped['count']} with fewer than {dropped['min_per_class']} images "
+                    f"({dropped['images']} images; listed in dataset.json)")
     if seconds is not None:
         rate = f", {processed / max(seconds, 1e-9):.0f} img/s over {processed} images" if processed else ""
         rows.append(f"time: {seconds:.1f} s{rate}")

@@ -55,6 +55,8 @@ class Plan:
     shards: list[Shard]  # every split's shards, splits in order
     rejects: list[dict]  # found before writing: unreadable, empty, duplicate, excluded
     fingerprint: str
+    label_map: np.ndarray | None = None  # listing class index -> plan class index (-1: dropped by --min-per-class)
+    dropped: dict[str, int] = field(default_factory=dict)  # class name -> its usable images, under --min-per-class
 
     def split_names(self) -> list[str]:
         return list(dict.fromkeys(s.split for s in self.shards))
@@ -223,11 +225,26 @@ def cut_shards(order: np.ndarray, est_bytes: np.ndarray | None, per_shard: int, 
     return [s for s in shards if len(s)]
 
 
+def drop_rare_classes(listing: Listing, usable: np.ndarray, min_per_class: int) -> tuple[list[str], np.ndarray, dict]:
+    """(kept class names, old -> new class index or -1, dropped name -> count): classes with fewer than
+    `min_per_class` usable images leave the dataset and the rest are numbered again, in order (ImageNet-21K-P)."""
+    counts = np.bincount(listing.labels[usable], minlength=len(listing.classes))
+    keep = counts >= min_per_class
+    label_map = np.where(keep, np.cumsum(keep) - 1, -1).astype(np.int64)
+    dropped = {c: int(n) for c, n, k in zip(listing.classes, counts.tolist(), keep.tolist(), strict=True) if not k}
+    return [c for c, k in zip(listing.classes, keep.tolist(), strict=True) if k], label_map, dropped
+
+
 def make_plan(listing: Listing, index: Index | None, options: dict) -> Plan:
     """The whole dataset's shards from a listing, its content index (or None) and the write options."""
-    usable, rejects = np.ones(len(listing), bool), []
+    usable, rejects = np.ones(len(listing), bool), list(listing.rejects)
     if index is not None:
-        usable, rejects = screen(listing, index, options["dedup"], options.get("_exclude") or set())
+        usable, found = screen(listing, index, options["dedup"], options.get("_exclude") or set())
+        rejects += found
+    classes, label_map, dropped = listing.classes, np.arange(len(listing.classes)), {}
+    if options.get("min_per_class"):
+        classes, label_map, dropped = drop_rare_classes(listing, usable, options["min_per_class"])
+        usable &= label_map[listing.labels] >= 0
     splits = assign_splits(listing, usable, options["val_fraction"], options["seed"])
     est = index.size + SAMPLE_OVERHEAD if index is not None else None
     shards = []
@@ -236,7 +253,7 @@ def make_plan(listing: Listing, index: Index | None, options: dict) -> Plan:
         order = rng.permutation(splits[split])  # the seeded global shuffle: every shard mixes classes
         for k, entries in enumerate(cut_shards(order, est, options["samples_per_shard"], options["max_shard_bytes"])):
             shards.append(Shard(f"{split}-{k:06d}.tar", split, entries))
-    return Plan(listing.classes, shards, rejects, fingerprint(listing, index, options))
+    return Plan(classes, shards, rejects, fingerprint(listing, index, options), label_map, dropped)
 
 
 def fingerprint(listing: Listing, index: Index | None, options: dict) -> str:

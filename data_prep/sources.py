@@ -1,4 +1,6 @@
-"""List a source: an ImageFolder tree or a CSV/JSONL list of `path,label[,split]`.
+"""List a source: an ImageFolder tree or a CSV/JSONL list of `path,label[,split]` here; tar archives
+(tar-of-tars, flat tar + labels, WebDataset shards: `archives.py`) and parquet files (`parquet_source.py`)
+through `list_source`, which picks the reader from what SRC is (or `source_format`).
 
 Listing only: no file is opened, hashed or stat'ed here (that is the workers' job), so listing
 ImageNet-21k's 14 M files costs one directory walk. Class folders are walked in parallel when a
@@ -15,12 +17,13 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 LIST_SUFFIXES = (".csv", ".jsonl")
+FORMATS = ("auto", "folder", "list", "tar-of-tars", "tar", "parquet", "shards")
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -38,9 +41,28 @@ class Listing:
     classes: list[str]  # class names by index
     split_ids: np.ndarray | None = None  # (N,) int16 index into split_names, when the list has a split column
     split_names: tuple[str, ...] = ()
+    # where the bytes are, for sources other than files (readers.py): archive or parquet file, offset, size
+    kind: str = "file"  # file | tar | gztar | parquet
+    files: list[str] = field(default_factory=list)
+    file_id: np.ndarray | None = None  # (N,) int32 index into files
+    offset: np.ndarray | None = None  # (N,) int64: a member's data offset; parquet: row group << 32 | row
+    size: np.ndarray | None = None  # (N,) int64 bytes
+    column: str = ""  # parquet: the image column
+    index: object | None = None  # plan.Index when listing already hashed every entry (archives, parquet)
+    rejects: list[dict] = field(default_factory=list)  # found while listing (not a tar, unlabeled, ...)
+    spool: str = ""  # a .tar.gz's members, copied here by the listing pass (`files` is then [spool])
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def loc(self, i: int) -> str | tuple:
+        """Where entry i's bytes are, as `readers.read_locs` takes it."""
+        if self.kind == "file":
+            return self.paths[i]
+        path, off = self.files[int(self.file_id[i])], int(self.offset[i])
+        if self.kind == "parquet":
+            return path, off >> 32, off & 0xFFFFFFFF
+        return path, off, int(self.size[i])
 
 
 def sort_classes(names: Iterable[str]) -> list[str]:
@@ -153,13 +175,80 @@ def sort_splits(names: Iterable[str]) -> list[str]:
     return sorted(set(names), key=lambda s: (rank.get(s, 2), s))
 
 
-def list_source(src: str | os.PathLike, map_fn: Callable = map) -> Listing:
-    """List an ImageFolder tree or a `.csv`/`.jsonl` list; a clear `SourceError` if it can't be used."""
-    src = Path(src)
-    if not src.exists():
-        raise SourceError(f"source {src} does not exist: give an ImageFolder tree or a .csv/.jsonl list")
-    if src.is_dir():
-        return list_image_folder(src.resolve(), map_fn)
-    if src.suffix.lower() in LIST_SUFFIXES:
-        return list_file(src.resolve())
-    raise SourceError(f"source {src} is a file but not a .csv or .jsonl list (columns path,label[,split])")
+def detect_format(src: str) -> str:
+    """What SRC is: folder | list | tar-of-tars | tar | parquet | shards (see FORMATS)."""
+    p = Path(src)
+    if not p.exists():
+        if any(c in src for c in "*?[{"):
+            return "parquet" if src.endswith(".parquet") else "shards"
+        raise SourceError(f"source {src} does not exist: give an ImageFolder tree, a .csv/.jsonl list, a .tar "
+                          "(.tar.gz), .parquet files or WebDataset shards")
+    if p.is_dir():
+        if (p / "dataset.json").exists():
+            return "shards"
+        entries = [e for e in os.scandir(p) if not _hidden(e.name)]
+        if entries and not any(e.is_dir() for e in entries):
+            if any(e.name.endswith(".parquet") for e in entries):
+                return "parquet"
+            if any(e.name.endswith(".tar") for e in entries):
+                return "shards"
+        return "folder"
+    name = p.name.lower()
+    if name.endswith(LIST_SUFFIXES):
+        return "list"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".json"):
+        return "shards"
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return _tar_kind(p)
+    raise SourceError(f"source {src} is a file but not a .csv or .jsonl list (columns path,label[,split]), a .tar "
+                      "(.tar.gz), a .parquet or a dataset.json; say which with --source-format")
+
+
+def _tar_kind(path: Path) -> str:
+    """tar-of-tars if its first file member is a .tar, shards if a sample has a .cls member, else a flat tar."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            for k, m in enumerate(tar):
+                if m.isfile() and m.name.endswith(".tar") and k < 8:
+                    return "tar-of-tars"
+                if m.isfile() and m.name.endswith(".cls"):
+                    return "shards"
+                if k >= 8:
+                    break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SourceError(f"{path}: not a readable tar ({e})") from None
+    return "tar"
+
+
+def list_source(src: str | os.PathLike, map_fn: Callable = map, *, source_format: str = "auto",
+                labels: str | None = None, image_column: str | None = None, label_column: str | None = None,
+                cache_dir: Path | None = None, nodes: tuple[int, int] = (0, 1)) -> Listing:
+    """List any supported source (module docstring); a clear `SourceError` if it can't be used.
+
+    Archive and parquet listings also hash every entry (`Listing.index`), in workers via `map_fn`, caching each
+    unit's result under `cache_dir` so a rerun or another node reuses it."""
+    if source_format not in FORMATS:
+        raise SourceError(f"--source-format must be one of {', '.join(FORMATS)}, got {source_format!r}")
+    src = str(src)
+    fmt = detect_format(src) if source_format == "auto" else source_format
+    if labels and fmt != "tar":
+        raise SourceError(f"--labels is for a flat tar of images; {src} is read as {fmt}")
+    if fmt in ("folder", "list", "tar-of-tars", "tar") and not Path(src).exists():
+        raise SourceError(f"source {src} does not exist")
+    if fmt == "folder":
+        return list_image_folder(Path(src).resolve(), map_fn)
+    if fmt == "list":
+        return list_file(Path(src).resolve())
+    from data_prep import archives, parquet_source
+
+    if fmt == "tar-of-tars":
+        return archives.list_tar_of_tars(src, map_fn, cache_dir, nodes)
+    if fmt == "tar":
+        return archives.list_flat_tar(src, labels, cache_dir, nodes)
+    if fmt == "parquet":
+        return parquet_source.list_parquet(src, image_column, label_column, map_fn, cache_dir, nodes)
+    return archives.list_shards(src, label_column or "cls", map_fn, cache_dir, nodes)

@@ -1,4 +1,4 @@
-"""The streaming loader that feeds training and evaluation from WebDataset shards (DESIGN contract 2).
+"""The streaming loader that feeds training and evaluation from WebDataset shards (see docs/architecture.md).
 
     data = DataCfg(path="data/dataset.json", workers=8)   # a recipe's `data:` section
     loader = build_loader(data, "train", train=True, dist_env=env, image_size=224, micro_batch=128, seed=0,
@@ -29,13 +29,15 @@ Guarantees:
   fatal except a source with no readable sample at all.
 - Lifetime: the DataLoader workers end when the loader is closed, garbage-collected or the interpreter exits
   (a script need not call `close()`), but they ignore SIGTERM/SIGUSR1/SIGINT: a preemption signal sent to the
-  whole process group is the training process's to handle, and cannot kill them mid-checkpoint.
+  whole process group is the training process's to handle, and cannot kill them mid-checkpoint. With
+  decode="gpu", the thread that decodes ahead (data_prep/gpu_decode.py) ends with its pass, and so with the loader.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
 import math
 import multiprocessing.util  # noqa: F401 (imported before the exit hook below is registered: see _LIVE)
@@ -46,24 +48,12 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from data_prep import gpu_decode
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
 from data_prep.stream_config import DataCfg
 from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
-from data_prep.stream_worker import (
-    FILLER_LABEL,
-    ShardStream,
-    StreamConfig,
-    ignore_preemption_signals,
-    substitute_index,
-)
-from data_prep.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    decode_crop_on_device,
-    normalize,
-    seeded_torch_rng,
-    to_hw,
-)
+from data_prep.stream_worker import FILLER_LABEL, ShardStream, StreamConfig, ignore_preemption_signals
+from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, seeded_torch_rng, to_hw
 from runtime.dist import DistEnv, accumulation_steps
 
 __all__ = ["build_loader", "DataCfg", "StreamLoader", "normalize", "mixup_cutmix", "smooth_one_hot",
@@ -113,6 +103,7 @@ def _release(key: int) -> None:
 
 @atexit.register
 def _stop_all_at_exit() -> None:
+    gpu_decode.stop_all()  # the decode threads first: they may be decoding a batch the workers delivered
     for key in list(_LIVE):
         _release(key)
 
@@ -133,6 +124,7 @@ class StreamLoader:
         self._counts: collections.Counter[str] = collections.Counter()
         self._bad_shards: set[str] = set()
         self._active: weakref.ref | None = None
+        self._decoder = gpu_decode.DeviceDecoder(self.cfg, device) if self.cfg.decode == "gpu" else None
         # the private generator keeps the DataLoader from drawing its worker seeds from the trainer's RNG
         # (the stream seeds itself from `seed`)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
@@ -170,59 +162,48 @@ class StreamLoader:
         return gen
 
     def _epoch(self) -> Iterator[tuple]:
-        cfg, workers = self.cfg, self.cfg.workers
+        cfg = self.cfg
         if self.position >= len(self):  # a state from before positions wrapped eagerly: start the next epoch
             self.epoch, self.position = self.epoch + 1, 0
         epoch, start = self.epoch, self.position
         self.dataset.set_position(epoch, start)
+        batches = self._in_order(iter(self._loader), start)  # iter() first: workers fork before a thread starts
+        if self._decoder is not None:  # decode="gpu": decoded on a background thread, a batch or two ahead
+            batches = gpu_decode.decode_ahead(batches, self._decoder)
         i = start
-        for batch in self._loader:
-            if (batch["slot"], batch["index"]) != (i % workers, i // workers):
-                raise RuntimeError(f"stream out of order at micro-batch {i}: got slot {batch['slot']} batch "
-                                   f"{batch['index']}; the DataLoader no longer asks its workers round-robin")
-            self._merge(batch["stats"])
-            images, labels, keys = (self._device_batch(batch, epoch) if cfg.decode == "gpu"
-                                    else (batch["images"], batch["labels"], batch["keys"]))
-            i += 1
-            # (epoch, position) always name the next batch to yield, so a state saved now resumes after this one
-            self.epoch, self.position = (epoch + 1, 0) if i == len(self) else (epoch, i)
-            yield (images, labels, keys) if self.with_keys else (images, labels)
+        with contextlib.closing(batches):  # a closed pass stops its decode thread before the next pass starts
+            for batch in batches:
+                self._merge(batch["stats"])
+                images, labels, keys = batch["images"], batch["labels"], batch["keys"]
+                if self._decoder is not None:
+                    images = self._randaugment(gpu_decode.receive(batch), epoch, batch["slot"], batch["index"])
+                i += 1
+                # (epoch, position) always name the next batch to yield, so a state saved now resumes after it
+                self.epoch, self.position = (epoch + 1, 0) if i == len(self) else (epoch, i)
+                yield (images, labels, keys) if self.with_keys else (images, labels)
         if i != len(self):
             raise RuntimeError(f"rank {cfg.rank}: the stream ended after {i} of {len(self)} micro-batches of "
                                f"epoch {epoch} (started at {start})")
 
-    def _device_batch(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """decode="gpu": decode the micro-batch's JPEGs on the device, crop, flip; replace what fails."""
-        cfg = self.cfg
-        labels, keys = batch["labels"].clone(), list(batch["keys"])
-        lengths = batch["lengths"]
-        blobs = torch.split(batch["data"][: int(lengths.sum())], lengths.tolist())
-        present = [i for i, n in enumerate(lengths.tolist()) if n > 0]
-        images = torch.zeros((len(keys), 3, *cfg.size), dtype=torch.uint8, device=self.device)
-        ok = [False] * len(keys)
-        if present:
-            decoded, good = decode_crop_on_device([blobs[i] for i in present], batch["boxes"][present],
-                                                  batch["flips"][present], cfg.size, self.device)
-            images[present] = decoded
-            for i, g in zip(present, good, strict=True):
-                ok[i] = g
-        for i in present:
-            if ok[i]:
-                continue
-            self._counts["corrupt_image"] += 1
-            self._counts["samples"] -= 1
-            j = substitute_index(ok, i) if cfg.train else None
-            if j is None:
-                images[i], labels[i], keys[i] = 0, FILLER_LABEL, ""
-                self._counts["filler"] += 1
-            else:
-                images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
-                self._counts["substituted"] += 1
+    def _in_order(self, batches: Iterator[dict], start: int) -> Iterator[dict]:
+        """The workers' batches, checked to arrive as batch start, start + 1, ... of the rank."""
+        workers = self.cfg.workers
+        for i, batch in enumerate(batches, start):
+            if (batch["slot"], batch["index"]) != (i % workers, i // workers):
+                raise RuntimeError(f"stream out of order at micro-batch {i}: got slot {batch['slot']} batch "
+                                   f"{batch['index']}; the DataLoader no longer asks its workers round-robin")
+            yield batch
+
+    def _randaugment(self, images: torch.Tensor, epoch: int, slot: int, index: int) -> torch.Tensor:
+        """decode="gpu": RandAugment on the device images, seeded per micro-batch. On the training thread:
+        torchvision draws from torch's global generator, which a background thread would share with the
+        trainer."""
         if self.dataset.randaugment is not None:
-            with seeded_torch_rng(derive_seed(cfg.seed, epoch, cfg.rank, batch["slot"], batch["index"], "ra")):
-                for i in range(len(keys)):
+            cfg = self.cfg
+            with seeded_torch_rng(derive_seed(cfg.seed, epoch, cfg.rank, slot, index, "ra")):
+                for i in range(len(images)):
                     images[i] = self.dataset.randaugment(images[i])
-        return images, labels, keys
+        return images
 
     def _merge(self, delta: dict) -> None:
         self._counts.update(delta["counts"])
@@ -337,7 +318,8 @@ def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, i
     micro_batch x accumulation x world; clear error otherwise). Else the eval pass: resize to image_size /
     crop_pct, centre crop, written order, label -1 padding, `micro_batch` per rank and no global_batch; the
     training-only fields (samples_per_epoch, resampled, scale, ratio, hflip, randaugment) do not apply.
-    decode="gpu" ships the encoded bytes and decodes on `device` in this process. with_keys: yield
+    decode="gpu" ships the encoded bytes and decodes on `device` in this process, on a background thread
+    (data_prep/gpu_decode.py). with_keys: yield
     (images, labels, keys). data.num_classes, if set, bounds the labels (others count as bad_label).
     """
     _check_args(data, train=train, micro_batch=micro_batch, global_batch=global_batch)
@@ -357,7 +339,8 @@ def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, i
                        scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip,
                        randaugment=data.randaugment, shuffle_buffer=data.shuffle_buffer, min_size=data.min_size,
                        num_classes=data.num_classes)
-    pin = data.decode == "cpu" and dev.type == "cuda" and torch.cuda.is_available()
+    # pinned batches: uint8 images copy to the GPU asynchronously, and so do decode="gpu"'s encoded bytes
+    pin = dev.type == "cuda" and torch.cuda.is_available()
     return StreamLoader(ShardStream(cfg), workers=data.workers, steps_per_epoch=steps, global_batch=global_batch,
                         device=dev, pin_memory=pin, prefetch=data.prefetch, timeout_s=data.timeout_s,
                         with_keys=with_keys)

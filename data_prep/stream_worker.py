@@ -37,7 +37,7 @@ from data_prep.stream_source import (
 from data_prep.transforms import (
     center_crop_box,
     crop_resize_pil,
-    image_size_of,
+    image_header,
     parse_randaugment,
     pil_to_chw,
     random_resized_crop_box,
@@ -145,7 +145,9 @@ class ShardStream(IterableDataset):
         return itertools.chain(range_samples(cfg.source, a, b, counters), itertools.repeat(None))
 
     def _prepare(self, item: dict | None, rng: random.Random, counters: Counters) -> tuple | None:
-        """(image tensor or (bytes, box, flip), label, key) for one raw sample; None if padding or faulty."""
+        """(image tensor or (bytes, box, flip), label, key) for one raw sample; None if padding or faulty.
+
+        decode="gpu" ships (bytes, box, flip) for the JPEGs nvJPEG can batch and decodes the rest here."""
         cfg = self.cfg
         if item is None:
             return None
@@ -166,7 +168,7 @@ class ShardStream(IterableDataset):
             return None
         data = item[ext]
         try:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, DecompressionBombError)
-            width, height = image_size_of(data)
+            width, height, batchable = image_header(data)
             if min(width, height) < cfg.min_size:
                 # the writer's too_small rule, for shards written by other tools: a crop of a 1x1 image
                 # upscaled to the model's size carries no picture, only a label
@@ -177,10 +179,11 @@ class ShardStream(IterableDataset):
                 flip = rng.random() < cfg.hflip
             else:
                 box, flip = center_crop_box(width, height, cfg.size, cfg.crop_pct), False
-            if cfg.decode == "gpu":
+            if cfg.decode == "gpu" and batchable:
                 return (data, box, flip), label, item["__key__"]
+            # the CPU path, and on the device path the images nvJPEG cannot batch (same box, same flip)
             img = crop_resize_pil(data, box, cfg.size, flip)
-            if self.randaugment is not None:
+            if self.randaugment is not None and cfg.decode == "cpu":  # decode="gpu": on the device, for all
                 img = self.randaugment(img)
             return pil_to_chw(img), label, item["__key__"]
         except Exception:
@@ -208,8 +211,9 @@ class ShardStream(IterableDataset):
         return out
 
     def _assemble(self, prepared: list[tuple | None]) -> dict:
-        """Stack a micro-batch: labels int64 (B,), keys, and images uint8 (B, 3, H, W) or, for device
-        decoding, `data` uint8 (total bytes,) with `lengths` (B,), `boxes` (B, 4) and `flips` (B,)."""
+        """Stack a micro-batch: labels int64 (B,), keys, and images uint8 (B, 3, H, W) or, for device decoding,
+        `data` uint8 (total bytes,) with `lengths` (B,; 0 where no bytes are shipped), `boxes` (B, 4), `flips`
+        (B,), and the images decoded here: `images` uint8 (K, 3, H, W) for the entries `cpu_index` (K,)."""
         h, w = self.cfg.size
         n = len(prepared)
         labels = torch.tensor([p[1] if p else FILLER_LABEL for p in prepared], dtype=torch.int64)
@@ -220,12 +224,17 @@ class ShardStream(IterableDataset):
                 if p is not None:
                     images[i] = p[0]
             return {"images": images, "labels": labels, "keys": keys}
-        blobs = [p[0][0] if p else b"" for p in prepared]
+        decoded = [i for i, p in enumerate(prepared) if p is not None and isinstance(p[0], torch.Tensor)]
+        shipped = [p[0] if p is not None and not isinstance(p[0], torch.Tensor) else None for p in prepared]
+        blobs = [s[0] if s else b"" for s in shipped]
         return {
             "data": torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8),
             "lengths": torch.tensor([len(b) for b in blobs], dtype=torch.int64),
-            "boxes": torch.tensor([p[0][1] if p else (0, 0, 1, 1) for p in prepared], dtype=torch.int64),
-            "flips": torch.tensor([bool(p and p[0][2]) for p in prepared]),
+            "boxes": torch.tensor([s[1] if s else (0, 0, 1, 1) for s in shipped], dtype=torch.int64),
+            "flips": torch.tensor([bool(s and s[2]) for s in shipped]),
+            "images": (torch.stack([prepared[i][0] for i in decoded]) if decoded
+                       else torch.zeros((0, 3, h, w), dtype=torch.uint8)),
+            "cpu_index": torch.tensor(decoded, dtype=torch.int64),
             "labels": labels,
             "keys": keys,
         }

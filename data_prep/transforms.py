@@ -1,9 +1,10 @@
-"""Image transforms of the stream: crop boxes, JPEG draft decoding, device decoding and normalisation.
+"""Image transforms of the stream: crop boxes, image headers, JPEG draft decoding and normalisation.
 
 Every random choice (crop box, flip) is made in a DataLoader worker from a seeded generator and expressed
 as a box in the source image's pixel coordinates. The box is applied either by PIL in the worker
-(`decode="cpu"`) or on the device after `torchvision.io.decode_jpeg` (`decode="gpu"`), so both paths crop
-the same region. Batches stay uint8 until `normalize` runs on the device (4x less traffic than float32).
+(`decode="cpu"`) or on the device after `torchvision.io.decode_jpeg` (`decode="gpu"`, data_prep/gpu_decode.py),
+so both paths crop the same region. Batches stay uint8 until `normalize` runs on the device (4x less traffic
+than float32).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,10 +75,16 @@ def center_crop_box(width: int, height: int, size: tuple[int, int], crop_pct: fl
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def image_size_of(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header alone (no pixel decoding); raises on a non-image."""
+def image_header(data: bytes) -> tuple[int, int, bool]:
+    """(width, height, batchable) from the image header alone (no pixel decoding); raises on a non-image.
+
+    batchable: a baseline 3-component (YCbCr) JPEG, the kind nvJPEG's batched decode takes. Progressive,
+    CMYK/YCCK and greyscale JPEGs and other formats (PNG, WebP...) are decoded by PIL in the workers on the
+    decode="gpu" path: one of them in a batch would make the batched call fail as a whole.
+    """
     with Image.open(io.BytesIO(data)) as img:
-        return img.size
+        progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+        return img.size[0], img.size[1], img.format == "JPEG" and img.mode == "RGB" and not progressive
 
 
 def crop_resize_pil(data: bytes, box: Box, size: tuple[int, int], flip: bool) -> Image.Image:
@@ -138,45 +143,6 @@ def seeded_torch_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
-
-
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """One image on `device`, falling back to the CPU decoders (PNG, WebP, CMYK JPEG); None if unreadable."""
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError:
-        return None
-
-
-def decode_crop_on_device(blobs: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
-                          size: tuple[int, int], device: torch.device | str) -> tuple[torch.Tensor, list[bool]]:
-    """Decode encoded images on `device`, crop each box, resize to `size` (h, w), flip.
-
-    blobs: uint8 (n_bytes,) CPU tensors, one per image; boxes: (B, 4) as (left, top, width, height);
-    flips: (B,) bool. Returns uint8 (B, 3, H, W) on `device` and per-image success flags (a failed image
-    is left as zeros for the caller to replace).
-    """
-    device = torch.device(device)
-    try:  # one batched call (nvjpeg on CUDA); any bad image makes it fail as a whole
-        decoded: list[torch.Tensor | None] = list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        decoded = [_decode_one(b, device) for b in blobs]
-    th, tw = size
-    out = torch.zeros((len(blobs), 3, th, tw), dtype=torch.uint8, device=device)
-    ok = []
-    for i, img in enumerate(decoded):
-        left, top, w, h = boxes[i].tolist()
-        if img is None or img.shape[-2] < top + h or img.shape[-1] < left + w:
-            ok.append(False)
-            continue
-        crop = F.resized_crop(img, top, left, h, w, [th, tw], antialias=True)
-        out[i] = crop.flip(-1) if flips[i] else crop
-        ok.append(True)
-    return out, ok
 
 
 @functools.lru_cache(maxsize=16)

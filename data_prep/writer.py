@@ -1,4 +1,4 @@
-"""`write_shards`: a source -> WebDataset tar shards + dataset.json (DESIGN contract 1).
+"""`write_shards`: a source -> WebDataset tar shards + dataset.json (format: docs/formats.md).
 
 The parent lists the source and plans; worker processes do every per-file step (hash, decode, resize,
 encode) and each writes whole shards, so the bytes never depend on `workers`. A shard is written as
@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from data_prep.images import MIN_SIZE, ImageOptions, Reject, encode_image
+from data_prep.images import MIN_SIZE, Encoded, ImageOptions, Reject, encode_image
 from data_prep.manifest import (
     ManifestError,
     finalize,
@@ -33,13 +34,16 @@ from data_prep.manifest import (
     size_bin,
     summary_table,
 )
+from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
+from data_prep.readers import read_locs
 from data_prep.sources import Listing, list_source
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
 
 TAR_MTIME = 0  # fixed member times: reruns are byte-identical
+NEAR_BATCH = 64  # images encoded before one --exclude-near lookup: bounded memory, numpy overhead amortised
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ShardJob:
     root: str
     out: str
     opts: ImageOptions
+    kind: str = "file"  # where the bytes are: readers.read_locs
+    column: str = ""  # parquet: the image column
+    near: str = ""  # the downstream pHash index (.npz) of --exclude-near, if any
 
 
 class _HashingWriter:
@@ -76,16 +83,44 @@ def _stats_add(stats: dict, w: int, h: int, nbytes: int) -> None:
     stats["shorter_side"][size_bin(min(w, h))] += 1
 
 
-def _read(root: str, rel: str, want_sha: str) -> tuple[bytes, str]:
-    try:
-        with open(os.path.join(root, rel), "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise Reject("unreadable", e.strerror or str(e)) from None
+def _checked(data: bytes | Reject, want_sha: str) -> tuple[bytes, str]:
+    if isinstance(data, Reject):
+        raise data
     sha = hashlib.sha256(data).hexdigest()
     if want_sha and sha != want_sha:
         raise Reject("changed", "file changed after it was indexed; rerun to index it again")
     return data, sha
+
+
+def _encoded(job: ShardJob, items: list) -> Iterator[tuple[tuple, Encoded | Reject, bytes, str]]:
+    """(item, encoded image or its Reject, source bytes, source sha256) in item order. With --exclude-near the
+    images are checked against the downstream index NEAR_BATCH at a time (one vectorised lookup per batch)."""
+    datas = read_locs(job.kind, job.root, [it[2] for it in items], job.column)
+    batch: list = []
+    for item, raw in zip(items, datas, strict=True):
+        data, sha = b"", ""
+        try:
+            data, sha = _checked(raw, item[5])
+            batch.append((item, encode_image(data, job.opts, want_hash=bool(job.near)), data, sha))
+        except Reject as r:
+            batch.append((item, r, data, sha))
+        if len(batch) >= NEAR_BATCH:
+            yield from _near_check(job, batch)
+            batch = []
+    yield from _near_check(job, batch)
+
+
+def _near_check(job: ShardJob, batch: list) -> list:
+    """Turn images within --near-threshold bits of a downstream image into rejects naming that image."""
+    if not job.near:
+        return batch
+    index, names = cached_index(job.near)
+    todo = [k for k, b in enumerate(batch) if not isinstance(b[1], Reject)]
+    for k, hit in zip(todo, index.lookup_many(np.array([batch[k][1].phash for k in todo], np.uint64)), strict=True):
+        if hit is not None:
+            batch[k] = (batch[k][0], Reject("near_duplicate", f"{hit[1]} bits from {names[hit[0]]} (--exclude-near)"),
+                        *batch[k][2:])
+    return batch
 
 
 def write_shard(args: tuple[ShardJob, str, str, list, str]) -> dict:
@@ -108,12 +143,9 @@ def _write_tmp_then_rename(job: ShardJob, name: str, split: str, items: list, fi
     with open(tmp, "wb") as f:
         hf = _HashingWriter(f)
         with TarWriter(hf, encoder=False, compress=False, mtime=TAR_MTIME, user="vitscale", group="vitscale") as tw:
-            for key, rel, label, label_name, want_sha in items:
-                try:
-                    data, src_sha = _read(job.root, rel, want_sha)
-                    enc = encode_image(data, job.opts)
-                except Reject as r:
-                    rejects.append({"path": rel, "reason": r.reason, "detail": r.detail})
+            for (key, rel, _, label, label_name, _), enc, data, src_sha in _encoded(job, items):
+                if isinstance(enc, Reject):
+                    rejects.append({"path": rel, "reason": enc.reason, "detail": enc.detail})
                     continue
                 sha = src_sha if enc.data is data else hashlib.sha256(enc.data).hexdigest()
                 meta = json.dumps({"label": label_name, "src": rel, "width": enc.width, "height": enc.height,
@@ -204,7 +236,24 @@ def load_exclude_hashes(path: str | os.PathLike) -> set[bytes]:
     return hashes
 
 
-def _check_plan(out: Path, plan: Plan, options: dict) -> None:
+def load_class_names(path: str | os.PathLike) -> dict[str, str]:
+    """Class id -> human name from a text file of `id<whitespace>name` lines (ImageNet's `words.txt`,
+    `LOC_synset_mapping.txt`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise FileNotFoundError(f"--class-names {path}: {e.strerror or e}") from None
+    names = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            parts = line.strip().split(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{n}: expected `class_id name`, got {line.strip()[:80]!r}")
+            names[parts[0]] = parts[1].strip()
+    return names
+
+
+def _check_plan(out: Path, plan: Plan, options: dict, class_names: dict[str, str] | None = None) -> None:
     """Save the plan; refuse to mix shards of a different plan into the same folder."""
     path = parts_dir(out) / "plan.json"
     if path.exists() and load_json(path).get("fingerprint") != plan.fingerprint:
@@ -215,18 +264,68 @@ def _check_plan(out: Path, plan: Plan, options: dict) -> None:
         splits[s.split].append(s.name)
     atomic_write_json(path, {"fingerprint": plan.fingerprint, "classes": plan.classes, "splits": splits,
                              "shard_fingerprints": {s.name: shard_fingerprint(plan, s.name) for s in plan.shards},
-                             "rejects": plan.rejects, "options": options}, indent=None)
+                             "rejects": plan.rejects, "options": options, "dropped_classes": plan.dropped,
+                             "class_names": [class_names.get(c, "") for c in plan.classes] if class_names else None},
+                      indent=None)
 
 
 def shard_fingerprint(plan: Plan, name: str) -> str:
     return hashlib.sha256(f"{plan.fingerprint}/{name}".encode()).hexdigest()
 
 
+def spool_ready(listing: Listing) -> bool:
+    """Whether a `.tar.gz` listing's spool still holds every member (a finished run deletes it; a rerun that
+    finds the listing cached but the spool gone must stream the archive again)."""
+    if not listing.spool:
+        return True
+    end = int((listing.offset + listing.size).max(initial=0))
+    return os.path.exists(listing.spool) and os.path.getsize(listing.spool) >= end
+
+
 def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterator[tuple]:
     for s in shards:
-        items = [(f"{i:08d}", listing.paths[i], int(listing.labels[i]), plan.classes[listing.labels[i]],
-                  index.sha[i].tobytes().hex() if index is not None else "") for i in s.entries.tolist()]
+        label = plan.label_map[listing.labels[s.entries]].tolist()
+        items = [(f"{i:08d}", listing.paths[i], listing.loc(i), k, plan.classes[k],
+                  index.sha[i].tobytes().hex() if index is not None else "")
+                 for i, k in zip(s.entries.tolist(), label, strict=True)]
         yield job, s.name, s.split, items, shard_fingerprint(plan, s.name)
+
+
+def _check_args(src, out, samples_per_shard: int, val_fraction: float, workers: int, max_shard_bytes: int | None,
+                min_per_class: int) -> None:
+    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1 \
+            or min_per_class < 0:
+        raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
+                         "--max-shard-bytes >= 1, --min-per-class >= 0")
+    if Path(src).is_dir() and Path(out).resolve().is_relative_to(Path(src).resolve()):
+        raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
+                         "images of a class; write somewhere else")
+
+
+def _near_index(exclude_near: str | None, threshold: int, out: Path, imap: Callable, options: dict) -> str:
+    """--exclude-near: hash the downstream sets into OUT/.parts/near.npz (the workers' index) and record them
+    in the options (the plan's fingerprint changes with them); "" when not asked for."""
+    if not exclude_near:
+        return ""
+    path = parts_dir(out) / "near.npz"
+    digest = downstream_index(exclude_near, threshold, path, imap)
+    options.update(exclude_near=exclude_near, near_threshold=threshold, near_hashes_sha256=digest)
+    return str(path)
+
+
+def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: str, progress: bool) -> int:
+    """Write the shards of `tasks` in the workers; return the inputs processed. A `.tar.gz`'s spool is deleted
+    once every shard of this node is written (kept after a failure: the rerun resumes from it)."""
+    processed, total = 0, sum(len(s.entries) for s in todo)
+    try:
+        with tqdm(total=total, desc="write", unit="img", disable=not progress) as bar:
+            for receipt in imap_unordered(write_shard, tasks):
+                bar.update(receipt["inputs"])
+                processed += receipt["inputs"]
+    finally:
+        if spool and processed == total:
+            Path(spool).unlink(missing_ok=True)
+    return processed
 
 
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
@@ -234,50 +333,54 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
                  quality: int = 90, min_size: int = MIN_SIZE, dedup: bool = True,
                  exclude_hashes: str | os.PathLike | None = None, workers: int = 1, num_nodes: int | None = None,
-                 node_rank: int | None = None, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict:
-    """Write `src` (ImageFolder tree or .csv/.jsonl list) as shards into `out`; return the manifest.
+                 node_rank: int | None = None, progress: bool = False, source_format: str = "auto",
+                 labels: str | None = None, image_column: str | None = None, label_column: str | None = None,
+                 min_per_class: int = 0, class_names: str | None = None, exclude_near: str | None = None,
+                 near_threshold: int = NEAR_THRESHOLD, log: Callable[[str], None] | None = None) -> dict:
+    """Write `src` (any source of `sources.list_source`) as shards into `out`; return the manifest.
 
     With several nodes this writes the node's share only and returns a node report
     (`{"node_rank", "num_nodes", "shards", "written"}`); `merge(out)` then writes the manifest.
     """
     t0 = time.perf_counter()
     opts = ImageOptions(resize_shorter, resize_longer, format, quality, min_size)
-    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1:
-        raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
-                         "--max-shard-bytes >= 1")
+    _check_args(src, out, samples_per_shard, val_fraction, workers, max_shard_bytes, min_per_class)
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
-    if Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve()):
-        raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
-                         "images of a class; write somewhere else")
+    names = load_class_names(class_names) if class_names else None
     out.mkdir(parents=True, exist_ok=True)
     exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
-    options = {"source": str(Path(src).resolve()), "val_fraction": val_fraction,
-               "samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed,
-               **{k: v for k, v in asdict(opts).items()}, "dedup": dedup,
-               "exclude_hashes": str(Path(exclude_hashes).resolve()) if exclude_hashes else None}
+    resolved = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    options = {"source": resolved(src), "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
+               "max_shard_bytes": max_shard_bytes, "seed": seed, **asdict(opts), "dedup": dedup,
+               "exclude_hashes": resolved(exclude_hashes), "source_format": source_format, "labels": resolved(labels),
+               "image_column": image_column, "label_column": label_column, "min_per_class": min_per_class}
     # a single-node write owns its folder; a node of several may only clean up after its own shards
     own: list[str] | None = None if num_nodes == 1 else []
     with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
-        listing = list_source(src, map_fn=imap)
-        index = None
-        if dedup or exclude or max_shard_bytes:  # needs every file's contents before planning
+        relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
+                                     image_column=image_column, label_column=label_column,
+                                     cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
+        near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
+        listing = relist()
+        index = listing.index
+        if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
             with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
                 index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
         plan = make_plan(listing, index, {**options, "_exclude": exclude})
-        _check_plan(out, plan, options)
-        job = ShardJob(str(listing.root), str(out), opts)
+        _check_plan(out, plan, options, names)
+        job = ShardJob(str(listing.root), str(out), opts, listing.kind, listing.column, near)
         mine = plan.node_share(node_rank, num_nodes)
         todo = [s for s in mine if load_receipt(out, s.name, shard_fingerprint(plan, s.name)) is None]
         if own is not None:
             own += [s.name for s in todo]
         remove_temp_files(out, own)  # what a killed earlier run left behind
-        processed = 0
-        with tqdm(total=sum(len(s.entries) for s in todo), desc="write", unit="img", disable=not progress) as bar:
-            for receipt in imap_unordered(write_shard, _tasks(listing, plan, index, job, todo)):
-                bar.update(receipt["inputs"])
-                processed += receipt["inputs"]
+        if todo and not spool_ready(listing):  # listed by an earlier run whose spool is gone: stream it again
+            for p in (parts_dir(out) / "list").glob("unit-*.npz"):
+                p.unlink()
+            listing = relist()
+        processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
+                                progress)
     if num_nodes > 1:
         report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
                   "written": len(todo)}

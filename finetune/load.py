@@ -1,8 +1,9 @@
 """Pre-trained weights in, fine-tuning model out (the loading contract; see docs/architecture.md).
 
 Accepted sources: a vitscale weight file (`model.safetensors` with its config in the metadata), a timm
-ViT state dict saved as safetensors (config read from the tensor shapes), or a training run dir
-(consolidated in-process by the core's export: the two stages never import each other).
+ViT state dict saved as safetensors (config read from the tensor shapes), a Hugging Face transformers ViT
+folder or its model.safetensors, a big_vision/AugReg `.npz` (each converted by vit.interop / vit.convert), or
+a training run dir (consolidated in-process by the core's export: the two stages never import each other).
 
 Loading for fine-tuning keeps the patch size and every body weight, resamples the position embeddings
 from the checkpoint's grid to the new one (class token kept apart), drops the pre-training head (the
@@ -12,44 +13,21 @@ tanh pre-logits layer included, as the ViT paper does) and puts on a zero-initia
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime.config import ConfigError
-from vit.config import ViTConfig, variant_names, vit_config
+from vit.config import ViTConfig, vit_config
+from vit.interop import read_any
 from vit.model import VisionTransformer
-from vit.weights import WeightFormat, adapt_pos_embed, from_timm, identify_weights, load_weights
+from vit.weights import WeightFormat, adapt_pos_embed, identify_weights
 
 HEAD_KEYS = {"head.weight", "head.bias"}
 DROPPED_PREFIXES = ("head.", "pre_logits.")  # the pre-training head: re-created, never loaded
 # What must agree between checkpoint and fine-tuning model for the body weights to mean anything.
 ARCH_FIELDS = ("patch_size", "width", "depth", "heads", "mlp_ratio", "in_chans", "qkv_bias", "pool")
-
-
-def _infer_timm_config(sd: dict[str, torch.Tensor], heads: int | None) -> ViTConfig:
-    """A ViTConfig from the shapes of a (renamed) timm ViT state dict; heads come from `heads` or the variant."""
-    width, in_chans, patch, _ = sd["patch_embed.weight"].shape  # present: checked by describe_state_dict
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    side = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-    if heads is None:  # attention heads leave no trace in the shapes: take them from the matching paper variant
-        match = [v for v in variant_names() if (c := vit_config(v)).width == width and c.depth == depth]
-        if not match:
-            raise ConfigError(f"timm checkpoint has width {width}, depth {depth}: no known variant; set "
-                              "model.variant so the number of attention heads is known")
-        heads = vit_config(match[0]).heads
-    rep = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
-    try:
-        return ViTConfig(image_size=side * patch, patch_size=patch, in_chans=in_chans, width=width, depth=depth,
-                         heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
-                         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                         representation_size=rep, qkv_bias="blocks.0.attn.qkv.bias" in sd)
-    except (KeyError, ValueError) as e:  # e.g. no blocks.0.mlp.fc1, or width not divisible by heads
-        raise ConfigError(f"timm ViT state dict does not fit vitscale's ViT ({e}); pass a plain timm ViT "
-                          "or set model.variant to its architecture") from e
 
 
 def describe_init(path: str | os.PathLike) -> WeightFormat:
@@ -61,33 +39,23 @@ def describe_init(path: str | os.PathLike) -> WeightFormat:
 
 
 def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, ViTConfig, list[str]]:
-    """(state dict in vitscale key names, its ViTConfig, class names) of a vitscale or timm safetensors file.
+    """(state dict in vitscale key names, its ViTConfig, class names) of any `init=` source: a run dir, or what
+    vit.interop.read_any reads (vitscale, timm and transformers files, transformers folders, big_vision .npz).
 
     Anything else is one ConfigError naming what the file is and how to make it loadable; nothing is
-    unpickled (pickled checkpoints are refused from their header bytes).
+    unpickled (pickled checkpoints are refused from their header bytes, .npz is read with allow_pickle=False).
     """
     path = Path(path)
-    fmt = describe_init(path)
-    if fmt.kind == "run-dir":  # its latest checkpoint, consolidated in-process
+    if describe_init(path).kind == "run-dir":  # its latest checkpoint, consolidated in-process
         from trainer.export import consolidate
 
         sd, vcfg, state = consolidate(path)
         return sd, vcfg, state["class_names"]
-    if not fmt.loadable:
-        raise ConfigError(fmt.message(path))
     try:
-        if fmt.kind == "vitscale":
-            sd, meta = load_weights(path)
-            return sd, meta["config"], meta["class_names"]
-        with safe_open(str(path), framework="pt") as f:
-            sd = from_timm({k: f.get_tensor(k) for k in f.keys()})
-            meta = f.metadata() or {}
-        if "vitscale_config" in meta:  # timm key names written by `pretrain export --timm`: the config came along
-            return sd, ViTConfig.from_json(meta["vitscale_config"]), []
-    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # bad metadata JSON, a short file, ...
-        raise ConfigError(f"{path} {fmt.found} but cannot be read ({' '.join(str(e).split())[:160]}); "
-                          "re-export or re-download it") from e
-    return sd, _infer_timm_config(sd, heads), []
+        ckpt = read_any(path, heads)
+    except ValueError as e:  # the converters' one line: what the file is, then the fix
+        raise ConfigError(str(e)) from e
+    return ckpt.state_dict, ckpt.config, ckpt.class_names
 
 
 def finetune_config(src: ViTConfig, *, image_size: int | tuple[int, int], num_classes: int, variant: str = "",
@@ -131,10 +99,10 @@ def build_finetune_model(sd: dict[str, torch.Tensor], src: ViTConfig, dst: ViTCo
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items()
            if k in own and v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"checkpoint tensor shapes do not fit the model: {'; '.join(bad[:4])}")
+        raise ConfigError(f"checkpoint tensor shapes do not fit the model: {'; '.join(bad[:4])}")
     missing, unexpected = model.load_state_dict(body, strict=False)
     if set(missing) != HEAD_KEYS or unexpected:
-        raise ValueError(f"loading contract broken: missing {sorted(set(missing) - HEAD_KEYS) or 'nothing'} "
+        raise ConfigError(f"loading contract broken: missing {sorted(set(missing) - HEAD_KEYS) or 'nothing'} "
                          f"besides the head, unexpected {sorted(unexpected) or 'nothing'}; the checkpoint is not "
                          "a complete ViT of this architecture")
     if isinstance(model.head, nn.Linear):  # the new head starts at zero: logits 0, loss log(K) at step 0

@@ -8,6 +8,8 @@ enabled), best/last weight files and logging are the core's (trainer/, see docs/
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from finetune.config import FinetuneConfig
@@ -30,12 +32,23 @@ def build_model(cfg: FinetuneConfig, names: list[str]):
                          f"{len(names)} classes")
 
 
+def _check_plugin(cfg: FinetuneConfig) -> None:
+    """Accelerate's DeepSpeed plugin needs GPUs and `transformers`: say so before anything starts."""
+    if not cfg.deepspeed.zero_stage:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} uses Accelerate's DeepSpeed plugin, which "
+                          "needs GPUs; use deepspeed.zero_stage=0 (plain data parallel) on this machine")
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("deepspeed.zero_stage=2 uses Accelerate's DeepSpeed plugin, which needs the `transformers` "
+                          "package: pip install transformers (or set deepspeed.zero_stage=0)")
+
+
 def train(cfg: FinetuneConfig) -> dict:
     """Fine-tune as `cfg` says (resuming from run.dir/checkpoints/latest if there); returns the report."""
-    from trainer.backend_accelerate import AccelerateBackend
+    from trainer.backend_accelerate import AccelerateBackend  # imports accelerate: only when training
 
-    if cfg.deepspeed.zero_stage and not torch.cuda.is_available():  # bad input: before any group or run dir
-        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} asked for, but this machine has no GPU "
-                          "(Accelerate's DeepSpeed plugin needs GPUs); use deepspeed.zero_stage=0 on this machine")
-    stage = Stage("finetune", lambda names: build_model(cfg, names), AccelerateBackend, report={"init": cfg.init})
+    _check_plugin(cfg)
+    stage = Stage("finetune", lambda names: build_model(cfg, names), AccelerateBackend, AccelerateBackend.name,
+                  report={"init": cfg.init})
     return run_training(cfg, stage)

@@ -3,7 +3,7 @@ ZeRO and precision. YAML recipes in `pretrain/recipes/` map onto it (see docs/ar
 
 Required keys have no usable default and are checked by `validate`: data.path, run.dir, one of
 train.steps / train.epochs / train.samples, train.global_batch, train.micro_batch, model.variant,
-model.image_size, zero.stage, precision.
+model.image_size, precision. `zero.stage=auto` (the default) is resolved at start (pretrain/plan.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ class PretrainModelCfg(ModelCfg):
 
 @dataclass
 class ZeroCfg:
-    stage: int = -1  # DeepSpeed ZeRO stage 0-3: 1 shards optimizer state, 2 also gradients, 3 also weights
+    stage: int | Literal["auto"] = "auto"  # ZeRO 0-3 (1 shards optimizer state, 2 gradients, 3 weights); auto: fits
     offload_optimizer: bool = False  # keep optimizer state (and its step) on the CPU
     offload_params: bool = False  # stage 3 only
-    overlap_comm: bool = True  # overlap gradient reduction with the backward pass
+    overlap_comm: bool | Literal["auto"] = "auto"  # overlap gradient reduction with the backward; auto: unless compiled
     contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
-    reduce_bucket_size: int = 500_000_000  # elements per gradient reduce-scatter/all-reduce bucket
-    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather bucket
+    reduce_bucket_size: int | Literal["auto"] = "auto"  # elements per gradient reduce bucket; auto: sized to the model
+    allgather_bucket_size: int | Literal["auto"] = "auto"  # elements per parameter all-gather bucket; auto: as above
 
 
 @dataclass
@@ -53,10 +53,11 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     required = {"model.variant": cfg.model.variant, "model.image_size": cfg.model.image_size,
                 "precision": cfg.precision}
     problems += [f"{k} is required (set it in the recipe or as {k}=...)" for k, v in required.items() if not v]
-    if cfg.zero.stage not in (0, 1, 2, 3):
-        problems.append(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    if cfg.zero.stage not in (0, 1, 2, 3, "auto"):
+        problems.append(f"zero.stage must be 0, 1, 2, 3 or auto, got {cfg.zero.stage}")
     if cfg.train.ema_decay and cfg.zero.stage == 3:
-        problems.append("train.ema_decay needs full parameters on every rank: use zero.stage <= 2 or ema_decay=0")
+        problems.append("train.ema_decay needs full parameters on every rank: use zero.stage <= 2 (or auto, which "
+                        "then stops at 2) or ema_decay=0")
     if cfg.zero.offload_params and cfg.zero.stage != 3:
         problems.append("zero.offload_params needs zero.stage=3")
     if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():

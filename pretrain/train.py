@@ -6,7 +6,11 @@ loop, checkpoints, eval and logging are the core's (trainer/, see docs/architect
 
 from __future__ import annotations
 
+import dataclasses
+
+from pretrain.plan import gpu_memory_gib, resolve_zero
 from runtime.config import ConfigError
+from runtime.logs import get_logger
 from trainer.run import Stage
 from trainer.run import train as run_training
 from vit import VisionTransformer, ViTConfig, vit_config
@@ -29,9 +33,18 @@ def build_model(cfg, names: list[str]) -> tuple[VisionTransformer, ViTConfig, st
     return model, vcfg, f"new ViT {cfg.model.variant}, seed {cfg.run.seed}"
 
 
-def train(cfg) -> dict:
-    """Run (or resume) pre-training as configured; returns the report."""
+def backend(model, groups, cfg, env, universal: bool):
+    """The DeepSpeed backend, with `auto` ZeRO settings resolved for this job's GPUs (and the choice logged)."""
     from trainer.backend_deepspeed import DeepSpeedBackend
 
+    zero, line = resolve_zero(cfg, model.cfg, env.local_world_size, env.num_nodes,
+                              gpu_memory_gib(env.local_rank, env.local_world_size))
+    if line:
+        get_logger().info(line)
+    return DeepSpeedBackend(model, groups, dataclasses.replace(cfg, zero=zero), env, universal)
+
+
+def train(cfg) -> dict:
+    """Run (or resume) pre-training as configured; returns the report."""
     model_config(cfg, 1)  # bad variant/size: one line, before anything is started or written
-    return run_training(cfg, Stage("pretrain", lambda names: build_model(cfg, names), DeepSpeedBackend))
+    return run_training(cfg, Stage("pretrain", lambda names: build_model(cfg, names), backend, "deepspeed"))

@@ -193,7 +193,8 @@ def config_hash(obj: Any) -> str:
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each field's meaning: `metadata={"help": ...}` if given, else the comment at the end of its line."""
+    """Each field's meaning: `metadata={"help": ...}` if given, else the comment at the end of its line (in the
+    class that defines it: a stage's section extends the core's, e.g. pretrain's model section)."""
     import inspect
     import io
     import textwrap
@@ -201,9 +202,7 @@ def field_help(cls: type) -> dict[str, str]:
 
     names = {f.name for f in dataclasses.fields(cls)}
     helps = {}
-    # base classes first: a field inherited from a shared section (trainer/config.py) keeps its comment, and
-    # a subclass that redeclares the field overrides it
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's comment wins
         source = textwrap.dedent(inspect.getsource(klass))
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             name = tok.line.split(":", 1)[0].strip()

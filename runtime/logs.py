@@ -78,10 +78,6 @@ class TBWriter:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
             self._w.add_hparams(clean, metrics, run_name=".")
 
-    def flush(self) -> None:
-        if self._w is not None:
-            self._w.flush()
-
     def close(self) -> None:
         if self._w is not None:
             self._w.close()

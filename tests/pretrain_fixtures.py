@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_torchrun
+from vit.weights import load_weights
 
 
 def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -59,7 +59,7 @@ def _export(run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
     out = run_dir / "export" / "model.safetensors"
     subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out), *extra],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return load_file(str(out))
+    return load_weights(out)[0]  # vitscale's key names (the file stores timm's)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -29,17 +29,18 @@ EXIT_BOUND_S = 60  # the whole script, torch import included (seconds when it wo
 # A user's script: build a 2-worker loader, take a few batches, get a SIGTERM sent to the whole process group
 # (a trainer's handler only sets a flag; the workers must live on to feed the batches before the checkpoint),
 # take more, and return from main without close(). "kept": the loader outlives main in a reference cycle and a
-# module global, so only the exit can end its workers; "local": it dies with main's frame.
+# module global, so only the exit can end its workers (and its decode thread with decode="gpu"); "local": it dies
+# with main's frame.
 SCRIPT = textwrap.dedent("""
-    import os, signal, sys, time
+    import os, signal, sys, threading, time
     import psutil
     from data_prep.stream import DataCfg, build_loader
     from runtime.dist import DistEnv
 
-    def main(path, mode):
+    def main(path, mode, decode):
         flagged = []
         signal.signal(signal.SIGTERM, lambda signum, frame: flagged.append(signum))
-        loader = build_loader(DataCfg(path=path, workers=2), "train", train=True, dist_env=DistEnv(),
+        loader = build_loader(DataCfg(path=path, workers=2, decode=decode), "train", train=True, dist_env=DistEnv(),
                               image_size=16, micro_batch=4, seed=0, global_batch=4, device="cpu")
         batches = iter(loader)
         for _ in range(2):
@@ -57,9 +58,10 @@ SCRIPT = textwrap.dedent("""
             holder = {"loader": loader, "batches": batches}
             holder["self"] = holder
             KEPT = holder
+        print("decode threads", sum(t.name == "vitscale-gpu-decode" for t in threading.enumerate()), flush=True)
         print("returning", flush=True)
 
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
 """)
 
 
@@ -83,13 +85,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("lifetime") / "ds", {"train": [8, 8, 8, 8]})
 
 
-@pytest.mark.parametrize("mode", ["kept", "local"])
-def test_unclosed_loader_lets_its_script_exit(data: Path, tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "decode"), [("kept", "cpu"), ("local", "cpu"), ("kept", "gpu")])
+def test_unclosed_loader_lets_its_script_exit(data: Path, tmp_path: Path, mode: str, decode: str) -> None:
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     # its own session: the script's SIGTERM to its process group must not reach pytest
-    proc = subprocess.Popen([sys.executable, str(script), str(data), mode], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), str(data), mode, decode], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     t0 = time.monotonic()
     try:
@@ -101,6 +103,7 @@ def test_unclosed_loader_lets_its_script_exit(data: Path, tmp_path: Path, mode: 
     took = time.monotonic() - t0
     assert proc.returncode == 0, out[-3000:]
     assert "returning" in out, out[-3000:]  # the workers survived the SIGTERM and kept delivering
+    assert f"decode threads {int(decode == 'gpu')}" in out, out[-3000:]
     workers = [int(p) for line in out.splitlines() if line.startswith("workers ") for p in line.split()[1:]]
     assert len(workers) == 2, out[-3000:]
     # the script has been reaped, so its workers were ended (and joined) before it exited, not orphaned

@@ -16,7 +16,6 @@ from data_prep.stream import DataCfg, build_loader
 from data_prep.transforms import (
     center_crop_box,
     crop_resize_pil,
-    decode_crop_on_device,
     normalize,
     parse_randaugment,
     random_resized_crop_box,
@@ -69,18 +68,6 @@ def test_draft_decoding_matches_a_full_decode() -> None:
         assert img.size == (125, 94)  # 1/4 scale in the decoder
     flipped = crop_resize_pil(data, box, (32, 40), flip=True)
     assert np.array_equal(np.asarray(flipped), np.asarray(out)[:, ::-1])
-
-
-def test_device_decode_crops_the_same_box() -> None:
-    data = _photo()
-    blobs = [torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.frombuffer(bytearray(b"junk" * 9),
-                                                                                     dtype=torch.uint8)]
-    boxes = torch.tensor([[100, 50, 300, 280], [0, 0, 10, 10]])
-    out, ok = decode_crop_on_device(blobs, boxes, torch.tensor([True, False]), (32, 40), "cpu")
-    assert out.shape == (2, 3, 32, 40) and out.dtype == torch.uint8 and ok == [True, False]
-    ref = np.asarray(crop_resize_pil(data, (100, 50, 300, 280), (32, 40), flip=True))
-    got = out[0].permute(1, 2, 0).numpy().astype(np.int16)
-    assert np.abs(got[..., :2] - ref[..., :2]).mean() < 4 and not out[1].any()
 
 
 def test_normalize() -> None:

@@ -67,19 +67,25 @@ def test_plain_timm_vit_loads_and_its_variants_are_named(tmp_path: Path) -> None
         _refused(_timm_file(tmp_path / f"{name}.safetensors", **kwargs), part)
 
 
-def test_hugging_face_transformers_vit_file_and_folder(tmp_path: Path) -> None:
+def test_hugging_face_files_and_folders_that_do_not_load(tmp_path: Path) -> None:
+    """transformers ViT files and folders load (tests/test_interop.py); broken ones and other families are named."""
     keys = ["vit.embeddings.cls_token", "vit.embeddings.position_embeddings",
             "vit.embeddings.patch_embeddings.projection.weight",
             "vit.encoder.layer.0.attention.attention.query.weight", "classifier.weight"]
     path = tmp_path / "hf.safetensors"
     save_file({k: torch.zeros(2) for k in keys}, str(path))
-    _refused(path, "a Hugging Face transformers ViT state dict", "vit.embeddings.patch_embeddings.projection.weight",
-             "convert it")
+    _refused(path, "is a Hugging Face transformers ViT state dict, but", "lacks one of query/key/value")
+    deit = tmp_path / "deit.safetensors"
+    save_file({k.replace("vit.", "deit.") if k.startswith("vit.") else k: torch.zeros(2) for k in keys}, str(deit))
+    _refused(deit, "Hugging Face transformers deit model (keys like deit.embeddings.", "not a plain ViT",
+             "model_type 'vit'")
     folder = tmp_path / "hf_model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 2}))
     save_file({k: torch.zeros(2) for k in keys}, str(folder / "model.safetensors"))
-    _refused(folder, "Hugging Face transformers model folder (config.json + model.safetensors)", "convert it")
+    _refused(folder, "Hugging Face transformers model folder (config.json + model.safetensors), but")
+    (folder / "config.json").write_text(json.dumps({"model_type": "beit"}))
+    _refused(folder, "of model_type 'beit', not 'vit'")
     # A timm Hub folder holds a loadable file: the fix points at it.
     hub = tmp_path / "timm_hub"
     hub.mkdir()
@@ -98,12 +104,15 @@ def test_no_vit_keys_names_what_it_saw(tmp_path: Path) -> None:
     _refused(tmp_path / "none.safetensors", "without tensors")
 
 
-def test_npz_is_named_and_never_loaded(tmp_path: Path) -> None:
-    bv = tmp_path / "augreg.npz"
+def test_npz_without_a_vit_is_named(tmp_path: Path) -> None:
+    """big_vision/AugReg ViT .npz files load (tests/test_interop.py); other archives are named."""
+    bv = tmp_path / "partial.npz"
     np.savez(bv, **{"Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel": np.zeros(2), "cls": np.zeros(2)})
-    _refused(bv, "big_vision/AugReg ViT .npz checkpoint", "not supported yet", "convert it with timm")
+    _refused(bv, "a NumPy .npz archive without ViT parameters (saw Transformer/encoderblock_0/", "embedding/kernel")
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
-    _refused(tmp_path / "other.npz", "a NumPy .npz archive", "not supported yet")
+    _refused(tmp_path / "other.npz", "a NumPy .npz archive without ViT parameters (saw a)")
+    np.savez(tmp_path / "map.npz", **{"embedding/kernel": np.zeros(2), "MAPHead_0/probe": np.zeros(2)})
+    _refused(tmp_path / "map.npz", "without a class token (pool_type 'map')")
 
 
 @pytest.mark.parametrize("how", ["zip", "legacy", "protocol0"])

@@ -77,7 +77,8 @@ class AccelerateBackend:
     def __init__(self, model: nn.Module, groups: list[dict], cfg, env: DistEnv, universal: bool = False):
         self.acc = make_accelerator(cfg, env)
         self.env, self.precision, self.clip = env, cfg.precision, cfg.optim.clip
-        self.device: torch.device = self.acc.device
+        # Accelerate names the CPU "cpu:0" under torchrun, which safetensors and torch.load's map_location refuse
+        self.device: torch.device = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
         self.module = model.to(self.device)
         optimizer = build_optimizer(groups, cfg.optim, fused=self.device.type == "cuda")
         wrapped, self.optimizer = self.acc.prepare(self.module, optimizer)

@@ -196,3 +196,21 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
               for p in sorted(zero.iterdir()) if (p / "fp32.pt").exists()}
     return {k: v.float() for k, v in sd.items()}
 
+
+
+def model_states_bytes(stage: int, params: int, largest_layer: int, gpus_per_node: int, nodes: int) -> int:
+    """Model-state bytes per GPU at ZeRO `stage` (bf16 weights, fp32 gradient accumulation, fp32 master + Adam).
+
+    Stages 2 and 3 are DeepSpeed's own estimators (no offload, with their 1.5 buffer factor on the CPU side
+    only); stages 0 and 1 follow the same per-parameter terms: 2 bf16 weights + 2 bf16 and 4 fp32 gradients,
+    unpartitioned, + 4 fp32 master weights and 8 Adam moments, partitioned over the ranks at stage 1."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    gpus = gpus_per_node * nodes
+    if stage == 2:
+        return estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=False)[1]
+    if stage == 3:
+        return estimate_zero3_model_states_mem_needs(params, largest_layer, gpus_per_node, nodes, cpu_offload=False,
+                                                     cpu_offload_params=False)[1]
+    return 8 * params + (12 * params if stage == 0 else 12 * params // gpus)

@@ -99,6 +99,24 @@ def read_state(ckpt_dir: str | Path, tag: str) -> dict:
     return json.loads((Path(ckpt_dir) / tag / STATE_FILE).read_text())
 
 
+# what a resumable checkpoint's trainer_state.json holds (older vitscale versions wrote less)
+STATE_KEYS = ("step", "applied", "skipped", "evals", "best_top1", "stream", "ema_updates", "world_size", "backend",
+              "class_names", "vit_config", "eval_settings")
+
+
+def check_resumable(ckpt_dir: str | Path, tag: str, backend: str) -> dict:
+    """The state of checkpoint `tag`, or a ConfigError when this stage's backend cannot resume it."""
+    state = read_state(ckpt_dir, tag)
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"{Path(ckpt_dir) / tag} was written by an older vitscale (its {STATE_FILE} has no "
+                          f"{', '.join(missing[:3])}); resume it with that version, or start a new run.dir")
+    if state["backend"] != backend:
+        raise ConfigError(f"{Path(ckpt_dir) / tag} is a {state['backend']} checkpoint, not {backend}'s: run.dir "
+                          "belongs to the other stage; pass a new run.dir (or init=that run dir to start from it)")
+    return state
+
+
 def save(backend, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, keep: int,
          ema: dict[str, torch.Tensor] | None = None, fault: Callable[[], None] | None = None) -> str:
     """Save a checkpoint on every rank; `latest` moves only after all ranks wrote theirs. Returns the tag.

@@ -32,10 +32,11 @@ def run_verb(fn: Callable[[], object]) -> int:
 
 
 def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str]], dict],
-               argv: list[str] | None = None) -> int:
+               argv: list[str] | None = None, extra: Callable | None = None) -> int:
     """The CLI every stage has: `train RECIPE [k=v ...]`, `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
 
-    `train(recipe, overrides)` loads the stage's config and runs it.
+    `train(recipe, overrides)` loads the stage's config and runs it. `extra(subparsers)` adds a stage's own
+    verbs and returns {verb: run(args)}.
     """
     import argparse
     import json
@@ -48,18 +49,28 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
     e.add_argument("run_dir")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    e.add_argument("--out", default=None, help="default: RUN_DIR/export/model.safetensors")
+    e.add_argument("--out", default=None, help="default: RUN_DIR/export/model.safetensors (hf: RUN_DIR/export/hf/)")
     e.add_argument("--ema", action="store_true", help="export the EMA weights")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    e.add_argument("--timm", action="store_true", help="write timm key names")
+    e.add_argument("--format", dest="fmt", choices=["vitscale", "timm", "hf"], default="vitscale",
+                   help="vitscale: timm tensor names + our metadata (timm loads it strictly); timm: the same, refused "
+                   "for models timm's ViT cannot hold (tanh pre-logits); hf: a transformers ViT folder")
+    e.add_argument("--timm", action="store_true", help="same as --format timm")
     v = sub.add_parser("eval", help="top-1/top-5 of a weight file or run dir, with its own eval settings")
     v.add_argument("weights", help="a weight file or a run dir (its latest checkpoint)")
     v.add_argument("overrides", nargs="*", help="data.path=... (required), data.split=val, model.image_size=, "
                    "eval.micro_batch=, eval.precision=, data.crop_pct=")
-    args = p.parse_args(argv)
+    own = extra(sub) if extra else {}
+    args, rest = p.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest  # key=value overrides after the options
+    elif rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
 
     def verb() -> None:
-        if args.verb == "train":
+        if args.verb in own:
+            own[args.verb](args)
+        elif args.verb == "train":
             from runtime.dist import detect
 
             report = train(args.recipe, args.overrides)
@@ -69,7 +80,7 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
         elif args.verb == "export":
             from trainer.export import export
 
-            print(export(args.run_dir, args.out, args.tag, args.ema, args.dtype, args.timm))
+            print(export(args.run_dir, args.out, args.tag, args.ema, args.dtype, args.timm, args.fmt))
         else:
             from trainer.evaluate import evaluate_weights
 

@@ -13,14 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from runtime.config import ConfigError
-from runtime.io import atomic_path
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
-from vit.weights import EvalSettings, adapt_pos_embed, identify_weights, load_weights, save_weights, to_timm
+from vit.interop import hf_blocker, read_any, save_hf, timm_blocker
+from vit.weights import EvalSettings, adapt_pos_embed, identify_weights, save_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = {"deepspeed": "trainer.backend_deepspeed", "accelerate": "trainer.backend_accelerate"}
@@ -34,7 +32,8 @@ def _checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str, dict]:
     if tag is None or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
         raise ConfigError(f"{ckpt_dir} holds no complete checkpoint{f' {tag}' if tag else ''} (no `latest`); "
                           "train first, or pass a weight file")
-    return ckpt_dir, tag, ckpt.read_state(ckpt_dir, tag)
+    state = ckpt.read_state(ckpt_dir, tag)
+    return ckpt_dir, tag, ckpt.check_resumable(ckpt_dir, tag, state.get("backend", "?"))
 
 
 def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False
@@ -51,25 +50,33 @@ def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False
     return {k: v.float() for k, v in sd.items()}, vcfg, state
 
 
+FORMATS = ("vitscale", "timm", "hf")
+
+
 def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None, ema: bool = False,
-           dtype: str = "fp32", timm: bool = False) -> Path:
-    """Write `model.safetensors` from a run dir's checkpoint; `timm=True` writes timm key names."""
+           dtype: str = "fp32", timm: bool = False, fmt: str = "vitscale") -> Path:
+    """Write a run dir's checkpoint as `fmt`; `timm=True` is `fmt="timm"` (the old `--timm`).
+
+    vitscale (default, RUN/export/model.safetensors): timm's tensor names plus our metadata (config, class
+    names, eval settings), so timm loads it strictly and our loaders read it. timm: the same file, refused
+    for a model timm's ViT cannot hold (the tanh pre-logits layer). hf (RUN/export/hf/): a transformers
+    `ViTForImageClassification` folder, config.json + model.safetensors.
+    """
+    fmt = "timm" if timm else fmt
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     sd, vcfg, state = consolidate(run_dir, tag, ema)
     VisionTransformer(vcfg).load_state_dict(sd, strict=True)  # the contract: every key, right shapes
+    why = {"timm": timm_blocker, "hf": hf_blocker}.get(fmt, lambda _: None)(vcfg)
+    if why:  # before anything is written
+        raise ConfigError(f"{run_dir}: the model {why}")
     sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
-    out = Path(out) if out else Path(run_dir) / "export" / "model.safetensors"
     settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    if not timm:
-        save_weights(out, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
-        return out
-    # timm key names: not a vitscale weight file (whose keys are vitscale's), but a timm state dict that
-    # carries its config along, which `init=` and `eval` read back (finetune.load.read_checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in to_timm(sd).items()}, str(tmp),
-                  metadata={"format": "pt", "vitscale_config": vcfg.to_json(),
-                            "class_names": json.dumps(state["class_names"]), "eval": settings.to_json()})
-    return out
+    if fmt == "hf":
+        return save_hf(Path(out) if out else Path(run_dir) / "export" / "hf", sd, vcfg, state["class_names"],
+                       settings)
+    out = Path(out) if out else Path(run_dir) / "export" / "model.safetensors"
+    return save_weights(out, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
 
 
 def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") -> tuple[VisionTransformer,
@@ -77,21 +84,18 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     """The model with its own head from a weight file or a run dir (its latest checkpoint), at `image_size`
     (position embeddings resampled when it differs), with the eval settings it was saved with."""
     path = Path(path)
-    if path.is_dir():
+    if not path.exists():
+        raise ConfigError(f"no weight file or run dir at {path}")
+    if path.is_dir() and identify_weights(path).kind != "hf-folder":
         sd, src, state = consolidate(path, ema=bool(state_ema(path)))
         settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    elif path.is_file() and identify_weights(path).kind == "vitscale":
-        sd, meta = load_weights(path)
-        src, settings = meta["config"], meta["eval"]
-    elif path.is_file():  # timm key names (`export --timm`, a timm ViT), or a format named in one ConfigError
-        from finetune.load import read_checkpoint
-
-        sd, src, _ = read_checkpoint(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        settings = EvalSettings.from_json(meta["eval"]) if "eval" in meta else EvalSettings(image_size=src.image_hw)
-    else:
-        raise ConfigError(f"no weight file or run dir at {path}")
+    else:  # any weight file or folder vit.interop reads; foreign ones without our metadata get default settings
+        try:
+            ckpt = read_any(path)
+        except ValueError as e:
+            raise ConfigError(f"{e} (eval takes a weight file or a run dir)") from e
+        sd, src = ckpt.state_dict, ckpt.config
+        settings = ckpt.eval_settings or EvalSettings(image_size=src.image_hw)
     if src.num_classes <= 0 or "head.weight" not in sd:
         raise ConfigError(f"{path} has no classification head to evaluate")
     dst = src.replace(image_size=image_size) if image_size else src

@@ -3,8 +3,10 @@
 Per micro-batch: uint8 images from the stream are normalised on the device, (seeded mixup/cutmix), forward,
 fp32 loss, backward; at the accumulation boundary the backend clips and steps, or skips the step when the
 gradient is not finite. The LR is set before every step from the number of APPLIED steps, so a skipped step
-does not advance the schedule. After each step: EMA, log, eval, checkpoint and preemption, when due.
-The loss stays on the device and is read every `log.every` steps, so the host never waits in between.
+does not advance the schedule, and the run lasts `total` applied steps (a skipped step is made up with the
+next batch), so the schedule always ends where it was set to. After each step: EMA, log, eval, checkpoint
+and preemption, when due. The loss stays on the device and is read every `log.every` steps, so the host never
+waits in between.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Loop:
         """Train to the end; returns the report (also written to run.dir/report.json by rank 0)."""
         meter, s = self.monitor.meter, self.state
         try:
-            while s.step < self.total:
+            while s.applied < self.total:  # the run is `total` applied steps: a skipped step is made up
                 meter.start_wait()
                 for images, labels, keys in self.loader:
                     meter.end_wait()
@@ -120,7 +122,7 @@ class Loop:
                         meter.end_step(self.cfg.train.global_batch)
                         self.after_step()
                         self.keys = []
-                        if s.step >= self.total:
+                        if s.applied >= self.total:
                             break
                     meter.start_wait()
         finally:
@@ -157,10 +159,10 @@ class Loop:
         cfg, s = self.cfg, self.state
         lr = lr_at(s.applied, self.total, cfg.optim)
         s.step += 1
-        last, epoch_end = s.step == self.total, self.loader.position == 0
         if self._kill_now(s.step, in_save=False):
             os.kill(os.getpid(), signal.SIGKILL)
         self._count_applied()
+        last, epoch_end = s.applied == self.total, self.loader.position == 0
         if self.ema is not None:
             self.ema.update(self.backend.module)
         if s.step % cfg.log.every == 0 or last:

@@ -95,9 +95,10 @@ class Monitor:
         faults = self.data_faults(stream_stats, backend.device)
         self.tb.scalars({f"data/skipped_{r}": n for r, n in faults.items()}, step)
         skipped = ", ".join(f"{r} {n}" for r, n in faults.items() if n)
-        eta = (self.total_steps - step) * (s["step_time"] or 0.0)
+        end = self.total_steps + skipped_steps  # a skipped step is made up: the run ends that much later
+        eta = (end - step) * (s["step_time"] or 0.0)
         mfu = f" mfu {s['mfu']:.1%}" if s["mfu"] is not None else ""
-        self.log.info(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} | {s['img_per_s']:.0f} img/s{mfu} "
+        self.log.info(f"step {step}/{end} loss {loss:.4f} lr {lr:.2e} | {s['img_per_s']:.0f} img/s{mfu} "
                       f"data-wait {s['data_wait_share']:.0%} | eta {format_eta(eta)}"
                       + (f" | data skipped: {skipped}" if skipped else ""))
 

@@ -33,11 +33,12 @@ from vit import ViTConfig
 class Stage:
     """What a stage adds to the core: its model (built on the CPU from the class names, before any process
     group: loading errors are bad input; returns (model, ViTConfig, a line for the log)) and its backend (a
-    class taking (model, groups, cfg, env, universal))."""
+    callable taking (model, groups, cfg, env, universal), named by the checkpoints it writes)."""
 
     name: str
     build: Callable[[list[str]], tuple[nn.Module, ViTConfig, str]]
     backend: Callable[..., object]
+    backend_name: str
     report: dict = field(default_factory=dict)
 
 
@@ -62,7 +63,7 @@ def class_names(data: DataCfg) -> list[str]:
     return [str(i) for i in range(data.num_classes)]
 
 
-def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
+def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
     anything is written: batch arithmetic, dataset (format, splits, shards) and the checkpoint to resume."""
     d = cfg.data
@@ -78,8 +79,9 @@ def preflight(cfg: TrainerConfig, env: DistEnv) -> None:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
-    if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):  # a backend would unpickle it: refuse one unsafe now
-        ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)
+    if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):
+        ckpt.check_resumable(ckpt_dir, tag, backend)
+        ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)  # a backend would unpickle it: refuse one unsafe
 
 
 def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):
@@ -96,7 +98,7 @@ def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.de
 def train(cfg: TrainerConfig, stage: Stage) -> dict:
     """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json)."""
     env = detect()
-    preflight(cfg, env)
+    preflight(cfg, env, stage.backend_name)
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
     try:

@@ -1,4 +1,8 @@
-"""Weight files: `model.safetensors` with the config in its metadata, timm key conversion, format detection.
+"""Weight files: `model.safetensors` with the config in its metadata, and format detection.
+
+Tensor names are timm's (`patch_embed.proj.weight`, ...), so `timm.create_model(name, num_classes=K)` loads
+a file strictly; `load_weights` converts them back to vitscale's module names (files written before this, in
+vitscale's names, read the same: the conversion is idempotent).
 
 Metadata: format=vitscale-vit/1, config (ViTConfig JSON), image_size, class_names (JSON list), step and,
 in files written since eval settings were added, eval (EvalSettings JSON: how the weights were evaluated).
@@ -22,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vit.config import ViTConfig
+from vit.convert import FC_NORM, TIMM_PARTS, bv_prefix, from_timm, to_timm
 from vit.model import VisionTransformer
 from vit.pos_embed import resample_pos_embed
 
@@ -110,7 +115,8 @@ def save_weights(
     }
     if eval_settings is not None:
         meta["eval"] = eval_settings.to_json()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    # timm's names on disk: the file is a timm state dict too (vit.convert.to_timm; idempotent)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_timm(state_dict).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -141,13 +147,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a vitscale weight file: (state dict on CPU, metadata as in `read_metadata`)."""
+    """Read a vitscale weight file: (state dict on CPU in vitscale's key names, metadata as in `read_metadata`)."""
     meta = read_metadata(path)
-    sd: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            sd[k] = f.get_tensor(k)
-    return sd, meta
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    return from_timm(sd), meta
 
 
 def adapt_pos_embed(sd: dict[str, torch.Tensor], src: ViTConfig, dst: ViTConfig, mode: str = "bicubic") -> dict:
@@ -169,67 +173,15 @@ def load_model(path: str | os.PathLike, image_size: int | tuple[int, int] | None
     return model
 
 
-# Our key <-> timm key. Everything else (cls_token, pos_embed, blocks.*, norm, head) has the same name.
-_TO_TIMM = [
-    (r"^patch_embed\.(weight|bias)$", r"patch_embed.proj.\1"),
-    (r"^pre_logits\.fc\.(weight|bias)$", r"head.pre_logits.fc.\1"),
-]
-_FROM_TIMM = [
-    (r"^patch_embed\.proj\.(weight|bias)$", r"patch_embed.\1"),
-    (r"^head\.pre_logits\.fc\.(weight|bias)$", r"pre_logits.fc.\1"),
-    (r"^pre_logits\.fc\.(weight|bias)$", r"pre_logits.fc.\1"),
-]
-# timm parts our ViT does not have: (key pattern, what to call it in an error). Refused, never silently
-# dropped. (timm's mean pooling puts a LayerNorm after the pooling, `fc_norm`; ours normalises before it,
-# as big_vision does, and a timm model created with `fc_norm=False` matches.)
-_FC_NORM = r"^fc_norm\."
-_TIMM_PARTS = [
-    (r"\.ls[12]\.", "layer-scale (blocks.*.ls1/ls2, e.g. DeiT-III or DINOv2)"),
-    (r"^reg_token$", "register tokens (reg_token)"),
-    (r"\.(q|k)_norm\.", "query/key normalisation (blocks.*.attn.q_norm/k_norm)"),
-    (r"^attn_pool\.", "an attention-pool head (attn_pool, e.g. SigLIP)"),
-    (r"^norm_pre\.", "a LayerNorm before the blocks (norm_pre, e.g. CLIP)"),
-    (r"^dist_token$", "a distillation token (dist_token, distilled DeiT)"),
-]
-_TIMM_UNSUPPORTED = re.compile("|".join([_FC_NORM] + [pat for pat, _ in _TIMM_PARTS]))
-
-
-def _rename(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in rules:
-            if re.match(pat, k):
-                k = re.sub(pat, rep, k)
-                break
-        out[k] = v
-    return out
-
-
-def to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> timm `VisionTransformer` key names."""
-    return _rename(sd, _TO_TIMM)
-
-
-def from_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm `VisionTransformer` state dict -> our key names.
-
-    Refuses layer-scale, register tokens and other parts our model does not have, rather than
-    silently dropping them.
-    """
-    unsupported = [k for k in sd if _TIMM_UNSUPPORTED.search(k)]
-    if unsupported:
-        raise ValueError(f"timm weights use parts vitscale's ViT does not have: {unsupported[:4]}")
-    return _rename(sd, _FROM_TIMM)
-
-
 @dataclass(frozen=True)
 class WeightFormat:
     """What a weight file or folder holds, told from header bytes and key names (nothing is unpickled).
 
-    `kind` is "vitscale" or "timm-vit" for what loads (then `found`/`fix` are informative only), else one of
-    "missing", "unreadable", "empty", "folder", "hf-folder", "pickle", "npz", "not-safetensors", "hf-vit",
-    "timm-unsupported", "not-vit". `message(path)` is the one-line error for what does not load: what was
-    found, then the fix. ("run-dir" is added by finetune.load.describe_init.)
+    `kind` is one of LOADABLE for what loads (vit.interop.read_any reads each; then `found`/`fix` are
+    informative only), else one of "missing", "unreadable", "empty", "folder", "timm-hub-folder",
+    "hf-unsupported", "pickle", "npz", "not-safetensors", "timm-unsupported", "not-vit". `message(path)` is the
+    one-line error for what does not load: what was found, then the fix. ("run-dir" is added by
+    finetune.load.describe_init.)
     """
 
     kind: str
@@ -238,20 +190,22 @@ class WeightFormat:
 
     @property
     def loadable(self) -> bool:
-        return self.kind in ("vitscale", "timm-vit")
+        return self.kind in LOADABLE
 
     def message(self, path: str | os.PathLike) -> str:
         return f"{path} {self.found}" + (f"; {self.fix}" if self.fix else "")
 
 
 _TOKEN_VIT = "vitscale fine-tunes cls-token ViTs: use a checkpoint trained with timm global_pool='token'"
-_HF_FIX = ("convert it to timm key names first (vitscale reads vitscale and timm ViT safetensors; "
-           "HF conversion is not built yet)")
+_HF_FIX = "use a plain ViT (transformers ViTForImageClassification / ViTModel, model_type 'vit')"
+# what vit.interop.read_any reads: our files, timm and transformers ViT safetensors, HF folders, big_vision .npz
+LOADABLE = ("vitscale", "timm-vit", "hf-vit", "hf-folder", "bv-npz")
 _PICKLE_FIX = ("if you trust its source, convert it: sd = torch.load(path, weights_only=True); "
                "safetensors.torch.save_file(sd, 'model.safetensors')")
 # transformers' ViT family (ViT, DeiT, BEiT, DINOv2, ViTMAE): `[vit.]embeddings.patch_embeddings.projection.*`.
-# `encoder.layer.N` alone is not enough: BERT-style text models share it.
-_HF_KEY = re.compile(r"(^|\.)embeddings\.patch_embeddings\.")
+# `encoder.layer.N` alone is not enough: BERT-style text models share it. Only the plain ViT's prefix
+# (`vit.`, or none for a bare ViTModel) loads; `deit.`, `beit.`, `dinov2.`... are named.
+_HF_KEY = re.compile(r"^(?:(\w+)\.)?embeddings\.patch_embeddings\.")
 
 
 def _examples(keys: list[str], n: int = 3) -> str:
@@ -271,16 +225,19 @@ def describe_state_dict(keys: Iterable[str], metadata: dict[str, str] | None = N
         return WeightFormat("vitscale", "is a vitscale weight file")
     if not keys:
         return WeightFormat("not-vit", "is a safetensors file without tensors", "pass a ViT weight file")
-    if hf := next((k for k in keys if _HF_KEY.search(k)), None):
-        return WeightFormat("hf-vit", f"is a Hugging Face transformers ViT state dict (keys like {hf})", _HF_FIX)
+    if hf := next((m for k in keys if (m := _HF_KEY.search(k))), None):
+        if hf.group(1) in (None, "vit"):
+            return WeightFormat("hf-vit", "is a Hugging Face transformers ViT state dict")
+        return WeightFormat("hf-unsupported", f"is a Hugging Face transformers {hf.group(1)} model (keys like "
+                            f"{hf.string}), which is not a plain ViT", _HF_FIX)
     has = set(keys)
     if not ({"patch_embed.proj.weight", "patch_embed.weight"} & has and any(k.startswith("blocks.0.") for k in keys)):
         return WeightFormat("not-vit", f"has no ViT keys (saw e.g. {_examples(keys)})",
                             "pass a ViT: patch_embed.proj.weight, pos_embed, cls_token, blocks.N.* (timm names)")
-    if any(re.search(_FC_NORM, k) for k in keys):  # timm puts fc_norm after mean pooling, never with the cls token
+    if any(re.search(FC_NORM, k) for k in keys):  # timm puts fc_norm after mean pooling, never with the cls token
         return WeightFormat("timm-unsupported", "is a timm ViT with an avg-pool head with fc_norm: not a cls-token ViT",
                             _TOKEN_VIT + " (fc_norm=False)")
-    for pat, part in _TIMM_PARTS:
+    for pat, part in TIMM_PARTS:
         if any(re.search(pat, k) for k in keys):
             return WeightFormat("timm-unsupported", f"is a timm ViT with {part}, which vitscale's ViT lacks",
                                 "use a plain ViT checkpoint (timm vit_* without these options)")
@@ -302,31 +259,48 @@ def _describe_zip(path: Path) -> WeightFormat:
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return WeightFormat("pickle", "is not a safetensors file but a pickled torch.save checkpoint "
                             "(refused: unpickling can run code)", _PICKLE_FIX)
-    if names and all(n.endswith(".npy") for n in names):
-        bv = any(n.startswith("Transformer/") for n in names)
-        what = "a big_vision/AugReg ViT .npz checkpoint (JAX)" if bv else "a NumPy .npz archive"
-        return WeightFormat("npz", f"is not a safetensors file but {what}",
-                            "not supported yet: convert it with timm (m = timm.create_model(<arch>); "
-                            "m.load_pretrained(path); "
-                            "safetensors.torch.save_file(m.state_dict(), 'model.safetensors'))")
+    if names and all(n.endswith(".npy") for n in names):  # numpy.savez: one `{key}.npy` member per array
+        return _describe_npz([n.removesuffix(".npy") for n in names])
     return WeightFormat("not-safetensors", f"is not a safetensors file but a zip archive (saw {_examples(names)})",
                         "pass a .safetensors file")
 
 
+def _describe_npz(keys: list[str]) -> WeightFormat:
+    """A NumPy .npz by its array names: a class-token big_vision/AugReg ViT loads, anything else is named."""
+    prefix = bv_prefix(keys)
+    if prefix is None:
+        return WeightFormat("npz", f"is a NumPy .npz archive without ViT parameters (saw {_examples(keys)})",
+                            "pass a big_vision/AugReg ViT .npz (embedding/kernel, cls, Transformer/...)")
+    if f"{prefix}cls" not in keys:
+        pool = "map" if any(k.startswith(f"{prefix}MAPHead_0/") for k in keys) else "gap"
+        return WeightFormat("npz", f"is a big_vision ViT .npz without a class token (pool_type {pool!r}): an "
+                            "avg-pool model", "vitscale fine-tunes class-token ViTs: use a pool_type 'tok' checkpoint")
+    return WeightFormat("bv-npz", "is a big_vision/AugReg ViT .npz checkpoint (JAX)")
+
+
 def _describe_folder(path: Path) -> WeightFormat:
-    """A folder: a Hugging Face model folder (transformers or timm hub) is named, anything else listed."""
+    """A folder: a transformers ViT folder loads; a timm hub folder, other transformers models and anything
+    else are named."""
     files = sorted(p.name for p in path.iterdir())
-    weights = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files]
+    weights = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if n in files]
     if "config.json" in files and weights:
         try:
             conf = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             conf = {}
-        if isinstance(conf, dict) and "architecture" in conf and weights[0] == "model.safetensors":
-            return WeightFormat("hf-folder", f"is a timm Hugging Face Hub folder ({conf['architecture']})",
+        conf = conf if isinstance(conf, dict) else {}
+        if "architecture" in conf and weights[0] == "model.safetensors":
+            return WeightFormat("timm-hub-folder", f"is a timm Hugging Face Hub folder ({conf['architecture']})",
                                 f"pass its weight file, {path / weights[0]}")
-        return WeightFormat("hf-folder", f"is a Hugging Face transformers model folder (config.json + {weights[0]})",
-                            _HF_FIX)
+        found = f"is a Hugging Face transformers model folder (config.json + {weights[0]})"
+        if conf.get("model_type") != "vit":
+            return WeightFormat("hf-unsupported", f"{found} of model_type {conf.get('model_type')!r}, not 'vit'",
+                                _HF_FIX)
+        if weights[0] == "pytorch_model.bin":
+            return WeightFormat("pickle", f"{found}: a pickle (refused: unpickling can run code)",
+                                "if you trust it: ViTForImageClassification.from_pretrained(path)"
+                                ".save_pretrained(path) writes model.safetensors")
+        return WeightFormat("hf-folder", found)
     inside = [n for n in files if n.endswith(".safetensors")]
     fix = f"pass the weight file inside ({path / inside[0]})" if len(inside) == 1 else "pass a .safetensors file"
     return WeightFormat("folder", f"is a folder without a known layout (holds {_examples(files) or 'nothing'})", fix)

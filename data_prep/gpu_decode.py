@@ -1,0 +1,280 @@
+"""decode="gpu", the training process's half: encoded JPEGs -> cropped uint8 micro-batches on the device.
+
+The workers ship, per micro-batch, the bytes of the baseline JPEGs with their crop boxes and flips (drawn by
+the same seeded RNG as on the CPU path), and the few images nvJPEG cannot batch (progressive, CMYK,
+greyscale, PNG...) already cropped by PIL (data_prep/stream_worker.py). Here:
+
+- `crop_resize_batch`: every crop + resize of a micro-batch as one `roi_align` over the decoded images padded
+  into one tensor, the flips as one batched select, one round/cast to uint8 (not 5-6 kernels per image).
+- `DeviceDecoder`: one micro-batch: batched `decode_jpeg`, `crop_resize_batch`, the worker-decoded images put
+  in place, failed images replaced by a neighbour. On CUDA it runs on a stream of its own and records an event.
+- `decode_ahead`: runs the decoder on a background thread, `ahead` micro-batches ahead of the training thread,
+  which then only makes its stream wait on the event (`receive`): nvJPEG's host synchronisation and the
+  Python per batch happen beside the training step, not in it. On a CPU device the same thread runs, and
+  there is nothing to wait on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+from data_prep.stream_worker import FILLER_LABEL, StreamConfig, substitute_index
+
+DECODE_AHEAD = 2  # micro-batches decoded ahead of the one being trained on
+PAD_BUDGET_BYTES = 1 << 30  # float32 bytes of one padded roi_align input; a batch of huge images goes in chunks
+JOIN_AT_EXIT_S = 5.0
+
+# decode threads alive in this process, by key: stopped at interpreter exit before the workers (data_prep.stream)
+_THREADS: dict[int, tuple[threading.Thread, threading.Event, queue.SimpleQueue]] = {}
+_KEYS = itertools.count()
+
+
+def _to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host tensor on `device` without a stream synchronisation (a copy from pageable memory waits for
+    the stream's queued work; one from pinned memory does not)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _pad(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """float32 (B, 3, Hmax, Wmax), each image in the top-left corner, the row and column past a smaller image
+    repeating its edge.
+
+    roi_align's bilinear samples read one pixel past a box that touches the image's right or bottom edge (with
+    weight up to 1/2), and clamp only at the tensor's border: repeating the edge gives PIL's clamped edge there
+    instead of a dark fringe from the padding.
+    """
+    if all(im.shape == images[0].shape for im in images):  # e.g. a dataset resized to one size: no padding
+        return torch.stack(images).float()
+    hs = [int(im.shape[-2]) for im in images]
+    ws = [int(im.shape[-1]) for im in images]
+    out = torch.zeros((len(images), 3, max(hs), max(ws)), dtype=torch.float32, device=device)
+    for i, im in enumerate(images):
+        out[i, :, : hs[i], : ws[i]] = im  # one copy + cast kernel per image
+    # columns first, so that the row copy below fills the corner too
+    for dim, sizes in ((3, ws), (2, hs)):
+        short = [i for i, n in enumerate(sizes) if n < out.shape[dim]]
+        if short:
+            b, n = _to_device(short, device), _to_device([sizes[i] for i in short], device)
+            if dim == 3:
+                out[b, :, :, n] = out[b, :, :, n - 1]
+            else:
+                out[b, :, n, :] = out[b, :, n - 1, :]
+    return out
+
+
+def _chunks(images: list[torch.Tensor], budget: int = PAD_BUDGET_BYTES) -> list[list[int]]:
+    """Indices of `images` in groups whose padded float32 tensor fits `budget`: all in order when they fit
+    (the usual case), else by size, so that a few huge images do not pad the whole batch to their size."""
+    def padded_bytes(n: int, h: int, w: int) -> int:
+        return n * 3 * h * w * 4
+
+    if padded_bytes(len(images), max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)) <= budget:
+        return [list(range(len(images)))]
+    order = sorted(range(len(images)), key=lambda i: images[i].shape[-2] * images[i].shape[-1])
+    groups: list[list[int]] = []
+    h = w = 0
+    for i in order:
+        nh, nw = max(h, images[i].shape[-2]), max(w, images[i].shape[-1])
+        if groups and padded_bytes(len(groups[-1]) + 1, nh, nw) <= budget:
+            groups[-1].append(i)
+            h, w = nh, nw
+        else:
+            groups.append([i])
+            h, w = images[i].shape[-2], images[i].shape[-1]
+    return groups
+
+
+def crop_resize_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                      size: tuple[int, int]) -> torch.Tensor:
+    """Crop box i of image i (uint8 (3, h_i, w_i), one device), resize to `size` (h, w), flip where `flips`.
+
+    boxes: (B, 4) as (left, top, width, height) in source pixels; flips: (B,) bool. Returns uint8 (B, 3, h, w).
+    roi_align with aligned=True samples the box in PIL's pixel convention (pixel i spans [i, i+1)); its
+    adaptive sampling averages ceil(box / output) bilinear samples per output pixel along each axis, an
+    antialiased downscale like PIL's bilinear filter (plain bilinear when upscaling).
+    """
+    device = images[0].device
+    groups = _chunks(images)
+    out = None if len(groups) == 1 else torch.empty((len(images), 3, *size), dtype=torch.float32, device=device)
+    for group in groups:
+        # (position in the padded tensor, x1, y1, x2, y2), built on the host: one copy to the device
+        rois = [(k, left, top, left + w, top + h) for k, (left, top, w, h) in enumerate(boxes[group].tolist())]
+        crops = roi_align(_pad([images[i] for i in group], device), _to_device(rois, device, torch.float32), size,
+                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        if out is None:
+            out = crops
+        else:
+            out[_to_device(group, device)] = crops
+    out = torch.where(_to_device(flips, device).view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One image on `device`, falling back to the CPU decoders; None if unreadable."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        return None
+
+
+def _decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    try:  # one batched call (nvJPEG on CUDA); one bad image makes it fail as a whole
+        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        return [_decode_one(b, device) for b in blobs]
+
+
+class DeviceDecoder:
+    """Turns a worker's decode="gpu" micro-batch (see ShardStream._assemble) into uint8 images on `device`."""
+
+    def __init__(self, cfg: StreamConfig, device: torch.device):
+        self.cfg = cfg
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            # resolved here, on the caller's thread: the decode thread's current device is 0, not the caller's
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self._stream: torch.cuda.Stream | None = None  # made on first use, in the decode thread
+
+    def __call__(self, batch: dict) -> dict:
+        """The batch with `images` uint8 (B, 3, H, W) on the device, labels/keys of replaced images updated,
+        decode faults added to its stats, and `ready`: the CUDA event after which the images may be read
+        (None off CUDA; see `receive`)."""
+        if self.device.type != "cuda":
+            return self._decode_batch(batch)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            out = self._decode_batch(batch)
+            out["ready"] = torch.cuda.Event()
+            out["ready"].record(self._stream)
+        return out
+
+    def _decode_batch(self, batch: dict) -> dict:
+        cfg, dev = self.cfg, self.device
+        labels, keys = batch["labels"].clone(), list(batch["keys"])
+        lengths = batch["lengths"].tolist()
+        blobs = torch.split(batch["data"][: sum(lengths)], lengths)
+        images = torch.zeros((len(keys), 3, *cfg.size), dtype=torch.uint8, device=dev)
+        ok = [False] * len(keys)
+        cpu_index = batch["cpu_index"].tolist()
+        if cpu_index:  # decoded by the workers (pinned on CUDA: the copy runs on this thread's stream)
+            images[_to_device(cpu_index, dev)] = batch["images"].to(dev, non_blocking=True)
+            for i in cpu_index:
+                ok[i] = True
+        present = [i for i, n in enumerate(lengths) if n > 0]
+        decoded = _decode([blobs[i] for i in present], dev) if present else []
+        good, boxes = [], batch["boxes"].tolist()
+        for i, img in zip(present, decoded, strict=True):
+            left, top, w, h = boxes[i]
+            if img is not None and img.shape[-2] >= top + h and img.shape[-1] >= left + w:
+                good.append((i, img))
+        if good:
+            idx = [i for i, _ in good]
+            images[_to_device(idx, dev)] = crop_resize_batch(
+                [img for _, img in good], batch["boxes"][idx], batch["flips"][idx], cfg.size)
+            for i in idx:
+                ok[i] = True
+        self._replace_failed([i for i in present if not ok[i]], ok, images, labels, keys, batch["stats"]["counts"])
+        return {"images": images, "labels": labels, "keys": keys, "stats": batch["stats"], "slot": batch["slot"],
+                "index": batch["index"], "ready": None}
+
+    def _replace_failed(self, failed: list[int], ok: list[bool], images: torch.Tensor, labels: torch.Tensor,
+                        keys: list[str], counts: dict[str, int]) -> None:
+        """As the workers do for what they find faulty: a corrupt image is counted and replaced by its nearest
+        good neighbour (train) or a label -1 filler (eval, or no good neighbour)."""
+        for i in failed:
+            j = substitute_index(ok, i) if self.cfg.train else None
+            if j is None:
+                images[i], labels[i], keys[i] = 0, FILLER_LABEL, ""
+            else:
+                images[i], labels[i], keys[i] = images[j], labels[j], keys[j]
+            for name, n in (("corrupt_image", 1), ("samples", -1), ("filler" if j is None else "substituted", 1)):
+                counts[name] = counts.get(name, 0) + n
+
+
+def receive(batch: dict) -> torch.Tensor:
+    """On the training thread: its CUDA stream waits (on the GPU, the host does not) for the decode of
+    `batch`, and the images' memory is marked as in use by that stream (the decoder's stream allocated it)."""
+    images, ready = batch["images"], batch["ready"]
+    if ready is not None:
+        stream = torch.cuda.current_stream(images.device)
+        stream.wait_event(ready)
+        images.record_stream(stream)
+    return images
+
+
+def _serve(decode: Callable[[dict], dict], jobs: queue.SimpleQueue, results: queue.SimpleQueue,
+           stop: threading.Event) -> None:
+    """The decode thread: decode jobs in order until None; after `stop`, skip what is left."""
+    while (batch := jobs.get()) is not None:
+        if stop.is_set():
+            continue
+        try:
+            results.put(decode(batch))
+        except BaseException as e:  # handed to the training thread, which raises it
+            results.put(e)
+            return
+
+
+def decode_ahead(batches: Iterator[dict], decode: Callable[[dict], dict], ahead: int = DECODE_AHEAD
+                 ) -> Iterator[dict]:
+    """`decode(b) for b in batches`, computed on a background thread up to `ahead` batches ahead, in order.
+
+    The thread ends when this generator does: exhausted, closed (a new pass, `close()`), garbage-collected, or
+    at interpreter exit (`stop_all`). It never touches the DataLoader: the batches are pulled here, on the
+    consumer's thread, so stopping it cannot race with the DataLoader's own shutdown.
+    """
+    jobs, results, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    thread = threading.Thread(target=_serve, args=(decode, jobs, results, stop), name="vitscale-gpu-decode",
+                              daemon=True)  # daemon: an exit never waits on it (stop_all ends it first anyway)
+    key = next(_KEYS)
+    _THREADS[key] = (thread, stop, jobs)
+    thread.start()
+    pending = 0
+    try:
+        for batch in batches:
+            jobs.put(batch)
+            pending += 1
+            if pending > ahead:
+                pending -= 1
+                yield _result(results)
+        while pending:
+            pending -= 1
+            yield _result(results)
+    finally:
+        stop.set()
+        jobs.put(None)
+        thread.join()  # at most the decode in progress
+        _THREADS.pop(key, None)
+
+
+def _result(results: queue.SimpleQueue) -> dict:
+    out = results.get()
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def stop_all(timeout_s: float = JOIN_AT_EXIT_S) -> None:
+    """Stop every decode thread of this process (interpreter exit: the generators may never be closed)."""
+    for key in list(_THREADS):
+        thread, stop, jobs = _THREADS.pop(key)
+        stop.set()
+        jobs.put(None)
+        with contextlib.suppress(RuntimeError):  # a thread that was never started (fork copy)
+            thread.join(timeout_s)

@@ -1,0 +1,267 @@
+"""Weights in and out of the ecosystem: timm loads our files strictly, transformers loads `export --format hf`,
+and `init=` reads timm files, transformers folders/files and big_vision/AugReg .npz, with logits equal (1e-4).
+
+Random-init models in fp32, batch 2: depth-reduced B/16 for most round trips (at a non-square size, so the
+position embeddings are checked at the model's own resolution), the real B/16 and L/16 once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune.load import build_finetune_model, finetune_config, read_checkpoint
+from runtime.config import ConfigError
+from trainer.export import export, load_eval_model
+from vit import VisionTransformer, ViTConfig, vit_config
+from vit.convert import to_big_vision, to_timm
+from vit.interop import read_any, save_hf, save_npz
+from vit.weights import EvalSettings, identify_weights, load_weights, read_metadata, save_weights
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+TOL = dict(atol=1e-4, rtol=1e-4)
+NAMES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def _model(variant: str = "B/16", depth: int | None = 2, image_size=(48, 64), **kw) -> VisionTransformer:
+    """A random model whose every weight matters (no zero head, LayerNorms near 1)."""
+    cfg = vit_config(variant, image_size=image_size, num_classes=len(NAMES), **({"depth": depth} if depth else {}),
+                     **kw)
+    torch.manual_seed(0)
+    model = VisionTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _x(cfg: ViTConfig) -> torch.Tensor:
+    return torch.randn(2, 3, *cfg.image_hw, generator=torch.Generator().manual_seed(1))
+
+
+def _timm(cfg: ViTConfig, **kw) -> torch.nn.Module:
+    name = {768: "vit_base_patch16_224", 1024: "vit_large_patch16_224"}[cfg.width]
+    return timm.create_model(name, pretrained=False, num_classes=cfg.num_classes, depth=cfg.depth,
+                             img_size=cfg.image_hw, **kw).eval()
+
+
+def _run_dir(tmp_path: Path, model: VisionTransformer) -> Path:
+    """A fine-tuning run dir (Accelerate layout) holding `model` at step 7."""
+    run, cfg = tmp_path / "run", model.cfg
+    tag = run / "checkpoints" / "global_step7"
+    tag.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag / "model.safetensors"))
+    state = {"step": 7, "applied": 7, "skipped": 0, "evals": [], "best_top1": None, "stream": {}, "ema_updates": 0,
+             "world_size": 1, "backend": "accelerate", "class_names": NAMES, "vit_config": cfg.to_json(),
+             "eval_settings": {"image_size": list(cfg.image_hw), "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    (tag / "trainer_state.json").write_text(json.dumps(state))
+    (run / "checkpoints" / "latest").write_text("global_step7")
+    return run
+
+
+def _hf_logits(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    model, info = transformers.ViTForImageClassification.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        return model.eval()(pixel_values=x).logits
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys(), a.keys() ^ b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_exported_file_is_a_strict_timm_state_dict_with_our_metadata(tmp_path: Path) -> None:
+    model = _model()
+    x = _x(model.cfg)
+    path = export(_run_dir(tmp_path, model))
+    t = _timm(model.cfg)
+    t.load_state_dict(load_file(str(path)), strict=True)  # timm's names, nothing extra
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), model(x), **TOL)
+    meta = read_metadata(path)
+    assert meta["config"] == model.cfg and meta["class_names"] == NAMES and meta["step"] == 7
+    assert meta["eval"] == EvalSettings(image_size=(48, 64), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    sd, _ = load_weights(path)  # our names again, for everything that builds our model
+    _same(sd, model.state_dict())
+    assert "patch_embed.proj.weight" in load_file(str(path)) and "patch_embed.weight" in sd
+    assert export(tmp_path / "run", tmp_path / "t.safetensors", timm=True).is_file()  # --timm: the same file
+    _same(load_file(str(tmp_path / "t.safetensors")), load_file(str(path)))
+
+
+def test_pre_logits_model_keeps_its_layer_but_is_refused_as_timm(tmp_path: Path, capsys) -> None:
+    from finetune.__main__ import main
+
+    model = _model(representation_size=32)
+    run = _run_dir(tmp_path, model)
+    sd, meta = load_weights(export(run))
+    _same(sd, model.state_dict())  # head.pre_logits.fc.* on disk, pre_logits.fc.* read back
+    for fmt in ("timm", "hf"):
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "tanh pre-logits layer (representation_size=32)" in err
+        assert "fine-tune it first" in err
+        assert not (tmp_path / fmt).exists()
+    assert main(["export", str(run), "--timm", "--out", str(tmp_path / "a")]) == 2  # the old flag, same check
+
+
+def test_hf_export_loads_in_transformers_and_comes_back(tmp_path: Path) -> None:
+    model = _model()
+    x = _x(model.cfg)
+    folder = export(_run_dir(tmp_path, model), fmt="hf")
+    assert folder == tmp_path / "run" / "export" / "hf" and sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors"]
+    torch.testing.assert_close(_hf_logits(folder, x), model(x).detach(), **TOL)
+    conf = json.loads((folder / "config.json").read_text())
+    assert conf["image_size"] == [48, 64] and conf["id2label"]["3"] == "dog" and conf["layer_norm_eps"] == 1e-6
+    ckpt = read_any(folder)  # our config, class names and eval settings ride in the safetensors metadata
+    assert ckpt.kind == "hf-folder" and ckpt.config == model.cfg and ckpt.class_names == NAMES
+    assert ckpt.eval_settings.mean == (0.5,) * 3
+    _same(ckpt.state_dict, model.state_dict())
+    evaluated, settings = load_eval_model(folder)
+    torch.testing.assert_close(evaluated(x), model(x), **TOL)
+    assert settings.crop_pct == 1.0
+
+
+def test_transformers_own_folders_and_files_load_for_fine_tuning(tmp_path: Path) -> None:
+    conf = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  image_size=32, patch_size=8, num_labels=3, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(conf).eval()
+    hf.save_pretrained(tmp_path / "hf")  # transformers' own writer: hub key names, no vitscale metadata
+    x = torch.randn(2, 3, 32, 32)
+    ckpt = read_any(tmp_path / "hf")
+    assert (ckpt.config.heads, ckpt.config.depth, ckpt.config.grid, ckpt.config.num_classes) == (4, 2, (4, 4), 3)
+    ours = VisionTransformer(ckpt.config).eval()
+    ours.load_state_dict(ckpt.state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, **TOL)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")  # model.safetensors.index.json + shards
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _same(read_any(tmp_path / "sharded").state_dict, ckpt.state_dict)
+    # its model.safetensors alone (`vit.` keys, heads from read_checkpoint's hint), and transformers 5's
+    # in-memory names (vit.layers.N.attention.q_proj) read the same
+    sd, cfg, _ = read_checkpoint(tmp_path / "hf" / "model.safetensors", heads=4)
+    _same(sd, ckpt.state_dict)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "v5.safetensors"))
+    assert any(".q_proj." in k for k in load_file(str(tmp_path / "v5.safetensors")))
+    _same(read_checkpoint(tmp_path / "v5.safetensors", heads=4)[0], ckpt.state_dict)
+    # a ViTModel (pooler = the tanh pre-logits layer, no classifier): the body loads, the contract holds
+    transformers.ViTModel(conf).save_pretrained(tmp_path / "base")
+    sd, src, _ = read_checkpoint(tmp_path / "base")
+    assert src.representation_size == 64 and src.num_classes == 0
+    ft = build_finetune_model(sd, src, finetune_config(src, image_size=48, num_classes=7))
+    assert ft.pos_embed.shape == (1, 37, 64) and not ft.head.weight.any()
+
+
+@pytest.mark.parametrize("variant", ["B/16", "L/16"])
+def test_real_shapes_ours_timm_transformers(variant: str, tmp_path: Path) -> None:
+    """The paper's B/16 and L/16 at 224 px: ours -> file -> timm, ours -> hf -> transformers -> ours."""
+    model = _model(variant, depth=None, image_size=224)
+    x = _x(model.cfg)
+    with torch.no_grad():
+        want = model(x)
+        path = save_weights(tmp_path / "m.safetensors", model.state_dict(), model.cfg, NAMES)
+        t = _timm(model.cfg)
+        t.load_state_dict(load_file(str(path)), strict=True)
+        torch.testing.assert_close(t(x), want, **TOL)
+        del t
+        folder = save_hf(tmp_path / "hf", model.state_dict(), model.cfg, NAMES)
+        torch.testing.assert_close(_hf_logits(folder, x), want, **TOL)
+        ckpt = read_any(folder)
+        back = VisionTransformer(ckpt.config).eval()
+        back.load_state_dict(ckpt.state_dict, strict=True)
+        torch.testing.assert_close(back(x), want, **TOL)
+
+
+def test_augreg_npz_round_trip_and_timm_reads_it(tmp_path: Path) -> None:
+    model = _model(image_size=48)
+    x = _x(model.cfg)
+    path = save_npz(tmp_path / "augreg.npz", model.state_dict(), model.cfg, layout="augreg")
+    assert identify_weights(path).kind == "bv-npz"
+    ckpt = read_any(path)
+    assert ckpt.config == model.cfg.replace(norm_eps=1e-6)
+    _same(ckpt.state_dict, model.state_dict())  # the class token's position stays in pos_embedding: exact
+    t = _timm(model.cfg)
+    t.load_pretrained(str(path))  # timm's own .npz loader
+    _same(t.state_dict(), to_timm(model.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), model(x), **TOL)
+
+
+def test_big_vision_npz_stacked_or_not_and_timm_reads_it(tmp_path: Path) -> None:
+    model = _model(image_size=48, representation_size=16)
+    x = _x(model.cfg)
+    path = save_npz(tmp_path / "bv.npz", model.state_dict(), model.cfg, layout="big_vision")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert arrays["pos_embedding"].shape == (1, 9, 768) and "pre_logits/kernel" in arrays
+    stacked = {k: v for k, v in arrays.items() if not k.startswith("Transformer/encoderblock_")}
+    for k in (k for k in arrays if k.startswith("Transformer/encoderblock_0/")):
+        rest = k.removeprefix("Transformer/encoderblock_0/")
+        stacked["params/Transformer/encoderblock/" + rest] = np.stack(
+            [arrays[f"Transformer/encoderblock_{i}/{rest}"] for i in range(model.cfg.depth)])
+    stacked = {("" if k.startswith("params/") else "params/") + k: v for k, v in stacked.items()}
+    np.savez(tmp_path / "stacked.npz", **stacked)
+    for p in (path, tmp_path / "stacked.npz"):
+        ckpt = read_any(p)  # cls + its position folded together: the same function, not the same tensors
+        back = VisionTransformer(ckpt.config).eval()
+        back.load_state_dict(ckpt.state_dict, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model(x), **TOL)
+    plain = _model(image_size=48)
+    save_npz(tmp_path / "plain.npz", plain.state_dict(), plain.cfg, layout="big_vision")
+    t = _timm(plain.cfg, no_embed_class=True)  # big_vision adds positions before the class token, as this does
+    t.load_pretrained(str(tmp_path / "plain.npz"))
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), plain(x), **TOL)
+
+
+def _one_line(path: Path, *fragments: str, build: bool = False) -> None:
+    with pytest.raises(ConfigError) as info:
+        sd, src, _ = read_checkpoint(path, heads=12)
+        if build:
+            build_finetune_model(sd, src, finetune_config(src, image_size=64, num_classes=2))
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for frag in fragments:
+        assert frag in msg, (frag, msg)
+
+
+def test_bad_files_are_one_line_config_errors(tmp_path: Path) -> None:
+    model = _model(image_size=48)
+    arrays = to_big_vision(model.state_dict(), model.cfg)
+    gap = {k: v for k, v in arrays.items() if k != "cls"}
+    np.savez(tmp_path / "gap.npz", **gap)
+    _one_line(tmp_path / "gap.npz", "without a class token (pool_type 'gap')", "avg-pool", "pool_type 'tok'")
+    short = {k: v for k, v in arrays.items() if "encoderblock_1/MlpBlock_3/Dense_1" not in k}
+    np.savez(tmp_path / "short.npz", **short)
+    _one_line(tmp_path / "short.npz", "big_vision/AugReg ViT .npz", "lacks Transformer/encoderblock_1/MlpBlock_3")
+    np.savez(tmp_path / "extra.npz", **arrays, **{"Transformer/encoderblock_0/LayerScale_0/scale": np.ones(768)})
+    _one_line(tmp_path / "extra.npz", "parameters vitscale's ViT lacks: Transformer/encoderblock_0/LayerScale_0")
+    np.savez(tmp_path / "objects.npz", **arrays, extra=np.array([{"a": 1}], dtype=object))  # pickled member
+    _one_line(tmp_path / "objects.npz", "cannot be read", "allow_pickle")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["blocks.1.attn.qkv.weight"] = sd["blocks.1.attn.qkv.weight"][:-3]  # wrong shape
+    save_file(sd, str(tmp_path / "shape.safetensors"))
+    _one_line(tmp_path / "shape.safetensors", "shapes do not fit the model: blocks.1.attn.qkv.weight", build=True)
+    del sd["blocks.1.attn.qkv.weight"]  # a missing key: the contract names it
+    save_file(sd, str(tmp_path / "missing.safetensors"))
+    _one_line(tmp_path / "missing.safetensors", "loading contract broken: missing ['blocks.1.attn.qkv.weight']",
+              build=True)
+    folder = save_hf(tmp_path / "deit", model.state_dict(), model.cfg)
+    (folder / "config.json").write_text(json.dumps({"model_type": "deit"}))
+    _one_line(folder, "model_type 'deit', not 'vit'")
+    hf = load_file(str(folder / "model.safetensors"))
+    save_file({**hf, "vit.embeddings.mask_token": torch.zeros(1, 1, 768)}, str(tmp_path / "mim.safetensors"))
+    _one_line(tmp_path / "mim.safetensors", "vit.embeddings.mask_token has no place")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    _one_line(folder, "pytorch_model.bin): a pickle", "save_pretrained")

@@ -1,0 +1,149 @@
+"""Weight files of every supported format in, and the ecosystem's formats out (the conversions: vit.convert).
+
+`read_any(path)` reads what `vit.weights.identify_weights` calls loadable: a vitscale weight file, a timm ViT
+safetensors file, a transformers ViT folder (config.json + model.safetensors, sharded too) or its
+`model.safetensors` alone, and a big_vision/AugReg `.npz` (numpy, `allow_pickle=False`). Everything comes
+back in vitscale's key names with a ViTConfig. Anything else raises ValueError with one line: what the file
+is, then the fix. `save_hf` and `save_npz` write the other direction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vit import convert
+from vit.config import ViTConfig
+from vit.weights import EvalSettings, identify_weights, load_weights
+
+HF_WEIGHTS, HF_INDEX, HF_CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
+
+
+@dataclass
+class Checkpoint:
+    """Weights read from any supported format, in vitscale's key names."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: ViTConfig
+    class_names: list[str]
+    kind: str  # the vit.weights.WeightFormat kind it was read as
+    eval_settings: EvalSettings | None = None  # only vitscale-written files know how they were evaluated
+
+
+def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def _ours_meta(meta: dict[str, str]) -> tuple[ViTConfig | None, list[str], EvalSettings | None]:
+    """The vitscale config, class names and eval settings that `export --format timm|hf` leave in a foreign file."""
+    cfg = ViTConfig.from_json(meta["vitscale_config"]) if "vitscale_config" in meta else None
+    names = json.loads(meta.get("class_names", "[]"))
+    ev = EvalSettings.from_json(meta["eval"]) if "eval" in meta else None
+    return cfg, names, ev
+
+
+def _hf_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """(tensors, config.json, metadata of the first shard) of a transformers model folder."""
+    conf = json.loads((path / HF_CONFIG).read_text())
+    if (path / HF_WEIGHTS).is_file():
+        sd, meta = _tensors(path / HF_WEIGHTS)
+        return sd, conf, meta
+    shards = sorted(set(json.loads((path / HF_INDEX).read_text())["weight_map"].values()))
+    sd, meta = {}, {}
+    for name in shards:
+        part, m = _tensors(path / name)
+        sd.update(part)
+        meta = meta or m
+    return sd, conf, meta
+
+
+def read_any(path: str | os.PathLike, heads: int | None = None) -> Checkpoint:
+    """Read a loadable weight file or folder (see the module doc); `heads` helps a timm or bare HF file whose
+    config is not stored with it (else the paper variant of its width and depth decides)."""
+    path = Path(path)
+    fmt = identify_weights(path)
+    if not fmt.loadable:
+        raise ValueError(fmt.message(path))
+    try:
+        if fmt.kind == "vitscale":
+            sd, meta = load_weights(path)
+            return Checkpoint(sd, meta["config"], meta["class_names"], fmt.kind, meta["eval"])
+        if fmt.kind == "bv-npz":
+            with np.load(path, allow_pickle=False) as z:  # never pickle: object arrays raise
+                sd, cfg = convert.from_big_vision({k: z[k] for k in z.files})
+            return Checkpoint(sd, cfg, [], fmt.kind)
+        if fmt.kind == "hf-folder":
+            raw, conf, meta = _hf_folder(path)
+            sd = convert.from_hf(raw)
+            labels = conf.get("id2label") or {}
+            names = [labels.get(str(i), str(i)) for i in range(len(labels))]
+            return Checkpoint(sd, convert.config_from_hf(conf, sd), _ours_meta(meta)[1] or names, fmt.kind,
+                              _ours_meta(meta)[2])
+        raw, meta = _tensors(path)
+        sd = convert.from_hf(raw) if fmt.kind == "hf-vit" else convert.from_timm(raw)
+        cfg, names, ev = _ours_meta(meta)
+        return Checkpoint(sd, cfg or convert.config_from_shapes(sd, heads), names, fmt.kind, ev)
+    except convert.ConversionError as e:  # readable, but not a ViT vitscale can hold
+        raise ValueError(f"{path} {fmt.found}, but {e}") from e
+    except (ValueError, KeyError, TypeError, OSError) as e:  # a short file, bad JSON, a missing tensor, ...
+        why = " ".join(str(e).split())[:200]
+        raise ValueError(f"{path} {fmt.found} but cannot be read ({why}); re-export or re-download it") from e
+
+
+def timm_blocker(cfg: ViTConfig) -> str | None:
+    """Why timm's ViT cannot load `cfg`'s weights strictly (None if it can)."""
+    if cfg.representation_size:
+        return (f"has the paper's tanh pre-logits layer (representation_size={cfg.representation_size}), which "
+                "timm's ViT has not; fine-tune it first (python -m finetune train ... init=FILE) or export "
+                "--format vitscale (head.pre_logits.fc.* is then the one key timm does not know)")
+    return None
+
+
+def hf_blocker(cfg: ViTConfig) -> str | None:
+    """Why transformers' `ViTForImageClassification` cannot hold `cfg`'s weights (None if it can)."""
+    if cfg.representation_size:
+        return timm_blocker(cfg).replace("timm's ViT", "ViTForImageClassification")
+    if cfg.pool != "token":
+        return "is a mean-pool model; ViTForImageClassification classifies the class token: export --format timm"
+    if cfg.num_classes <= 0:
+        return "has no classification head; ViTForImageClassification needs one"
+    return None
+
+
+def save_hf(out_dir: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTConfig,
+            class_names: list[str] | None = None, eval_settings: EvalSettings | None = None) -> Path:
+    """Write a transformers `ViTForImageClassification` folder: config.json + model.safetensors.
+
+    The safetensors metadata keeps `format=pt` (transformers requires it) and our config, class names and
+    eval settings, so `read_any` of the folder gets them back.
+    """
+    if why := hf_blocker(cfg):
+        raise ValueError(f"the model {why}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "vitscale_config": cfg.to_json(), "class_names": json.dumps(list(class_names or []))}
+    if eval_settings is not None:
+        meta["eval"] = eval_settings.to_json()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in convert.to_hf(sd).items()}
+    tmp = out / (HF_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out / HF_WEIGHTS)
+    (out / HF_CONFIG).write_text(json.dumps(convert.hf_config(cfg, class_names), indent=2) + "\n")
+    return out
+
+
+def save_npz(path: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTConfig, layout: str = "augreg") -> Path:
+    """Write a big_vision/AugReg `.npz` (see vit.convert.to_big_vision for the two layouts)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object: numpy would append .npz to a name without it
+        np.savez(f, **convert.to_big_vision(sd, cfg, layout))
+    return path
