@@ -159,8 +159,9 @@ def test_run_dir_is_consolidated_in_process(tmp_path: Path) -> None:
     (run / "config.yaml").write_text("{}")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tag / "model.safetensors"))  # the Accelerate layout
     (tag / "trainer_state.json").write_text(json.dumps({
-        "step": 7, "backend": "accelerate", "world_size": 1, "vit_config": cfg.to_json(),
-        "class_names": ["a", "b", "c"], "eval_settings": {"image_size": [32, 32]}}))
+        "step": 7, "applied": 7, "skipped": 0, "evals": [], "best_top1": -1.0, "stream": {}, "ema_updates": 0,
+        "backend": "accelerate", "world_size": 1, "vit_config": cfg.to_json(), "class_names": ["a", "b", "c"],
+        "eval_settings": {"image_size": [32, 32]}}))  # the core's trainer state (trainer/checkpoint.py)
     (run / "checkpoints" / "latest").write_text("global_step7")
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     got, got_cfg, names = read_checkpoint(run)
