@@ -72,7 +72,8 @@ def _evil_run_dir(sandbox: Path, digits: Path, marker: Path) -> Path:
 
     vcfg = model_config(cfg, len(classes))
     (tag / "trainer_state.json").write_text(json.dumps({  # the core's trainer state: all that export needs
-        "step": 4, "world_size": 1, "backend": "deepspeed", "class_names": classes, "vit_config": vcfg.to_json(),
+        "step": 4, "applied": 4, "skipped": 0, "evals": [], "best_top1": -1.0, "stream": {}, "ema_updates": 0,
+        "world_size": 1, "backend": "deepspeed", "class_names": classes, "vit_config": vcfg.to_json(),
         "eval_settings": {"image_size": list(vcfg.image_hw)}}))
     write_payload_pt(tag / "mp_rank_00_model_states.pt", marker)
     (run / "checkpoints" / "latest").write_text("global_step4")
@@ -131,7 +132,7 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
         pre("dataset-format-v2", f"data.path={v2}", expect="'vitscale-shards/2' is not 'vitscale-shards/1'"),
         pre("unknown-key", "optim.lrr=0.1", expect="unknown config key 'optim.lrr': did you mean 'optim.lr'"),
         pre("wrong-type", "train.steps=ten", expect="train.steps must be int"),
-        pre("zero-stage-5", "zero.stage=5", expect="zero.stage must be 0, 1, 2 or 3"),
+        pre("zero-stage-5", "zero.stage=5", expect="zero.stage must be 0, 1, 2, 3 or auto"),
         pre("precision-literal", "precision=fp8", expect="precision must be one of"),
         pre("override-yaml-tag", f"optim.lr={PAYLOAD_TAG} ['touch {marker}']", expect="python tags are refused"),
         Case("recipe-yaml-tag", ["pretrain", "train", str(sandbox / "evil.yaml"), data, "run.dir=run-tag"],
