@@ -3,9 +3,10 @@
     python scripts/config_docs.py            # regenerate after changing a config field or its comment
     python scripts/config_docs.py --check    # what tests/test_config_docs.py runs
 
-Every key, its type, its default and its meaning come from the dataclasses in pretrain/config.py and
-finetune/config.py (the meaning is the comment on the field's line); the required keys come from each
-stage's `validate` run on the defaults, so the page cannot drift from the code.
+Every key, its type, its default and its meaning come from the dataclasses: the sections both stages share
+in trainer/config.py, extended by pretrain/config.py and finetune/config.py (the meaning is the comment on
+the field's line); the required keys come from each stage's `validate` run on the defaults, so the page
+cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ python -m finetune train vit_l16_384 init=runs/l16/export/model.safetensors data
 
 Sizes are global: `train.global_batch` must equal `train.micro_batch` x gradient accumulation x world size
 (the accumulation is derived; a batch that does not divide is an error). Give the duration as exactly one
-of `train.steps`, `train.epochs`, `train.samples`.
+of `train.steps`, `train.epochs`, `train.samples`; epochs and samples are rounded up to whole optimizer
+steps, the same rule in both stages.
+
+Both stages share the sections `run`, `data`, `optim`, `train`, `eval`, `log`, `checkpoint`, `dist` and
+`debug` (one training core, `trainer/`; see `docs/architecture.md`) and add their model, precision and
+backend sections. `eval.every=0` and `checkpoint.every=0` mean "at every epoch end".
 """
 
 

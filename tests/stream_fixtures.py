@@ -1,4 +1,4 @@
-"""Test shards in the DESIGN contract 1 format (real JPEGs of sklearn digits), and a multi-process scenario.
+"""Test shards in the shard format of docs/architecture.md (real JPEGs of sklearn digits), and a multi-process scenario.
 
 `write_dataset` writes `{split}-{i:06d}.tar` shards with `webdataset.TarWriter` plus a `dataset.json`.
 `python -m tests.stream_fixtures DATA OUT` (under torchrun) runs the stream scenarios of

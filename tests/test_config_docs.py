@@ -57,9 +57,17 @@ class Outer:
     size: tuple[int, int] | None = None
 
 
+@dataclasses.dataclass
+class Derived(Inner):
+    extra: int = 1  # added by a subclass
+
+
 def test_a_field_comment_and_metadata_help_are_read() -> None:
     from runtime.config import config_fields
 
+    derived = {r["key"]: r["help"] for r in config_fields(Derived)}
+    assert derived == {"rate": "how often: a # inside the comment is kept", "mode": "from metadata",
+                       "extra": "added by a subclass"}  # inherited fields keep their comments
     rows = {r["key"]: r for r in config_fields(Outer)}
     assert rows["inner.rate"] == {"key": "inner.rate", "type": "float", "default": "0.5",
                                   "help": "how often: a # inside the comment is kept"}

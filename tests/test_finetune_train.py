@@ -7,14 +7,13 @@
   accumulated steps on the same global batches;
 - a run killed after a checkpoint resumes from it and ends where an uninterrupted run ends.
 
-Run as `python -m tests.test_finetune_train OUT RECIPE [overrides]` (under torchrun) it fine-tunes and writes
-each rank's weight checksum to OUT/rank{r}.json.
+Run as `python -m tests.test_finetune_train OUT RECIPE [overrides]` (under torchrun) it fine-tunes on the
+training core (`finetune.train.train`) and writes each rank's weight checksum to OUT/rank{r}.json.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -63,7 +62,8 @@ def write_shards(folder: Path) -> Path:
 
 
 def split_tensors(data: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 3, H, W) images and labels of one split, read with plain webdataset (DESIGN contract 1)."""
+    """uint8 (N, 3, H, W) images and labels of one split, read with plain webdataset (the shard format:
+    docs/architecture.md)."""
     meta = json.loads(data.read_text())
     urls = [str(data.parent / s["name"]) for s in meta["splits"][split]["shards"]]
     pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png;webp", "cls"))
@@ -118,10 +118,13 @@ def _eval_cli(weights: Path, data: Path, size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _eval_here(weights: Path, data: Path, size: int) -> dict:
-    from finetune.train import evaluate_weights
+def _eval_here(weights: Path, data: Path, size: int | None = None, crop_pct: float | None = 1.0) -> dict:
+    """`eval` in this process; unset size/crop_pct/precision come from the weight file's eval settings."""
+    from trainer.evaluate import evaluate_weights
 
-    return evaluate_weights(str(weights), str(data), "val", size, micro_batch=64, workers=0, crop_pct=1.0)
+    overrides = [f"data.path={data}", "data.split=val", "eval.micro_batch=64", "data.workers=0"]
+    overrides += [f"model.image_size={size}"] * (size is not None) + [f"data.crop_pct={crop_pct}"] * bool(crop_pct)
+    return evaluate_weights(str(weights), overrides)
 
 
 DIGITS_AUG = ["data.scale=[0.9,1.0]", "data.hflip=0.0"]  # a flipped digit is another digit
@@ -144,28 +147,35 @@ def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: 
                    "train.steps=45", "optim.lr=0.05", "train.ema_decay=0.99", "checkpoint.every=0", "log.every=5",
                    *DIGITS_AUG])
     report = json.loads((run / "report.json").read_text())
-    b = _eval_here(run / "best.safetensors", digits["data"], 32)
+    b = _eval_here(run / "best.safetensors", digits["data"], crop_pct=None)  # all from the file's eval settings
     print(f"digits val top-1: (a) 32 px, interpolated, no training {a['top1']:.3f}; wrong resampling "
           f"{wrong['top1']:.3f}; (b) fine-tuned at 32 px {b['top1']:.3f}")
     assert a["samples"] == b["samples"] == digits["val_samples"]
     assert a["top1"] > 0.3 and a["top1"] > wrong["top1"] + 0.1 and wrong["top1"] < 0.3  # chance is 0.10
     assert b["top1"] > a["top1"] + 0.2 and b["top1"] > 0.6
-    # The kept best weights are the ones evaluated in training (there under bf16 autocast, here in fp32).
-    assert b["top1"] == pytest.approx(report["best"]["top1"], abs=0.01)
+    # The kept best weights (the EMA) are the ones evaluated in training, with the same settings (crop_pct 1.0 of
+    # the recipe, bf16 autocast): `eval` of the file repeats the run's own top-1 exactly.
+    assert (b["precision"], b["crop_pct"], b["image_size"]) == ("amp_bf16", 1.0, [32, 32])
+    assert b["top1"] == report["best"]["top1"] and b["top5"] == report["best"]["top5"], (b, report["best"])
+    assert report["weights"] == "ema" and all("raw_top1" in m for m in report["evals"])
+    assert (report["stage"], report["backend"], report["init"]) == ("finetune", "accelerate", str(digits["init"]))
     assert report["grid"] == [8, 8] and report["steps"] == 45 and report["epochs"] == 3
     assert [m["epoch"] for m in report["evals"]] == [1, 2, 3]  # evaluated at every epoch end
     assert (run / "last.safetensors").is_file() and list((run / "tb").iterdir())
 
 
 def test_zero_stage_2_is_refused_where_deepspeed_cannot_run(tmp_path: Path) -> None:
-    """On a CPU-only machine Accelerate would drop its DeepSpeed plugin silently; the trainer says so instead."""
+    """On a CPU-only machine Accelerate would drop its DeepSpeed plugin silently; the trainer says so instead,
+    under the error contract: one line, exit 2, nothing written into the run dir."""
+    run = tmp_path / "run"
     proc = subprocess.run([PY, "-m", "finetune", "train", "debug_cpu", "init=x.safetensors", "data.path=x.json",
-                           f"run.dir={tmp_path}", "deepspeed.zero_stage=2"], cwd=ROOT, env=_env(),
+                           f"run.dir={run}", "deepspeed.zero_stage=2"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     if torch.cuda.is_available():
         pytest.skip("a GPU machine runs the DeepSpeed plugin")
-    assert proc.returncode != 0
-    assert re.search(r"deepspeed.zero_stage=2 (asked for|uses)", proc.stderr), proc.stderr[-2000:]
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert re.search(r"^error: deepspeed.zero_stage=2 (asked for|uses)", proc.stderr), proc.stderr[-2000:]
+    assert not run.exists()
 
 
 def _losses(run: Path) -> list[float]:
@@ -206,7 +216,8 @@ def test_two_processes_train_in_sync(two_procs: Path) -> None:
     ranks = [json.loads((two_procs / "out" / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["world"] == 2  # weights synced
     assert ranks[0]["step"] == STEPS
-    assert json.loads((two_procs / "run" / "report.json").read_text())["world_size"] == 2
+    report = json.loads((two_procs / "run" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["applied_steps"] == STEPS and report["skipped_steps"] == 0
 
 
 def test_accumulation_and_two_process_steps_give_the_same_weights(tmp_path: Path) -> None:
@@ -222,36 +233,47 @@ def test_accumulation_and_two_process_steps_give_the_same_weights(tmp_path: Path
 
 
 def _steps_only(out: Path) -> None:
-    """3 optimizer steps of a global batch of 32 on fixed data, split over however many ranks run this."""
+    """3 optimizer steps of a global batch of 32 on fixed data, split over however many ranks run this, through
+    the core's Accelerate backend (the operations the loop calls: set_lr, micro_step, step_applied)."""
+    from data_prep.stream import normalize
     from finetune.config import load_finetune_config
-    from finetune.optim import build_optimizer
-    from finetune.steps import micro_step
-    from finetune.train import make_accelerator
-    from runtime.dist import detect
+    from runtime.dist import detect, init_distributed, shutdown
+    from trainer.backend_accelerate import AccelerateBackend
+    from trainer.loss import classification_loss
+    from trainer.optim import param_groups
     from vit import VisionTransformer, vit_config
 
-    env = detect()
-    cfg = load_finetune_config("debug_cpu", ["init=x", "data.path=x", "run.dir=x", "optim.clip=0.5"])
-    accum = 32 // (8 * env.world_size)
-    acc = make_accelerator(cfg, accum, env.world_size)
+    cfg = load_finetune_config("debug_cpu", ["init=x", "data.path=x", "run.dir=x", "optim.clip=0.5",
+                                             "train.global_batch=32", "train.micro_batch=8"])
+    env = init_distributed(detect(), single=True)
     torch.manual_seed(0)
     net = VisionTransformer(vit_config("debug", patch_size=4, image_size=32, num_classes=10))
     start = torch.cat([p.detach().flatten() for p in net.parameters()]).clone()
-    model, opt = acc.prepare(net, build_optimizer(net, cfg.optim))
+    backend = AccelerateBackend(net, param_groups(net, cfg.optim.weight_decay), cfg, env)
+    accum = backend.accumulation
+    assert accum == 32 // (8 * env.world_size)
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 255, (3, 32, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (3, 32), generator=g)
+    loss_fn = lambda logits, y: classification_loss(logits, y, "softmax", 0.0)  # noqa: E731
     for step in range(3):
         mine = torch.arange(32).view(env.world_size, -1)[env.rank]  # this rank's share of the global batch
         for m in range(accum):
             idx = mine[m * 8:(m + 1) * 8]
-            micro_step(acc, model, opt, images[step, idx], labels[step, idx], num_classes=10, lr=0.1, clip=0.5)
+            boundary = m == accum - 1
+            if boundary:
+                backend.set_lr(0.1)
+            x = normalize(images[step, idx], dtype=backend.input_dtype, device=backend.device)
+            backend.micro_step(x, labels[step, idx], loss_fn, boundary)
+        assert backend.step_applied() and math.isfinite(backend.grad_norm())
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{env.rank}.json").write_text(json.dumps({
         "checksum": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "head": net.head.weight[0].tolist(),
         "moved": (flat - start).abs().max().item(), "world": env.world_size,
-        "distributed_type": acc.distributed_type.value}))
+        "distributed_type": backend.acc.distributed_type.value}))
+    backend.close()
+    shutdown()
 
 
 def _kill_workers(proc: subprocess.Popen) -> None:
@@ -269,21 +291,16 @@ def test_killed_run_resumes_from_its_checkpoint(digits: dict, two_procs: Path, t
     _kill_workers(proc)
     proc.communicate(timeout=60)
     assert proc.returncode != 0, "the run ended before it could be killed"
-    saved = int((run / "checkpoints" / "latest").read_text().strip()[4:])
+    saved = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
     assert 0 < saved < STEPS
     out = _finish(_launch(2, tmp_path / "resumed", run, digits))
-    assert f"resumed from step{saved}: step {saved}" in out
+    assert f"resumed from global_step{saved} (step {saved}," in out
     resumed, ref = (json.loads((d / "rank0.json").read_text()) for d in (tmp_path / "resumed", two_procs / "out"))
     assert resumed["step"] == ref["step"] == STEPS
     assert resumed["checksum"] == ref["checksum"]  # same data, same RNG, same optimizer state: same weights
     assert _losses(run)[-(STEPS - saved):] == _losses(two_procs / "run")[saved:]
 
 
-HAS_PRETRAIN = importlib.util.find_spec("pretrain.__main__") is not None
-
-
-@pytest.mark.skipif(not HAS_PRETRAIN, reason="the pre-training stage (`python -m pretrain`) is not in this tree yet, "
-                    "so no ZeRO run dir can be made")
 def test_pretrain_run_dir_is_consolidated_and_finetuned(digits: dict, tmp_path: Path) -> None:
     pre = tmp_path / "pre"
     proc = subprocess.run([PY, "-m", "pretrain", "train", "debug_cpu", f"data.path={digits['data']}",
@@ -294,23 +311,24 @@ def test_pretrain_run_dir_is_consolidated_and_finetuned(digits: dict, tmp_path: 
     _finetune_cli(["train", "debug_cpu", f"init={pre}", f"data.path={digits['data']}", f"run.dir={run}",
                    "model.image_size=48", "train.steps=4", "checkpoint.every=0", "log.every=2"])
     report = json.loads((run / "report.json").read_text())
-    assert (run / "init" / "model.safetensors").is_file() and report["steps"] == 4
+    assert not (run / "init").exists() and report["steps"] == 4  # consolidated in-process: no exported file
+    assert report["init"] == str(pre) and "init " + str(pre) in (run / "log.txt").read_text()
     assert report["image_size"] == [48, 48] and report["last"]["samples"] == digits["val_samples"]
 
 
 def _driver(argv: list[str]) -> None:
-    """Fine-tune under torchrun, then write this rank's weight checksum (to compare ranks and runs)."""
+    """Fine-tune under torchrun on the core, then write this rank's weight checksum (to compare ranks and runs):
+    the report's `rank_digests[rank]`, the hash this rank computed of its own full weights."""
     from finetune.config import load_finetune_config
-    from finetune.train import Finetuner
+    from finetune.train import train
+    from runtime.dist import detect
 
     out, recipe, overrides = Path(argv[0]), argv[1], argv[2:]
-    ft = Finetuner(load_finetune_config(recipe, overrides))
-    ft.fit()
-    flat = torch.cat([v.detach().float().flatten() for v in ft.net.state_dict().values()])
+    rank = detect().rank
+    report = train(load_finetune_config(recipe, overrides))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{ft.env.rank}.json").write_text(json.dumps({
-        "checksum": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "step": ft.state["step"],
-        "world": ft.accelerator.num_processes}))
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "checksum": report["rank_digests"][rank], "step": report["steps"], "world": report["world_size"]}))
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ def test_netns_two_hosts_pretrain(tmp_path, netns_pair, digits_shards, ds_ops_en
     out = proc.communicate(timeout=450)[0]
     assert proc.returncode == 0, out[-4000:]
     assert "preflight: ok (2 nodes, 2 processes)" in out
-    assert "10 steps of 32 on 2 ranks, ZeRO-2" in out
+    assert "10 steps of 32 (2 x 8 x 2)" in out and "deepspeed bf16" in out  # accumulation x micro x world
     result = report(run)
-    assert result["step"] == 10
+    assert result["steps"] == 10 and result["world_size"] == 2
     assert len(result["rank_digests"]) == 2 and result["rank_digests"][0] == result["rank_digests"][1], result
     logs = [(run / "logs" / f"node-{i}.log").read_text() for i in (0, 1)]
     assert sum("done: step 10" in x for x in logs) == 1 and all("deepspeed" in x.lower() for x in logs)
@@ -163,6 +163,6 @@ def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_
     assert "launch: SIGUSR1 received; requeueing SLURM job" in out
     assert out.count("preflight: ok (2 nodes, 2 processes)") == 3
     result = report(run)
-    assert result["step"] == steps and len(set(result["rank_digests"])) == 1 and len(result["rank_digests"]) == 2
+    assert result["steps"] == steps and len(set(result["rank_digests"])) == 1 and len(result["rank_digests"]) == 2
     logs = [(run / "logs" / f"node-{i}.log").read_text() for i in (0, 1)]
     assert sum(f"done: step {steps}" in x for x in logs) == 1  # rank 0 ran on one node, rank 1 on the other

@@ -1,4 +1,4 @@
-"""Pre-training recipes, DeepSpeed config generation, parameter groups and the LR schedule."""
+"""Pre-training recipes, DeepSpeed config generation, parameter groups, the LR schedule and the run length."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import RECIPES_DIR, load_pretrain_config
-from pretrain.engine import deepspeed_config, lr_factor, param_groups
 from runtime.config import ConfigError
+from trainer.backend_deepspeed import deepspeed_config
+from trainer.config import total_steps
+from trainer.optim import lr_at, param_groups
 from vit import VisionTransformer, vit_config
 
 REQUIRED = ["data.path=/data/dataset.json", "run.dir=/tmp/run"]
@@ -18,7 +20,7 @@ REQUIRED = ["data.path=/data/dataset.json", "run.dir=/tmp/run"]
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_recipe_loads(name: str) -> None:
     cfg = load_pretrain_config(name, REQUIRED)
-    assert cfg.precision in ("bf16", "fp16", "fp32") and cfg.zero.stage in (0, 1, 2, 3)
+    assert cfg.precision in ("bf16", "fp16", "fp32") and cfg.zero.stage in (0, 1, 2, 3, "auto")  # see plan.py
     vit_config(cfg.model.variant, image_size=cfg.model.image_size)  # a real variant at a valid size
 
 
@@ -74,7 +76,10 @@ def test_batch_arithmetic_error() -> None:
 
 def test_no_weight_decay_for_biases_norms_tokens() -> None:
     model = VisionTransformer(vit_config("debug"))
-    decay, no_decay = param_groups(model, 0.05)
+    groups = param_groups(model, 0.05)
+    assert len(groups) == 2  # without layer decay: one decayed and one undecayed group, both at scale 1
+    decay, no_decay = groups
+    assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias", "patch_embed.bias"} <= skipped
@@ -86,9 +91,30 @@ def test_no_weight_decay_for_biases_norms_tokens() -> None:
 def test_schedule_warmup_then_decay() -> None:
     o = load_pretrain_config("debug_cpu", REQUIRED).optim
     o.warmup_steps, o.schedule, o.min_lr = 10, "linear", 0.0
-    f = [lr_factor(s, o, 110) for s in range(111)]
+    f = [lr_at(s, 110, o) / o.lr for s in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.5) and f[110] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))  # monotone after warm-up
     o.schedule = "cosine"
-    assert lr_factor(60, o, 110) == pytest.approx(0.5) and lr_factor(35, o, 110) > 0.5 + 0.2
+    assert lr_at(60, 110, o) / o.lr == pytest.approx(0.5) and lr_at(35, 110, o) / o.lr > 0.5 + 0.2
+    o.min_lr = 1e-4  # the decay ends at min_lr, not 0
+    assert lr_at(110, 110, o) == pytest.approx(1e-4)
+
+
+def test_layer_decay_scales_groups() -> None:
+    model = VisionTransformer(vit_config("debug"))
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    depth = len(model.blocks)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["head.weight"] == 1.0 and scale["patch_embed.weight"] == 0.5 ** (depth + 1)
+    assert scale["blocks.0.attn.qkv.weight"] == 0.5 ** depth
+
+
+def test_run_length_rounds_up() -> None:
+    """One rule for both stages: epochs and samples are rounded UP to whole optimizer steps."""
+    t = load_pretrain_config("debug_cpu", REQUIRED).train  # global_batch 32
+    assert total_steps(t, 10) == 120  # train.steps as given
+    t.steps, t.samples = None, 100
+    assert total_steps(t, 10) == 4  # ceil(100 / 32)
+    t.samples, t.epochs = None, 1.05
+    assert total_steps(t, 10) == 11  # ceil(10.5)

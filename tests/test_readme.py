@@ -64,8 +64,7 @@ def test_the_readme_shows_each_stage() -> None:
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a[:2]))
 def test_command_verb_flags_and_overrides_exist(argv: list[str]) -> None:
     package, verb, rest = argv[0], argv[1], argv[2:]
-    if importlib.util.find_spec(f"{package}.__main__") is None:
-        pytest.skip(f"`python -m {package}` is not in this tree")
+    assert importlib.util.find_spec(f"{package}.__main__") is not None, f"`python -m {package}` is not in this tree"
     rest = rest[: rest.index("--")] if "--" in rest else rest
     help_text = _help(package, verb)
     for flag in (w.split("=")[0] for w in rest if w.startswith("--")):

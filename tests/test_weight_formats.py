@@ -148,6 +148,30 @@ def test_missing_empty_garbage_folder_and_run_dir(tmp_path: Path) -> None:
     _refused(run, "holds no complete checkpoint", "train first")  # a run dir without a checkpoint yet
 
 
+def test_run_dir_is_consolidated_in_process(tmp_path: Path) -> None:
+    """A training run dir as init=: its latest checkpoint is read in-process (no exported file is written)."""
+    cfg = vit_config("debug", image_size=32, num_classes=3)
+    torch.manual_seed(0)
+    sd = VisionTransformer(cfg).state_dict()
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "global_step7"
+    tag.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tag / "model.safetensors"))  # the Accelerate layout
+    (tag / "trainer_state.json").write_text(json.dumps({
+        "step": 7, "applied": 7, "skipped": 0, "evals": [], "best_top1": -1.0, "stream": {}, "ema_updates": 0,
+        "backend": "accelerate", "world_size": 1, "vit_config": cfg.to_json(), "class_names": ["a", "b", "c"],
+        "eval_settings": {"image_size": [32, 32]}}))  # the core's trainer state (trainer/checkpoint.py)
+    (run / "checkpoints" / "latest").write_text("global_step7")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    got, got_cfg, names = read_checkpoint(run)
+    assert got_cfg == cfg and names == ["a", "b", "c"] and got.keys() == sd.keys()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written into the run dir
+    (run / "checkpoints" / "latest").write_text("global_step9")  # `latest` names a tag that is not there
+    _refused(run, "names 'global_step9' but", "trainer_state.json is missing")
+
+
 def test_damaged_files_of_known_formats(tmp_path: Path) -> None:
     cfg = vit_config("debug")
     good = save_weights(tmp_path / "m.safetensors", VisionTransformer(cfg).state_dict(), cfg)

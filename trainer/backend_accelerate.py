@@ -172,9 +172,11 @@ class AccelerateBackend:
             self._engine().load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
             return
         check_pickles(src, ())
-        sd = load_file(str(src / MODEL_FILE), device=str(self.device))
+        # read on the CPU: load_state_dict copies onto the model's device (and safetensors refuses names like
+        # "cpu:0", the device Accelerate reports for multi-process CPU runs)
+        sd = load_file(str(src / MODEL_FILE))
         self.module.load_state_dict({k: v.to(self.module.state_dict()[k].dtype) for k, v in sd.items()}, strict=True)
-        optim = torch.load(src / OPTIM_FILE, map_location=self.device, weights_only=True)
+        optim = torch.load(src / OPTIM_FILE, map_location="cpu", weights_only=True)  # moved to the params' device
         self.optimizer.optimizer.load_state_dict(optim)
         barrier()
 

@@ -68,14 +68,20 @@ def _evil_run_dir(sandbox: Path, digits: Path, marker: Path) -> Path:
     tag = run / "checkpoints" / "global_step4"
     classes = json.loads(digits.read_text())["classes"]
     tag.mkdir(parents=True)
-    (tag / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 1, "class_names": classes}))
+    from pretrain.train import model_config
+
+    vcfg = model_config(cfg, len(classes))
+    (tag / "trainer_state.json").write_text(json.dumps({  # the core's trainer state: all that export needs
+        "step": 4, "applied": 4, "skipped": 0, "evals": [], "best_top1": -1.0, "stream": {}, "ema_updates": 0,
+        "world_size": 1, "backend": "deepspeed", "class_names": classes, "vit_config": vcfg.to_json(),
+        "eval_settings": {"image_size": list(vcfg.image_hw)}}))
     write_payload_pt(tag / "mp_rank_00_model_states.pt", marker)
     (run / "checkpoints" / "latest").write_text("global_step4")
     return run
 
 
 def _weights(sandbox: Path, marker: Path) -> dict[str, Path]:
-    """A vitscale weight file of width 48 (debug is 32) and a pickled .pth with a payload."""
+    """A vitscale weight file of width 48 (debug is 32), a good debug one and a pickled .pth with a payload."""
     import torch
 
     from vit import VisionTransformer, vit_config
@@ -85,7 +91,9 @@ def _weights(sandbox: Path, marker: Path) -> dict[str, Path]:
     wide = save_weights(sandbox / "wide.safetensors", VisionTransformer(cfg).state_dict(), cfg)
     pth = sandbox / "model.pth"
     torch.save({"state_dict": {}, "x": Payload(marker)}, pth, _use_new_zipfile_serialization=False)
-    return {"wide": wide, "pth": pth}
+    cfg = vit_config("debug", num_classes=10)
+    good = save_weights(sandbox / "good.safetensors", VisionTransformer(cfg).state_dict(), cfg)
+    return {"wide": wide, "pth": pth, "good": good}
 
 
 def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
@@ -110,8 +118,10 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
 
     ft = ["finetune", "train", "debug_cpu", data]
 
-    def fin(name: str, *over: str, expect: str) -> Case:  # fine-tuning sets up its run dir's log first
-        return Case(name, [*ft, *over, f"run.dir=run-{name}"], expect, 2, f"run-{name}", run_dir_made=True)
+    def fin(name: str, *over: str, expect: str) -> Case:  # the same contract as pre-training: no run dir made
+        return Case(name, [*ft, *over, f"run.dir=run-{name}"], expect, 2, f"run-{name}")
+
+    good = f"init={w['good']}"
 
     return [
         pre("negative-lr", "optim.lr=-0.1", expect="optim.lr must be >= 0"),
@@ -122,7 +132,7 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
         pre("dataset-format-v2", f"data.path={v2}", expect="'vitscale-shards/2' is not 'vitscale-shards/1'"),
         pre("unknown-key", "optim.lrr=0.1", expect="unknown config key 'optim.lrr': did you mean 'optim.lr'"),
         pre("wrong-type", "train.steps=ten", expect="train.steps must be int"),
-        pre("zero-stage-5", "zero.stage=5", expect="zero.stage must be 0, 1, 2 or 3"),
+        pre("zero-stage-5", "zero.stage=5", expect="zero.stage must be 0, 1, 2, 3 or auto"),
         pre("precision-literal", "precision=fp8", expect="precision must be one of"),
         pre("override-yaml-tag", f"optim.lr={PAYLOAD_TAG} ['touch {marker}']", expect="python tags are refused"),
         Case("recipe-yaml-tag", ["pretrain", "train", str(sandbox / "evil.yaml"), data, "run.dir=run-tag"],
@@ -140,6 +150,19 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
         fin("finetune-pickled-pth", f"init={w['pth']}", expect="is not a safetensors file"),
         fin("finetune-wrong-width", f"init={w['wide']}", "model.variant=debug",
             expect="width: checkpoint 48 vs debug 32"),
+        # the inputs that once gave fine-tuning tracebacks and an empty log.txt: one line now, as in pre-training
+        fin("finetune-missing-dataset", good, "data.path=nowhere/dataset.json", expect="does not exist"),
+        fin("finetune-image-not-patch-multiple", good, "model.image_size=50", expect="multiple of"),
+        fin("finetune-batch-arithmetic", good, "train.global_batch=30", expect="global batch 30 is not divisible"),
+        fin("finetune-unknown-key", good, "optim.lrr=0.1", expect="unknown config key 'optim.lrr'"),
+        fin("finetune-missing-init", "init=nowhere.safetensors", expect="does not exist"),
+        Case("finetune-unknown-recipe", ["finetune", "train", "debug_cpuu", data, good, "run.dir=run-fr"],
+             "no recipe 'debug_cpuu'", run_dir="run-fr"),
+        Case("eval-missing-weights", ["finetune", "eval", "nowhere.safetensors", data], "no weight file or run dir"),
+        Case("eval-missing-data", ["pretrain", "eval", str(w["good"])], "data.path is required"),
+        Case("eval-unknown-option", ["pretrain", "eval", str(w["good"]), data, "eval.microbatch=8"],
+             "unknown eval option 'eval.microbatch'"),
+        Case("eval-pickled-pth", ["finetune", "eval", str(w["pth"]), data], "is not a safetensors file"),
         Case("hostfile-shell-syntax", ["launch", "run", "--hostfile", "hosts", "--", "python", "-m", "pretrain"],
              "is not a valid host name"),
         Case("hostfile-command-substitution", ["launch", "run", "--hostfile", "hosts_sub", "--", "python", "-m",
@@ -210,10 +233,11 @@ def make_checkpoints(out: str | Path, combos: list[str]) -> None:
     import torch
 
     from pretrain.config import load_pretrain_config
-    from pretrain.engine import build_engine
-    from pretrain.steps import micro_step
     from pretrain.train import model_config
     from runtime.dist import detect, init_distributed
+    from trainer.backend_deepspeed import DeepSpeedBackend
+    from trainer.loss import classification_loss
+    from trainer.optim import param_groups
     from vit import VisionTransformer
 
     env = init_distributed(detect(), timeout_s=60, single=True)
@@ -223,12 +247,13 @@ def make_checkpoints(out: str | Path, combos: list[str]) -> None:
         cfg = load_pretrain_config("debug_cpu", ["data.path=unused", "run.dir=unused", f"zero.stage={stage}",
                                                  f"precision={precision}", "train.global_batch=8"])
         torch.manual_seed(0)
-        engine = build_engine(VisionTransformer(model_config(cfg, 10)), cfg, env, total_steps=4)
-        dtype = next(engine.module.parameters()).dtype
-        x, y = torch.randn(8, 3, 32, 32, dtype=dtype), torch.arange(8) % 10
-        micro_step(engine, x.to(engine.device), y.to(engine.device), "softmax", 0.0)
-        engine.save_checkpoint(str(Path(out) / f"z{combo}"), tag="global_step1", save_latest=False)
-        engine.destroy()
+        model = VisionTransformer(model_config(cfg, 10))
+        backend = DeepSpeedBackend(model, param_groups(model, cfg.optim.weight_decay), cfg, env)
+        x, y = torch.randn(8, 3, 32, 32, dtype=backend.input_dtype), torch.arange(8) % 10
+        backend.micro_step(x.to(backend.device), y.to(backend.device),
+                           lambda logits, t: classification_loss(logits, t, "softmax", 0.0), boundary=True)
+        backend.save(Path(out) / f"z{combo}", "global_step1")
+        backend.close()
 
 
 def _serve(spec_file: str, out_dir: str) -> None:
@@ -241,8 +266,11 @@ def _serve(spec_file: str, out_dir: str) -> None:
     import finetune.train  # noqa: F401
     import launch.commands  # noqa: F401
     import launch.launchers  # noqa: F401
-    import pretrain.export  # noqa: F401
     import pretrain.train  # noqa: F401
+    import trainer.backend_accelerate  # noqa: F401
+    import trainer.backend_deepspeed  # noqa: F401
+    import trainer.evaluate  # noqa: F401
+    import trainer.export  # noqa: F401
 
     spec, out = json.loads(Path(spec_file).read_text()), Path(out_dir)
     results = []

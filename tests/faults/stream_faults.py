@@ -139,7 +139,7 @@ def bad_data_stream(ctx: Ctx) -> Outcome:
     proc = run_torchrun(args, nproc=2, extra_env=ds_ops_vars())  # the op cache of the tests, built once
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, f"training on broken shards failed:\n{log[-4000:]}"
-    assert json.loads((run_dir / "report.json").read_text())["step"] == steps, "training stopped early"
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == steps, "training stopped early"
     zeros = {r: 0 for r in _logged_skips(log)}
     logged = {**zeros, **_logged_skips(log)}
     assert {r: n for r, n in logged.items() if n} == expected, f"log counts {logged}, injected {expected}"

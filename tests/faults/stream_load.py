@@ -29,7 +29,7 @@ FDS_SLACK = 2 * WORKERS + 2  # allowed growth of the median open fds, second win
 
 
 def tiny_shards(folder: Path, shards: int, classes: int = 10) -> Path:
-    """`shards` tar shards of 16x16 PNGs in the DESIGN contract 1 format plus dataset.json; fast (the images
+    """`shards` tar shards of 16x16 PNGs in the shard format (docs/architecture.md) plus dataset.json; fast (the images
     are encoded once per class and the tars written directly). Returns the dataset.json path."""
     folder.mkdir(parents=True, exist_ok=True)
     pngs = []

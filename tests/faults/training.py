@@ -16,10 +16,12 @@ from pathlib import Path
 
 import psutil
 
+from pretrain.config import load_pretrain_config
 from tests.conftest import free_port, run_torchrun
 from tests.faults.harness import Ctx, Outcome, scenario
 from tests.launch_fixtures import ds_ops_build_env, need_root
-from tests.pretrain_fixtures import _keys, _report, _train, max_diff, train_args
+from tests.pretrain_fixtures import _keys, _report, _scalars, _train, max_diff, train_args
+from trainer.optim import lr_at
 
 STEPS = 40  # checkpoints every 10, the ranks agree on a preemption signal every 5
 COMMON = (f"train.steps={STEPS}", "checkpoint.every=10", "checkpoint.signal_check_every=5", "eval.every=0",
@@ -120,7 +122,7 @@ def baseline(ctx: Ctx) -> Path:
 
 
 def weights(run_dir: Path) -> dict:
-    from pretrain.export import consolidate
+    from trainer.export import consolidate
 
     return consolidate(run_dir)[0]
 
@@ -139,7 +141,7 @@ def resume_equals_baseline(ctx: Ctx, run_dir: Path) -> int:
     rc, out = _train(ctx.digits, run_dir, *COMMON, extra_env=ds_env())
     assert rc == 0, out[-4000:]
     assert tag is None or f"resumed from {tag}" in out, f"did not resume from {tag}:\n{out[-3000:]}"
-    assert _report(run_dir)["step"] == STEPS
+    assert _report(run_dir)["steps"] == STEPS
     base = baseline(ctx)
     diff = max_diff(weights(base), weights(run_dir))
     assert diff <= TOL, f"resumed weights differ from the uninterrupted run's by {diff:.3g}"
@@ -253,6 +255,13 @@ def nan_injection(ctx: Ctx) -> Outcome:
     assert rc == 0, out[-4000:]
     assert _report(run)["skipped_steps"] == 1 and f"step {one} skipped: non-finite" in out, out[-3000:]
     assert all(bool(v.isfinite().all()) for v in weights(run).values()), "a skipped step changed weights to NaN"
+    # The LR schedule counts applied steps only: from the skipped step on, every LR is the uninterrupted
+    # schedule's of the steps applied so far (one behind), read back from TensorBoard (logged every step).
+    optim = load_pretrain_config("debug_cpu", ["data.path=x", "run.dir=x", *COMMON]).optim
+    lrs = dict(_scalars(run)["train/lr"])
+    want = {s: lr_at(s - 1 - (s > one), STEPS, optim) for s in range(1, STEPS + 1)}
+    off = {s: (lrs.get(s), lr) for s, lr in want.items() if lrs.get(s) is None or abs(lrs[s] - lr) > 1e-6 * lr}
+    assert not off, f"LR (logged, applied-steps schedule) differs after the skip at step {one}: {off}"
     first = kill_step(ctx, hi=STEPS - k)
     bad = list(range(first, first + k))
     run = ctx.work / "stop"
