@@ -107,13 +107,13 @@ def test_netns_node_killed_mid_run(tmp_path, netns_pair, digits_shards, ds_ops_e
     assert re.search(GLOO_LOST_PEER, node1), node1[-3000:]
 
 
-def _wait_for(pred, timeout: float, what: str):
+def _wait_for(pred, timeout: float, what: str, describe=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := pred():
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what} {describe()}")
 
 
 def _sbatch(cluster, tmp_path, job: list[str], opts: list[str]) -> str:
@@ -131,6 +131,22 @@ def _requeued(cluster, job_id: str, restarts: int) -> None:
     _wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restarts)
               and cluster.job(job_id).get("JobState") == "PENDING", 120, f"requeue #{restarts}")
     assert cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
+
+
+JOB_KEYS = ("JobState", "Reason", "Restarts", "BeginTime", "StartTime", "NodeList", "ExitCode")
+
+
+def _released(cluster, job_id: str, pred):
+    """`pred`, after lifting a requeue hold that SLURM (re)applied after `_requeued` lifted it: seen in CI, where
+    the job stayed PENDING (BeginTime) long after `StartTime=now` on a loaded machine."""
+
+    def check():
+        info = cluster.job(job_id)
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        return pred()
+
+    return check
 
 
 def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_shards, ds_ops_env):  # noqa: F811
@@ -151,10 +167,13 @@ def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_
     assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
     _requeued(slurm_cluster, job_id, 1)
     first = saved()[0][0]
-    _wait_for(lambda: logged() >= first + 10, 300, "10 steps after the first resume")
+    job = lambda: {k: v for k, v in slurm_cluster.job(job_id).items() if k in JOB_KEYS}  # noqa: E731
+    _wait_for(_released(slurm_cluster, job_id, lambda: logged() >= first + 10), 300, "10 steps after the first resume",
+              lambda: f"(job {job()}, output tail: {text()[-1500:]})")
     assert slurm_cluster.run("scontrol", "requeue", job_id).returncode == 0
     _requeued(slurm_cluster, job_id, 2)
-    _wait_for(lambda: slurm_cluster.job(job_id).get("JobState") == "COMPLETED", 300, "completion")
+    _wait_for(_released(slurm_cluster, job_id, lambda: slurm_cluster.job(job_id).get("JobState") == "COMPLETED"), 300,
+              "completion", lambda: f"(job {job()})")
 
     out = text()
     assert slurm_cluster.job(job_id)["ExitCode"] == "0:0", out[-3000:]
