@@ -13,6 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torch_extensions_dir() -> Path:
+    """The one DeepSpeed op cache: $TORCH_EXTENSIONS_DIR as the Makefile exports it, else the same project-local
+    path, so a run of pytest without make neither builds the CPU comm op again nor into a second cache."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or ROOT / ".venv" / "torch_extensions")
+
+
+# Every process a test starts inherits it (the trainers' ranks, launch's nodes).
+os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir())
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for MASTER_PORT)."""
     with socket.socket() as s:
@@ -55,3 +65,4 @@ def write_digits_shards(root: Path) -> Path:
 def digits_shards(tmp_path_factory) -> Path:
     """The digits shards (write_digits_shards), written once per test session."""
     return write_digits_shards(tmp_path_factory.mktemp("digits"))
+
