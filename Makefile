@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 OPS_STAMP := $(VENV)/.ds_ops_built
 
-.PHONY: install sysdeps test lint clean
+.PHONY: install sysdeps test test-quick lint clean
 
 # Debian packages the multi-node launch tests need (sshd + pdsh, a local SLURM cluster, network namespaces).
 # Installed only when one is missing and only as root; elsewhere those tests skip with their reason.
@@ -50,6 +50,11 @@ sysdeps:
 test: install sysdeps
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The in-process unit tests only (no torchrun, CLI, launcher or training run: tests/conftest.py marks those
+# `slow`), for the edit-run loop; `make test` still runs everything.
+test-quick: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
