@@ -6,8 +6,13 @@ STAMP := $(VENV)/.installed
 # Every process the tests and the demo start (torchrun, launch's per-node commands) finds the venv's tools
 # first: DeepSpeed JIT-builds a CPU op with `ninja`, and two different ninjas on PATH rebuild it each switch.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# One DeepSpeed op cache for every target and every process they start (tests, launch's nodes, demo, faults,
+# bench): inside the venv, so `make clean` removes it with the build it belongs to. Two caches meant two
+# JIT builds of the CPU comm op (minutes each) on a fresh machine; tests/conftest.py falls back to the same path.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+OPS_STAMP := $(VENV)/.ds_ops_built
 
-.PHONY: install sysdeps test lint clean
+.PHONY: install sysdeps test test-quick lint clean
 
 # Debian packages the multi-node launch tests need (sshd + pdsh, a local SLURM cluster, network namespaces).
 # Installed only when one is missing and only as root; elsewhere those tests skip with their reason.
@@ -22,7 +27,15 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# DeepSpeed's shared-memory comm op (JIT-compiled with g++ and the venv's ninja), built once here rather than
+# by the first test's ranks under its timeout. Rebuilt only with the install stamp (new DeepSpeed or torch):
+# the old build is removed first, since torch reuses a cached .so whose sources did not change.
+$(OPS_STAMP): $(STAMP)
+	rm -rf $(TORCH_EXTENSIONS_DIR)
+	OMP_NUM_THREADS=1 $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	touch $(OPS_STAMP)
+
+install: $(OPS_STAMP)
 
 sysdeps:
 	@missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -37,6 +50,11 @@ sysdeps:
 test: install sysdeps
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The in-process unit tests only (no torchrun, CLI, launcher or training run: tests/conftest.py marks those
+# `slow`), for the edit-run loop; `make test` still runs everything.
+test-quick: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

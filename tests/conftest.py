@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def torch_extensions_dir() -> Path:
+    """The one DeepSpeed op cache: $TORCH_EXTENSIONS_DIR as the Makefile exports it, else the same project-local
+    path, so a run of pytest without make neither builds the CPU comm op again nor into a second cache."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or ROOT / ".venv" / "torch_extensions")
+
+
+# Every process a test starts inherits it (the trainers' ranks, launch's nodes).
+os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir())
 
 
 def free_port() -> int:
@@ -55,3 +67,54 @@ def write_digits_shards(root: Path) -> Path:
 def digits_shards(tmp_path_factory) -> Path:
     """The digits shards (write_digits_shards), written once per test session."""
     return write_digits_shards(tmp_path_factory.mktemp("digits"))
+
+
+# `slow` means "starts processes" (torchrun jobs, CLIs, launch's nodes, daemons, training runs): `make test-quick`
+# (`-m "not slow"`) is the in-process unit tests only. Found from the code rather than kept by hand: a test is
+# slow when its own source, a fixture it uses (directly or through other fixtures), or a helper of tests/ that
+# either calls (followed through further helpers) starts a process. `@pytest.mark.slow` still marks by hand.
+STARTS_PROCESS = re.compile(r"\bsubprocess\.|\bPopen\(|\brun_torchrun\(|\bmultiprocessing\b|\bmp\.Process\(|"
+                            r"\bos\.(?:fork|system|exec\w*)\(")
+# Fixtures that start real work by a route the source scan does not follow: the fault suite's trial context
+# (its scenarios run trainers and CLIs through the catalog's table and the harness's methods).
+SLOW_FIXTURES = {"ctx"}
+_CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
+_starts: dict[object, bool] = {}
+
+
+def _starts_process(func) -> bool:
+    """Whether `func` (a test, fixture or helper in tests/) starts a process, itself or through helpers it calls."""
+    func = inspect.unwrap(func)
+    if func in _starts:
+        return _starts[func]
+    _starts[func] = False  # recursion guard
+    try:
+        src = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    found = bool(STARTS_PROCESS.search(src))
+    if not found:
+        names = func.__globals__ if inspect.isfunction(func) else vars(sys.modules[func.__module__])
+        for name in set(_CALL.findall(src)):
+            helper = names.get(name)
+            ours = (inspect.isfunction(helper) or inspect.isclass(helper)) and helper.__module__.startswith("tests.")
+            if ours and helper is not func and _starts_process(helper):
+                found = True
+                break
+    _starts[func] = found
+    return found
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") or not isinstance(item, pytest.Function):
+            continue
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+            continue
+        funcs = [item.function]
+        for name in item.fixturenames:
+            defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+            funcs += [d.func for d in defs]
+        if any(_starts_process(f) for f in funcs):
+            item.add_marker(pytest.mark.slow)

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, torch_extensions_dir
 
 # The cheap job of the launcher-mechanics tests (pdsh, --no_ssh, loopback): runtime's 2-process check, which
 # prints one JSON line per rank. The runs across real hosts start the trainer itself (`pretrain_job`).
@@ -47,19 +47,19 @@ def report(run_dir: Path) -> dict:
 
 
 def ds_ops_vars() -> dict[str, str]:
-    """The environment under which trainer processes find the tests' own DeepSpeed op cache (built once by
-    ds_ops_build_env): TORCH_EXTENSIONS_DIR, and the venv's bin first on PATH."""
-    ext = Path(tempfile.gettempdir()) / "vitscale-launch-torch-extensions"
-    return {"TORCH_EXTENSIONS_DIR": str(ext),
+    """The environment under which trainer processes find the project's one DeepSpeed op cache (built by
+    `make install`, else once by ds_ops_build_env): TORCH_EXTENSIONS_DIR, and the venv's bin first on PATH
+    (launch passes only what it is given to the nodes it starts)."""
+    return {"TORCH_EXTENSIONS_DIR": str(torch_extensions_dir()),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def ds_ops_build_env() -> dict[str, str]:
     """Environment for the trainer's runs with DeepSpeed's CPU comm op (JIT-compiled with g++, minutes on a
-    loaded machine) built once into a cache of these tests' own. The shared ~/.cache/torch_extensions is rebuilt
-    whenever a process finds another `ninja` first on PATH (the venv's or the system's: they do not read each
-    other's build log), so ranks would compile it again under a test's timeout. Built as `launch node` runs the
-    ranks: with the venv's bin first on PATH."""
+    loaded machine) built in the project's cache (ds_ops_vars): a load without compiling once `make install`
+    built it. A cache is rebuilt whenever a process finds another `ninja` first on PATH (the venv's or the
+    system's: they do not read each other's build log), so ranks would compile it again under a test's timeout.
+    Built as `launch node` runs the ranks: with the venv's bin first on PATH."""
     env = {**ds_ops_vars(), "OMP_NUM_THREADS": "1"}
     build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     subprocess.run(["timeout", "-k", "5", "900", sys.executable, "-c", build], cwd=ROOT, env={**os.environ, **env},

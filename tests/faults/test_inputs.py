@@ -17,7 +17,6 @@ from tests.faults.inputs import Payload, bad_inputs, write_payload_pt
 from tests.launch_fixtures import ds_ops_build_env
 from trainer.checkpoint import DEEPSPEED_GLOBALS, UnsafeCheckpointError, check_pickles
 
-pytestmark = pytest.mark.slow
 COMBOS = ["0-fp32", "1-bf16", "2-bf16", "3-bf16"]  # every ZeRO stage (fp16 needs a GPU: see below)
 
 

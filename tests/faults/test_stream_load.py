@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import webdataset as wds
 
 from tests.faults.stream_load import SAMPLES_PER_SHARD, stream_load, tiny_shards
-
-pytestmark = pytest.mark.slow
 
 
 def test_tiny_shards_read_as_the_contract_says(tmp_path):
