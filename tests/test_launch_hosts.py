@@ -126,10 +126,33 @@ def _sbatch(cluster, tmp_path, job: list[str], opts: list[str]) -> str:
     return r.stdout.split("job ")[-1].split()[0]
 
 
+def _nodes_idle(cluster) -> bool:
+    """Every node idle and no step daemon of this cluster left: the previous run is cleaned up on the nodes too.
+    (slurmctld reports the nodes idle before their slurmd forgot the killed run; a restart then was refused
+    with "Job 1 already killed, do not launch batch job" and the job FAILED: seen in CI.)"""
+    import psutil
+
+    states = cluster.run("sinfo", "-h", "-N", "-o", "%T").stdout.split()
+    if not states or any(s != "idle" for s in states):
+        return False
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] == "slurmstepd" and p.environ().get("SLURM_CONF") == cluster.env["SLURM_CONF"]:
+                return False
+        except psutil.Error:
+            pass
+    return True
+
+
 def _requeued(cluster, job_id: str, restarts: int) -> None:
-    """Wait until the job is back in the queue, then let it start now (SLURM holds a requeued job ~2 min)."""
+    """Wait until the job is back in the queue and its nodes are idle, then let it start now (SLURM holds a
+    requeued job ~2 min). Started while a node still cleaned up the previous run, the batch launch failed at
+    once (seen in CI: JobState FAILED, ExitCode 1:0, nothing written), so the nodes must be idle first."""
     _wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restarts)
               and cluster.job(job_id).get("JobState") == "PENDING", 120, f"requeue #{restarts}")
+    _wait_for(lambda: _nodes_idle(cluster), 120, "idle nodes after the requeue",
+              lambda: cluster.run("sinfo", "-N").stdout)
+    time.sleep(2)  # slurmd forgets a killed job a moment after its step daemon ends
     assert cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0
 
 
@@ -142,7 +165,7 @@ def _released(cluster, job_id: str, pred):
 
     def check():
         info = cluster.job(job_id)
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and _nodes_idle(cluster):
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         return pred()
 
