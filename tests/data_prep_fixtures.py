@@ -21,3 +21,19 @@ def data_prep_cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--no-progress"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after_shards(proc: subprocess.Popen, out: Path, k: int) -> None:
+    """SIGKILL the process group of a running `data_prep write` once its plan exists and `k` shards are done."""
+    import signal
+    import time
+
+    receipts, deadline = out / ".parts" / "shards", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / ".parts" / "plan.json").exists() and receipts.exists() and \
+                sum(not p.name.startswith(".") for p in receipts.iterdir()) >= k:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the write ended before it could be killed:\n{proc.communicate()[0]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -8,11 +8,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
-import signal
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from data_prep import write_shards
 from data_prep.__main__ import main
 from data_prep.examples import load_digits, photo_crops
 from data_prep.verify import iter_samples
-from tests.data_prep_fixtures import data_prep_cli, output_files
+from tests.data_prep_fixtures import data_prep_cli, kill_after_shards, output_files
 
 SYNSETS = ["n00000005", "n00000001", "n00000003", "n00000004", "n00000002"]  # archive order is not sorted
 EMPTY_SYNSET = "n00000004"
@@ -145,16 +142,7 @@ def test_tar_of_tars_kill_9_then_rerun_is_byte_identical_and_nothing_is_extracte
     out, tmpdir = tmp_path / "run" / "out", tmp_path / "tmpdir"
     tmpdir.mkdir()
     proc = data_prep_cli(["write", str(src), str(out), "--workers", "2", *args], env={"TMPDIR": str(tmpdir)})
-    receipts, k = out / ".parts" / "shards", random.randint(0, 6)  # kill once k shards are finished
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / ".parts" / "plan.json").exists() and receipts.exists() and \
-                sum(not p.name.startswith(".") for p in receipts.iterdir()) >= k:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the write ended before it could be killed:\n{proc.communicate()[0]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(proc, out, random.randint(0, 6))  # once 0-6 shards are finished
     assert not (out / "dataset.json").exists()
     assert main(["write", str(src), str(out), "--workers", "2", "--no-progress", *args]) == 0
     assert output_files(out) == output_files(tmp_path / "ref" / "out")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from data_prep.__main__ import main
 from data_prep.examples import write_odd_images
 from data_prep.manifest import ManifestError
 from tests.conftest import ROOT
-from tests.data_prep_fixtures import data_prep_cli, output_files
+from tests.data_prep_fixtures import data_prep_cli, kill_after_shards, output_files
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +48,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     write_shards(src, tmp_path / "ref" / "out", format="webp", quality=90, samples_per_shard=4, seed=5)
     out = tmp_path / "run" / "out"
     proc = data_prep_cli(["write", str(src), str(out), "--workers", "2", *args])
-    receipts, k = out / ".parts" / "shards", random.randint(0, 6)  # kill once k shards are finished
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / ".parts" / "plan.json").exists() and receipts.exists() and \
-                sum(not p.name.startswith(".") for p in receipts.iterdir()) >= k:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the write ended before it could be killed:\n{proc.communicate()[0]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(proc, out, random.randint(0, 6))  # once 0-6 shards are finished
     assert not (out / "dataset.json").exists()  # killed mid-run
     assert len(list(out.glob("*.tar"))) < 30
     assert main(["write", str(src), str(out), "--workers", "2", "--no-progress", *args]) == 0
