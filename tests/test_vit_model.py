@@ -22,10 +22,13 @@ def _randomise(model: torch.nn.Module) -> None:
     "timm_name,variant", [("vit_base_patch16_224", "B/16"), ("vit_large_patch16_224", "L/16")]
 )
 def test_logits_match_timm(timm_name: str, variant: str) -> None:
-    ref = timm.create_model(timm_name, pretrained=False).eval()
+    # Built on the meta device: both inits (seconds at L/16) would be overwritten by _randomise and the load.
+    with torch.device("meta"):
+        ref = timm.create_model(timm_name, pretrained=False).eval()
+        ours = VisionTransformer(vit_config(variant)).eval()
+    ref.to_empty(device="cpu")
     _randomise(ref)
-    ours = VisionTransformer(vit_config(variant)).eval()
-    result = ours.load_state_dict(from_timm(ref.state_dict()), strict=True)
+    result = ours.load_state_dict(from_timm(ref.state_dict()), strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
