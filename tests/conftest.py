@@ -69,6 +69,17 @@ def digits_shards(tmp_path_factory) -> Path:
     return write_digits_shards(tmp_path_factory.mktemp("digits"))
 
 
+@pytest.fixture(scope="session")
+def cli_server(tmp_path_factory):
+    """One process that imported both stages' CLIs and forks a `python -m STAGE args` per call
+    (tests/stage_fixtures.py CliServer): seconds per call instead of a fresh interpreter importing torch."""
+    from tests.stage_fixtures import CliServer
+
+    server = CliServer(tmp_path_factory.mktemp("cli"))
+    yield server
+    server.close()
+
+
 # `slow` means "starts processes" (torchrun jobs, CLIs, launch's nodes, daemons, training runs): `make test-quick`
 # (`-m "not slow"`) is the in-process unit tests only. Found from the code rather than kept by hand: a test is
 # slow when its own source, a fixture it uses (directly or through other fixtures), or a helper of tests/ that
@@ -76,8 +87,9 @@ def digits_shards(tmp_path_factory) -> Path:
 STARTS_PROCESS = re.compile(r"\bsubprocess\.|\bPopen\(|\brun_torchrun\(|\bmultiprocessing\b|\bmp\.Process\(|"
                             r"\bos\.(?:fork|system|exec\w*)\(")
 # Fixtures that start real work by a route the source scan does not follow: the fault suite's trial context
-# (its scenarios run trainers and CLIs through the catalog's table and the harness's methods).
-SLOW_FIXTURES = {"ctx"}
+# (its scenarios run trainers and CLIs through the catalog's table and the harness's methods) and the CLI
+# server (its class is imported inside the fixture).
+SLOW_FIXTURES = {"ctx", "cli_server"}
 _CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
 _starts: dict[object, bool] = {}
 

@@ -98,13 +98,6 @@ def runs(digits_shards: Path, tmp_path_factory) -> Runs:
     return Runs(tmp_path_factory.mktemp("stages"), digits_shards)
 
 
-@pytest.fixture(scope="session")
-def cli_server(tmp_path_factory) -> CliServer:
-    server = CliServer(tmp_path_factory.mktemp("cli"))
-    yield server
-    server.close()
-
-
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
