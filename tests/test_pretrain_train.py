@@ -14,10 +14,22 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, free_port, run_torchrun
-from tests.pretrain_fixtures import _export, _report, _scalars, _train
+from tests.pretrain_fixtures import _report, _scalars, _train
+from tests.stage_fixtures import CliServer
 
 pytestmark = pytest.mark.slow
 STEPS = 120  # debug_cpu: checkpoints at 60 and 120, loss logged every 20 steps
+
+
+def _export(server: CliServer, run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
+    """`pretrain export RUN_DIR` through the CLI server (a real `python -m pretrain export` runs in
+    tests/faults/training.py and the demo); the exported weights under vitscale's key names."""
+    from vit.weights import load_weights
+
+    out = run_dir / "export" / "model.safetensors"
+    proc = server.run("pretrain", "export", str(run_dir), "--out", str(out), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_weights(out)[0]
 
 
 def _data_path(run_dir: Path) -> str:
@@ -63,8 +75,8 @@ def test_tensorboard_has_the_scalars(baseline: Path) -> None:
     assert all(v > 0 for _, v in s["perf/img_per_s"])
 
 
-def test_export_equals_live_model(baseline: Path) -> None:
-    exported = _export(baseline)
+def test_export_equals_live_model(baseline: Path, cli_server: CliServer) -> None:
+    exported = _export(cli_server, baseline)
     # DeepSpeed's module weights at the last save are the bf16 copy of the fp32 master weights we export.
     live = torch.load(baseline / "checkpoints" / f"global_step{STEPS}" / "mp_rank_00_model_states.pt",
                       map_location="cpu", weights_only=False)["module"]
@@ -78,13 +90,18 @@ def test_export_equals_live_model(baseline: Path) -> None:
 
 
 @pytest.mark.parametrize("weights", ["run_dir", "last.safetensors", "best.safetensors"])
-def test_eval_verb_matches_training_eval(weights: str, baseline: Path, digits_shards: Path) -> None:
+def test_eval_verb_matches_training_eval(weights: str, baseline: Path, digits_shards: Path,
+                                        cli_server: CliServer) -> None:
     """`eval` of the run dir (its latest checkpoint) or of the weight files the run kept repeats the run's own
-    eval exactly: the files carry their eval settings (crop_pct, precision bf16, ...)."""
+    eval exactly: the files carry their eval settings (crop_pct, precision bf16, ...). The run dir in a fresh
+    `python -m pretrain eval` (the entry point itself), the files through the CLI server (the same main)."""
     path = baseline if weights == "run_dir" else baseline / weights
-    out = subprocess.run([sys.executable, "-m", "pretrain", "eval", str(path), f"data.path={digits_shards}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = ["eval", str(path), f"data.path={digits_shards}"]
+    if weights == "run_dir":
+        out = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    else:
+        out = cli_server.run("pretrain", *args, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     report = _report(baseline)
@@ -108,7 +125,7 @@ def test_resume_at_another_world_size(baseline: Path, digits_shards: Path, tmp_p
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path) -> None:
+def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path, cli_server: CliServer) -> None:
     ema = ["train.ema_decay=0.9"] if stage == 1 else []  # EMA needs full weights on every rank: ZeRO <= 2
     rc, out = _train(digits_shards, tmp_path, f"zero.stage={stage}", "train.steps=20", "checkpoint.every=0",
                      "log.every=5", *ema)
@@ -118,10 +135,10 @@ def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path
     assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
     digests = _report(tmp_path)["rank_digests"]
     assert digests is None if stage == 3 else (len(digests) == 2 and digests[0] == digests[1])
-    weights = _export(tmp_path)
+    weights = _export(cli_server, tmp_path)
     assert _report(tmp_path)["weights"] == ("ema" if ema else "model")  # what the reported top-1 evaluated
     if ema:
-        averaged = _export(tmp_path, "--ema")
+        averaged = _export(cli_server, tmp_path, "--ema")
         assert averaged.keys() == weights.keys()
         assert 0 < max((averaged[k] - weights[k]).abs().max().item() for k in weights) < 0.5
 
@@ -138,10 +155,9 @@ def test_two_nodes_on_loopback(digits_shards: Path, tmp_path: Path) -> None:
     assert len(digests) == 2 and digests[0] == digests[1]  # both nodes end with the same model
 
 
-def test_bad_configs_fail_before_training(digits_shards: Path, tmp_path: Path) -> None:
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pretrain", "train", "debug_cpu", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+def test_bad_configs_fail_before_training(digits_shards: Path, tmp_path: Path, cli_server: CliServer) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:  # the real entry point: the torchrun job below
+        return cli_server.run("pretrain", "train", "debug_cpu", *args)
 
     r = cli(f"run.dir={tmp_path}")
     assert r.returncode == 2 and "data.path is required" in r.stderr
