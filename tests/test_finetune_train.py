@@ -112,9 +112,13 @@ def _finetune_cli(args: list[str], timeout: float = 240) -> subprocess.Completed
     return proc
 
 
-def _eval_cli(weights: Path, data: Path, size: int) -> dict:
-    out = _finetune_cli(["eval", str(weights), f"data.path={data}", "data.split=val", f"model.image_size={size}",
-                         "data.workers=1", "data.crop_pct=1.0", "eval.micro_batch=64"])
+def _eval_cli(server, weights: Path, data: Path, size: int) -> dict:
+    """`finetune eval` through the CLI server (tests/conftest.py): its argument handling and printed result,
+    without a fresh interpreter (the real entry point runs in `_finetune_cli` below)."""
+    out = server.run("finetune", "eval", str(weights), f"data.path={data}", "data.split=val",
+                     f"model.image_size={size}", "data.workers=1", "data.crop_pct=1.0", "eval.micro_batch=64",
+                     timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -130,11 +134,11 @@ def _eval_here(weights: Path, data: Path, size: int | None = None, crop_pct: flo
 DIGITS_AUG = ["data.scale=[0.9,1.0]", "data.hflip=0.0"]  # a flipped digit is another digit
 
 
-def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: Path) -> None:
+def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: Path, cli_server) -> None:
     from finetune.load import read_checkpoint
     from vit.weights import save_weights
 
-    a = _eval_cli(digits["init"], digits["data"], 32)  # (a): pos-embed resampled 4x4 -> 8x8, no training
+    a = _eval_cli(cli_server, digits["init"], digits["data"], 32)  # (a): pos-embed resampled 4x4 -> 8x8, no training
     # The same weights resampled with the classic bug: (1, N, D) reshaped to (1, D, H, W) without a permute.
     sd, cfg, names = read_checkpoint(digits["init"])
     D = cfg.width
@@ -164,13 +168,12 @@ def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: 
     assert (run / "last.safetensors").is_file() and list((run / "tb").iterdir())
 
 
-def test_zero_stage_2_is_refused_where_deepspeed_cannot_run(tmp_path: Path) -> None:
+def test_zero_stage_2_is_refused_where_deepspeed_cannot_run(tmp_path: Path, cli_server) -> None:
     """On a CPU-only machine Accelerate would drop its DeepSpeed plugin silently; the trainer says so instead,
     under the error contract: one line, exit 2, nothing written into the run dir."""
     run = tmp_path / "run"
-    proc = subprocess.run([PY, "-m", "finetune", "train", "debug_cpu", "init=x.safetensors", "data.path=x.json",
-                           f"run.dir={run}", "deepspeed.zero_stage=2"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = cli_server.run("finetune", "train", "debug_cpu", "init=x.safetensors", "data.path=x.json",
+                          f"run.dir={run}", "deepspeed.zero_stage=2")
     if torch.cuda.is_available():
         pytest.skip("a GPU machine runs the DeepSpeed plugin")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
