@@ -4,16 +4,15 @@ in-training eval of a real pre-training run on digits."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_torchrun
+from tests.conftest import run_torchrun
 from tests.pretrain_fixtures import _report, _scalars, _train
+from tests.stage_fixtures import CliServer
 from trainer.fewshot import choose_l2, fewshot_top1, linear_probe_top1, ridge_fit
 
 
@@ -83,14 +82,15 @@ def _init_weights(trained: Path, out: Path) -> Path:
     return out
 
 
-def _fewshot_cli(*args: str, nproc: int = 0) -> dict:
-    argv = ["-m", "finetune", "fewshot", *args]
+def _fewshot_cli(*args: str, nproc: int = 0, server: CliServer | None = None) -> dict:
+    """`finetune fewshot args`: under torchrun with `nproc` ranks (the real entry point), else one process
+    forked by the CLI server (tests/conftest.py; the same main, without a fresh interpreter)."""
     if nproc:
-        proc = run_torchrun(argv, nproc=nproc)
+        proc = run_torchrun(["-m", "finetune", "fewshot", *args], nproc=nproc)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     else:
-        done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        done = server.run("finetune", "fewshot", *args, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(Path(args[-1].removeprefix("out=")).read_text())
 
@@ -110,14 +110,14 @@ def test_training_logs_fewshot_and_inspect(pretrained: Path) -> None:
 
 @pytest.mark.slow
 def test_pretrained_beats_init_and_world_size_does_not_matter(pretrained: Path, digits_shards: Path,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, cli_server: CliServer) -> None:
     # Measured (300 steps of debug_cpu, 3 seeds, digits val): 10-shot 0.74 pre-trained vs 0.54 at init (random
     # ViT features of 32 px digits are already fair: a random projection of the pixels).
     weights = pretrained / "last.safetensors"
     init = _init_weights(weights, tmp_path / "init.safetensors")
     data = f"data.path={digits_shards}"
-    one = _fewshot_cli(str(weights), data, "shots=1,10", f"out={tmp_path / 'one.json'}")
-    before = _fewshot_cli(str(init), data, "shots=1,10", f"out={tmp_path / 'init.json'}")
+    one = _fewshot_cli(str(weights), data, "shots=1,10", f"out={tmp_path / 'one.json'}", server=cli_server)
+    before = _fewshot_cli(str(init), data, "shots=1,10", f"out={tmp_path / 'init.json'}", server=cli_server)
     after, init_top1 = one["fewshot"]["10shot"]["top1"], before["fewshot"]["10shot"]["top1"]
     print(f"10-shot: pre-trained {after:.3f}, init {init_top1:.3f}")
     assert after > init_top1 + 0.12
