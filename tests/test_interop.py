@@ -179,11 +179,9 @@ def test_real_shapes_ours_timm_transformers(variant: str, tmp_path: Path) -> Non
         del t
         folder = save_hf(tmp_path / "hf", model.state_dict(), model.cfg, NAMES)
         torch.testing.assert_close(_hf_logits(folder, x), want, **TOL)
-        ckpt = read_any(folder)
-        with torch.device("meta"):
-            back = VisionTransformer(ckpt.config).eval()
-        back.load_state_dict(ckpt.state_dict, strict=True, assign=True)
-        torch.testing.assert_close(back(x), want, **TOL)
+        ckpt = read_any(folder)  # back exactly (a stronger check than a third forward at 1e-4)
+        assert ckpt.config == model.cfg and ckpt.class_names == NAMES
+        _same(ckpt.state_dict, model.state_dict())
 
 
 def test_augreg_npz_round_trip_and_timm_reads_it(tmp_path: Path) -> None:
