@@ -80,16 +80,21 @@ def test_resolve_zero_sizes_buckets_and_overlap():
     assert bucket_elements(10**6) == 5e7 and bucket_elements(10**10) == 2e8
 
 
-def test_plan_verb_prints_every_stage_for_l16_and_h14():
+def test_plan_verb_prints_every_stage_for_l16_and_h14(cli_server):
+    """L/16 in a fresh `python -m pretrain plan` (the entry point); H/14 and the bad --gpus through the CLI
+    server (tests/conftest.py: the same main, forked from a process that imported it once)."""
     for recipe, variant in (("vit_l16_in21k", "L/16"), ("vit_h14_in21k", "H/14")):
-        out = subprocess.run([sys.executable, "-m", "pretrain", "plan", recipe, "--gpus", "8", "--gpu-mem", "80"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        args = ["plan", recipe, "--gpus", "8", "--gpu-mem", "80"]
+        if variant == "L/16":
+            out = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=120)
+        else:
+            out = cli_server.run("pretrain", *args)
         assert out.returncode == 0, out.stderr
         lines = [ln for ln in out.stdout.strip().splitlines() if not ln.startswith("[")]  # DeepSpeed's own log lines
         assert lines[0].startswith(f"{variant} @ 224 px") and "8 GPUs" in lines[0]
         rows = [ln for ln in lines if ln.startswith("ZeRO-")]
         assert [r.split()[0] for r in rows] == ["ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
         assert rows[1].endswith("<- chosen") and lines[-1].startswith("zero.stage=auto -> ZeRO-1")
-    bad = subprocess.run([sys.executable, "-m", "pretrain", "plan", "vit_l16_in21k", "--gpus", "7"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = cli_server.run("pretrain", "plan", "vit_l16_in21k", "--gpus", "7")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "divisible" in bad.stderr
