@@ -16,7 +16,7 @@ from data_prep.stream_config import DataCfg
 
 __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
            "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "missing_datasets",
-           "total_steps"]
+           "is_local", "total_steps"]
 
 
 @dataclass
@@ -167,6 +167,12 @@ def validate_fewshot(f: FewShotCfg, prefix: str = "eval.fewshot.") -> list[str]:
     if not f.l2 or min(f.l2) <= 0:
         problems.append(f"{prefix}l2 must be a list of regularisers > 0, got {f.l2}")
     return problems
+
+
+def is_local(path: str) -> bool:
+    """Whether data.path names this filesystem (a dataset.json, its folder or tar paths), not a URL, `pipe:`
+    command or brace pattern (checked where they are read)."""
+    return "://" not in path and not path.startswith("pipe:") and "{" not in path
 
 
 def missing_datasets(f: FewShotCfg, key: str = "eval.fewshot.datasets") -> list[str]:

@@ -23,7 +23,7 @@ from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, 
 from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
-from trainer.config import DataCfg, TrainerConfig, missing_datasets, total_steps
+from trainer.config import DataCfg, TrainerConfig, is_local, missing_datasets, total_steps
 from trainer.loop import Loop
 from trainer.optim import param_groups
 from vit import ViTConfig
@@ -40,10 +40,6 @@ class Stage:
     backend: Callable[..., object]
     backend_name: str
     report: dict = field(default_factory=dict)
-
-
-def is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:") and "{" not in path
 
 
 def class_names(data: DataCfg) -> list[str]:
