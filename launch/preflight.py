@@ -2,8 +2,10 @@
 
 Checked: every host answers (over ssh when the launcher uses ssh), the master port is free on the master
 node, vitscale (version and a fingerprint of its code), torch and deepspeed are the same everywhere, each
-node has at least as many GPUs as slots (or no node has any: a CPU run), the dataset has enough shards
-for nodes x GPUs x workers, and the global batch divides by micro-batch x world size.
+node has at least as many GPUs as slots (or no node has any: a CPU run), the dataset exists and has enough
+shards for nodes x GPUs x workers, and the global batch divides by micro-batch x world size. The job's facts
+(dataset, split, workers, batch sizes) come from its recipe or from flags (launch/jobcheck.py); `job_checks`
+is also what `sbatch` runs before it writes a script.
 """
 
 from __future__ import annotations
