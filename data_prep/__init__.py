@@ -9,19 +9,21 @@ Python API: `write_shards(src, out, **options) -> manifest`, `merge(out) -> mani
 The CLI is `python -m data_prep write|merge|verify|stats|preview|example`.
 """
 
-import importlib
+from data_prep.examples import write_example_images
+from data_prep.manifest import ManifestError, merge
+from data_prep.sources import SourceError
+from data_prep.verify import preview, stats_table, verify
 
-# Loaded on first use (PEP 562): the writer and verifier pull in webdataset and torch, which a reader of
-# `data_prep.stream_config` (every recipe load, the launcher's preflight) does not need.
-_WHERE = {"write_example_images": "examples", "ManifestError": "manifest", "merge": "manifest",
-          "SourceError": "sources", "preview": "verify", "stats_table": "verify", "verify": "verify",
-          "write_shards": "writer"}
-__all__ = sorted(_WHERE)
+__all__ = ["ManifestError", "SourceError", "merge", "preview", "stats_table", "verify", "write_example_images",
+           "write_shards"]
 
 
 def __getattr__(name: str) -> object:
-    if name not in _WHERE:
+    # write_shards loads on first use (PEP 562): the writer imports webdataset, hence torch, which a reader of
+    # `data_prep.stream_config` (every recipe load, the launcher's preflight) does not need.
+    if name != "write_shards":
         raise AttributeError(f"module 'data_prep' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"data_prep.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+    from data_prep.writer import write_shards
+
+    globals()["write_shards"] = write_shards
+    return write_shards

@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw
 
 from data_prep.manifest import FORMAT, human_bytes, load_json, summary_table
 from data_prep.pool import worker_pool
-from data_prep.stream_source import is_safe_member
 from runtime.io import atomic_path
 
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -25,6 +24,8 @@ IMAGE_EXTS = ("jpg", "png", "webp")
 def iter_samples(path: str | os.PathLike, unsafe: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for each sample of a shard, members grouped by key as webdataset does.
     Members with unsafe names (absolute, '..') are left out, and their names appended to `unsafe` if given."""
+    from data_prep.stream_source import is_safe_member  # here: stream_source imports webdataset, hence torch
+
     key, sample = None, {}
     with tarfile.open(path) as tar:
         for m in tar:
