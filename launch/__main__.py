@@ -3,12 +3,12 @@
   run                 launch a job: python -m launch run --hostfile H [--launcher torchrun] -- python -m MOD ...
   check               preflight only (reachability, master port, versions, GPUs, shards, batch) [-- JOB]
   sbatch              write (and with --submit, submit) a SLURM batch script
+  accelerate-config   write an `accelerate launch` config for the hostfile and print per-node commands
+  probe, node, exec   run on the nodes by the verbs above (report facts, supervise a node, run a payload)
 
 A job `python -m pretrain|finetune train RECIPE k=v ...` has its recipe loaded first (launch/jobcheck.py): a
 recipe the stage would refuse is its one-line error here, exit 2, before anything is written or started; its
 dataset, workers and batch sizes feed preflight. Any other command after `--` is passed through unchecked.
-  accelerate-config   write an `accelerate launch` config for the hostfile and print per-node commands
-  probe, node, exec   run on the nodes by the verbs above (report facts, supervise a node, run a payload)
 """
 
 from __future__ import annotations

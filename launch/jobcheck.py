@@ -4,8 +4,8 @@ preflight checks (dataset, split, loader workers, global and micro batch) with w
 `python -m pretrain train RECIPE k=v ...` and `python -m finetune train ...` (any Python interpreter, `-u`
 allowed) are loaded here with the stage's own config loader, so a typo'd recipe or override fails in the
 launcher with the stage's one-line message, before a run dir, batch script or process exists. Any other
-command is passed through unchecked. Loading a config imports no torch (the stages keep it out of their
-config modules), so this costs a fraction of a second.
+command is passed through unchecked. Loading a config imports no torch (`runtime` and `data_prep` load their
+torch-bound names on first use), so this costs a fraction of a second; tests/test_launch.py keeps it so.
 """
 
 from __future__ import annotations

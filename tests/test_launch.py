@@ -30,7 +30,7 @@ from launch.jobcheck import Fact, JobFacts
 from launch.preflight import Probe, evaluate, probe_info
 from launch.slurm import SbatchSpec, sbatch_script
 from tests.conftest import ROOT, free_port
-from tests.launch_fixtures import JOB, launch
+from tests.launch_fixtures import JOB, counted_dataset, launch
 
 NASTY = ["a b", "x;touch PWNED", "$(touch PWNED2)", "`touch PWNED3`", "'q'\"q\"", "&& rm -rf /nonexistent", "*"]
 
@@ -277,15 +277,6 @@ def test_deepspeed_no_ssh_one_launcher_per_node(tmp_path, two_local_nodes):
 
 # ---- the job after `--`: its recipe loaded and its facts checked before anything is written or started -------
 
-def _dataset(tmp_path, shards: int = 3) -> str:
-    """A dataset.json listing `shards` train shards (preflight only counts them)."""
-    ds = tmp_path / "ds" / "dataset.json"
-    ds.parent.mkdir()
-    ds.write_text(json.dumps({"splits": {"train": {"shards": [{"name": f"s{i}", "samples": 10}
-                                                              for i in range(shards)]}}}))
-    return str(ds)
-
-
 def _main(capsys, argv: list[str]) -> tuple[int, str, str]:
     """`python -m launch ARGV` in this process: (exit code, stdout, stderr); it must start no process."""
     import psutil
@@ -313,7 +304,7 @@ def test_cli_bad_recipe_refused_before_anything(tmp_path, capsys, verb, job, wan
     run = tmp_path / "run"
     hosts = ["--hostfile", str(hf)] if "nossh" in verb else []
     code, out, err = _main(capsys, [*verb, *hosts, "--run-dir", str(run), "--", "python", "-m", *job[:3],
-                                    f"data.path={_dataset(tmp_path)}", f"run.dir={tmp_path / 'r'}", *job[3:]])
+                                    f"data.path={counted_dataset(tmp_path)}", f"run.dir={tmp_path / 'r'}", *job[3:]])
     assert code == 2 and not out, out
     assert err.count("\n") == 1 and err.startswith(f"launch: error: python -m {job[0]} train {job[2]}: "), err
     assert want in err and not run.exists()
@@ -327,7 +318,7 @@ def test_cli_bad_recipe_refused_before_anything(tmp_path, capsys, verb, job, wan
     (["--nodes", "2"], ["data.path=nowhere/dataset.json"], "dataset nowhere/dataset.json (data.path) does not exist"),
 ])
 def test_cli_sbatch_checks_the_recipe_facts(tmp_path, capsys, flags, overrides, want):
-    run, ds = tmp_path / "run", _dataset(tmp_path)
+    run, ds = tmp_path / "run", counted_dataset(tmp_path)
     code, out, _ = _main(capsys, ["sbatch", "--gpus-per-node", "0", "--run-dir", str(run), *flags, "--", "python",
                                   "-m", "pretrain", "train", "debug_cpu", f"data.path={ds}", "run.dir=r", *overrides])
     lines = [ln for ln in out.splitlines() if ln.startswith("preflight: FAIL")]
@@ -336,7 +327,7 @@ def test_cli_sbatch_checks_the_recipe_facts(tmp_path, capsys, flags, overrides, 
 
 
 def test_cli_sbatch_good_recipe_writes_the_script(tmp_path, capsys):
-    run, ds = tmp_path / "run", _dataset(tmp_path)
+    run, ds = tmp_path / "run", counted_dataset(tmp_path)
     job = [sys.executable, "-m", "pretrain", "train", "debug_cpu", f"data.path={ds}", "run.dir=r"]
     code, out, _ = _main(capsys, ["sbatch", "--nodes", "2", "--gpus-per-node", "0", "--run-dir", str(run),
                                   "--micro-batch", "16", "--", *job])
@@ -353,7 +344,8 @@ def test_cli_nossh_dry_run_prints_every_node(tmp_path, capsys):
     hf = tmp_path / "hosts"
     hf.write_text("node-a slots=2\nnode-b slots=2\n")
     common = ["run", "--hostfile", str(hf), "--launcher", "nossh", "--run-dir", str(tmp_path / "run")]
-    job = ["--", "python", "-m", "pretrain", "train", "debug_cpu", f"data.path={_dataset(tmp_path)}", "run.dir=r"]
+    ds = counted_dataset(tmp_path)
+    job = ["--", "python", "-m", "pretrain", "train", "debug_cpu", f"data.path={ds}", "run.dir=r"]
     code, out, _ = _main(capsys, [*common, "--dry-run", *job])
     assert code == 0, out
     heads = [ln for ln in out.splitlines() if ln.startswith("# ")]
@@ -390,3 +382,15 @@ def test_cli_run_missing_dataset_starts_nothing(tmp_path, capsys):
                                   "data.path=nowhere", "run.dir=r"])
     assert code == 2 and "preflight: FAIL dataset nowhere (data.path) does not exist" in out, out
     assert "nothing was started" in out and not run.exists()
+
+
+def test_cli_check_uses_the_recipe_facts_and_flags_override(tmp_path, capsys):
+    common = ["check", "--launcher", "local", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    ds = counted_dataset(tmp_path)
+    job = ["--", "python3", "-m", "pretrain", "train", "debug_cpu", f"data.path={ds}", "run.dir=r"]
+    code, out, _ = _main(capsys, [*common, *job])
+    assert code == 0 and "preflight: ok (1 nodes, 2 processes); dataset=" in out, out
+    assert "workers=1 (data.workers), global_batch=32 (train.global_batch), micro_batch=8 (train.micro_batch)" in out
+    code, out, _ = _main(capsys, [*common, "--workers", "2", *job])
+    assert code == 1 and "has 3 train shards, fewer than nodes x GPUs x workers = 1 x 2 x 2 = 4" in out, out
+    assert "workers=2 (--workers)" in out
