@@ -258,6 +258,8 @@ def list_source(src: str | os.PathLike, map_fn: Callable = map, *, source_format
     fmt = detect_format(src) if source_format == "auto" else source_format
     if labels and fmt != "tar":
         raise SourceError(f"--labels is for a flat tar of images; {src} is read as {fmt}")
+    if labels and not Path(labels).is_file():
+        raise SourceError(f"--labels {labels} does not exist: give a CSV/JSONL of member name,label[,split]")
     if fmt in ("folder", "list", "tar-of-tars", "tar") and not Path(src).exists():
         raise SourceError(f"source {src} does not exist")
     if fmt == "folder":

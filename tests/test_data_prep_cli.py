@@ -48,6 +48,14 @@ def _empty_sources(tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+def test_a_missing_labels_file_is_named_and_leaves_no_output(tmp_path, capsys):
+    src, labels = _tar(tmp_path / "flat.tar", {"a.png": _png()}), tmp_path / "labels.csv"
+    assert main(["write", str(src), str(tmp_path / "out"), "--labels", str(labels), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Errno" not in err and f"--labels {labels} does not exist" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_source_is_refused_and_leaves_no_output(tmp_path, capsys):
     for name, (src, expected) in _empty_sources(tmp_path / "src").items():
         out = tmp_path / "new" / "out"
