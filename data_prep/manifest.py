@@ -54,6 +54,9 @@ def load_manifest(out: str | os.PathLike) -> dict:
             raise ManifestError(f"{folder} has no dataset.json yet: its write did not finish; rerun the same "
                                 f"`python -m data_prep write` command (or `python -m data_prep merge {folder}` once "
                                 "every node of a multi-node write is done)") from None
+        if folder.is_dir() and any(folder.glob("*.tar")):
+            raise ManifestError(f"{folder} holds .tar shards but no dataset.json: write them into a shard folder "
+                                f"with `python -m data_prep write {folder} OUT` first") from None
         raise ManifestError(f"no dataset.json or shards in {folder}: run `python -m data_prep write SRC {folder}` "
                             "first") from None
     except OSError as e:

@@ -88,6 +88,13 @@ def test_a_folder_without_shards_is_named_with_the_fix(verb, tmp_path, capsys):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_foreign_shards_without_dataset_json_point_at_write(tmp_path, capsys):
+    _tar(tmp_path / "train-000000.tar", {})
+    assert main(["stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no dataset.json" in err and f"python -m data_prep write {tmp_path} OUT" in err, err
+
+
 def test_an_unfinished_write_points_at_rerun_or_merge(tmp_path, capsys):
     (tmp_path / ".parts").mkdir()
     (tmp_path / ".parts" / "plan.json").write_text("{}")
