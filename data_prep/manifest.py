@@ -37,6 +37,35 @@ def load_json(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def load_manifest(out: str | os.PathLike) -> dict:
+    """OUT/dataset.json for the verbs that read a shard folder back (verify, stats, preview).
+
+    The one place a missing or unreadable manifest becomes a one-line `ManifestError` naming the folder and
+    the fix, instead of a raw `[Errno 2]`."""
+    folder = Path(out)
+    path = folder / "dataset.json"
+    if folder.is_file():
+        raise ManifestError(f"{folder} is a file: give the shard folder that holds dataset.json "
+                            f"({folder.parent if folder.name == 'dataset.json' else 'the OUT of `write`'})")
+    try:
+        return load_json(path)
+    except FileNotFoundError:
+        if (parts_dir(folder) / "plan.json").exists():
+            raise ManifestError(f"{folder} has no dataset.json yet: its write did not finish; rerun the same "
+                                f"`python -m data_prep write` command (or `python -m data_prep merge {folder}` once "
+                                "every node of a multi-node write is done)") from None
+        if folder.is_dir() and any(folder.glob("*.tar")):
+            raise ManifestError(f"{folder} holds .tar shards but no dataset.json: write them into a shard folder "
+                                f"with `python -m data_prep write {folder} OUT` first") from None
+        raise ManifestError(f"no dataset.json or shards in {folder}: run `python -m data_prep write SRC {folder}` "
+                            "first") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e}): check its permissions") from None
+    except ValueError as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}): rerun `python -m data_prep merge {folder}` "
+                            "to write it again") from None
+
+
 def load_receipt(out: str | os.PathLike, name: str, fingerprint: str) -> dict | None:
     """A finished shard's receipt, or None if the shard is not (or not for this plan) complete."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_prep.manifest import FORMAT, human_bytes, load_json, summary_table
+from data_prep.manifest import FORMAT, ManifestError, human_bytes, load_manifest, summary_table
 from data_prep.pool import worker_pool
 from runtime.io import atomic_path
 
@@ -133,11 +133,9 @@ def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1) -> li
     members, labels, per-sample hashes, unique keys, label counts, and with `decode` every image."""
     out = Path(out)
     try:
-        manifest = load_json(out / "dataset.json")
-    except OSError:
-        return [f"{out / 'dataset.json'} is missing: the write did not finish (rerun it, or `merge` after nodes)"]
-    except ValueError as e:
-        return [f"{out / 'dataset.json'} is not valid JSON ({e})"]
+        manifest = load_manifest(out)
+    except ManifestError as e:
+        return [str(e)]
     if manifest.get("format") != FORMAT:
         return [f"dataset.json format is {manifest.get('format')!r}, expected {FORMAT!r}"]
     problems, seen = _check_folder(out, manifest), Counter()
@@ -159,7 +157,7 @@ def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1) -> li
 
 def stats_table(out: str | os.PathLike, max_classes: int = 40) -> str:
     """The manifest as text: splits, rejects, per-class counts (a histogram) and image sizes."""
-    m = load_json(Path(out) / "dataset.json")
+    m = load_manifest(out)
     splits, classes = list(m["splits"]), m["classes"]
     rows = [summary_table(m), "", f"classes: {len(classes)}"]
     totals = [sum(m["label_counts"][s][c] for s in splits) for c in range(len(classes))]
@@ -186,7 +184,7 @@ def stats_table(out: str | os.PathLike, max_classes: int = 40) -> str:
 def preview(out: str | os.PathLike, dest: str | os.PathLike, n: int = 64, split: str = "train",
             cell: int = 96) -> Path:
     """A PNG grid of the first `n` samples of `split`, each captioned with its label."""
-    m = load_json(Path(out) / "dataset.json")
+    m = load_manifest(out)
     if split not in m["splits"]:
         raise ValueError(f"split {split!r} is not in {out}/dataset.json (it has {', '.join(m['splits'])})")
     tiles = []

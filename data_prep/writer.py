@@ -38,7 +38,7 @@ from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
 from data_prep.readers import read_locs
-from data_prep.sources import Listing, list_source
+from data_prep.sources import Listing, list_source, no_output_if_unusable
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
 
@@ -348,7 +348,6 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
     names = load_class_names(class_names) if class_names else None
-    out.mkdir(parents=True, exist_ok=True)
     exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
     resolved = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
     options = {"source": resolved(src), "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
@@ -361,8 +360,10 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
                                      image_column=image_column, label_column=label_column,
                                      cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
-        near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
-        listing = relist()
+        with no_output_if_unusable(out, owned=own is None):  # the folder is made once the source is known good
+            near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
+            listing = relist()
+        out.mkdir(parents=True, exist_ok=True)
         index = listing.index
         if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
             with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
