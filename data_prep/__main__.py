@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out")
     v.add_argument("--decode", action="store_true", help="also decode every image")
     v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     s = sub.add_parser("stats", help="the manifest as a readable table")
     s.add_argument("out")
     s.add_argument("--max-classes", type=int, default=40, help="rows of the label histogram")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(summary_table(merge(args.out)))
         return 0
     if args.verb == "verify":
-        problems = verify(args.out, decode=args.decode, workers=args.workers)
+        problems = verify(args.out, decode=args.decode, workers=args.workers, progress=args.progress)
         for line in problems:
             print(line)
         print(f"{len(problems)} problem(s) found" if problems else f"{args.out}: all shards verified")

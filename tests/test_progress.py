@@ -1,0 +1,137 @@
+"""runtime/progress.py: the one ETA format, bars only on rank 0's terminal, eval progress as log lines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pty
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from runtime.logs import get_logger
+from runtime.progress import NO_PROGRESS_ENV, LogProgress, format_eta, progress_bar
+from tests.conftest import ROOT
+from trainer.evaluate import evaluate
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", NO_PROGRESS_ENV)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (-5, "0s"), (0, "0s"), (42, "42s"), (59.9, "59s"), (60, "1m00s"), (425, "7m05s"), (3599, "59m59s"),
+    (3600, "1h00m"), (11520, "3h12m"), (86399, "23h59m"), (86400, "1d00h"), (183600, "2d03h"),
+    (40 * 86400 + 7200, "40d02h"),
+])
+def test_format_eta_reads_in_days_hours_minutes(seconds: float, text: str) -> None:
+    assert format_eta(seconds) == text
+
+
+def _read_all(fd: int) -> str:
+    """Everything written to a pty so far (the other end is closed or idle)."""
+    chunks = []
+    while select.select([fd], [], [], 0.2)[0]:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the other end is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _draw(monkeypatch: pytest.MonkeyPatch, tty: bool, **env: str) -> str:
+    """What a 10-step bar writes to stderr when stderr is a terminal (`tty`) or a pipe, under `env`."""
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    master, slave = pty.openpty() if tty else os.pipe()  # (read end, write end) both
+    with open(slave, "w", closefd=True) as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        with progress_bar(total=10, desc="work", unit="batch") as bar:
+            for _ in range(10):
+                bar.update(1, items=32)
+        stream.flush()
+        monkeypatch.undo()
+        out = _read_all(master)
+    os.close(master)
+    return out
+
+
+def test_bar_is_drawn_on_rank_0_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _draw(monkeypatch, tty=True)
+    assert "work: 100%" in out and "10/10" in out and "batch/s" in out and "img/s" in out, out
+    assert "<0s," in out  # the ETA in format_eta's style, not tqdm's 00:00
+    assert _draw(monkeypatch, tty=False) == ""  # a pipe or a log file: no bar
+    assert _draw(monkeypatch, tty=True, **{NO_PROGRESS_ENV: "1"}) == ""
+    assert _draw(monkeypatch, tty=True, RANK="1", WORLD_SIZE="2") == ""
+    assert "work: 100%" in _draw(monkeypatch, tty=True, **{NO_PROGRESS_ENV: "0"})
+
+
+def _verify_on_a_terminal(dataset: Path, *extra: str) -> str:
+    """The terminal output (stderr) of `python -m data_prep verify` on the shards of `dataset`."""
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(dataset.parent), *extra], cwd=ROOT,
+                          env={**env, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=slave, text=True, timeout=120)
+    os.close(slave)
+    out = _read_all(master)
+    os.close(master)
+    assert proc.returncode == 0 and "all shards verified" in proc.stdout, proc.stdout + out
+    return out
+
+
+def test_verify_draws_a_bar_on_a_terminal_and_none_with_no_progress(digits_shards: Path, capsys) -> None:
+    from data_prep.__main__ import main
+
+    bar = _verify_on_a_terminal(digits_shards)
+    assert "verify: 100%" in bar and "1797/1797" in bar and "img/s" in bar, bar
+    assert _verify_on_a_terminal(digits_shards, "--no-progress") == ""
+    assert main(["verify", str(digits_shards.parent)]) == 0  # in-process, stderr captured: not a terminal
+    assert capsys.readouterr().err == ""
+
+
+def test_log_progress_every_tenth() -> None:
+    progress = LogProgress(95, "eval")
+    lines = _logged(lambda: [progress.update(1, items=8) for _ in range(95)])
+    assert len(lines) == 10 and lines[-1].startswith("eval: 95/95 batches (100%) | ") and "eta 0s" in lines[-1]
+    assert lines[0].startswith("eval: 10/95 batches (11%) | ") and "img/s" in lines[0], lines
+
+
+def _logged(fn) -> list[str]:
+    """The INFO lines the project logger emits while `fn` runs."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    log = get_logger()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        fn()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return records
+
+
+def test_evaluate_logs_its_progress() -> None:
+    """The trainers' eval reports batches done/total, img/s and the ETA in the log; the metrics do not change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    loader = [(torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8), torch.randint(-1, 3, (6,)))
+              for _ in range(4)]
+    plain = evaluate(model, loader, torch.device("cpu"))
+    with_progress = []
+    lines = _logged(lambda: with_progress.append(evaluate(model, loader, torch.device("cpu"),
+                                                          progress=LogProgress(len(loader), "eval"))))
+    assert with_progress[0] == plain
+    assert [line.split(" | ")[0] for line in lines] == [f"eval: {i}/4 batches ({i / 4:.0%})" for i in range(1, 5)]
+    assert all(" img/s | eta " in line for line in lines), lines
