@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
     _write_parser(sub)
-    sub.add_parser("merge", help="write dataset.json once every node is done").add_argument("out")
+    m = sub.add_parser("merge", help="write dataset.json once every node is done")
+    m.add_argument("out")
+    m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     v = sub.add_parser("verify", help="check shards against dataset.json (exit 1 on any problem)")
     v.add_argument("out")
     v.add_argument("--decode", action="store_true", help="also decode every image")
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.verb == "merge":
-        print(summary_table(merge(args.out)))
+        print(summary_table(merge(args.out, progress=args.progress)))
         return 0
     if args.verb == "verify":
         problems = verify(args.out, decode=args.decode, workers=args.workers, progress=args.progress)

@@ -103,13 +103,14 @@ def _columns() -> int:
 
 class LogProgress:
     """A long loop's progress as INFO lines of the project log, at every ~`every` of `total`:
-    `eval: 30/300 batches (10%) | 412 img/s | eta 1m05s` (logs under SLURM are files: no bar there)."""
+    `eval: 30/300 batches (10%) | 412 img/s | eta 1m05s` (logs under SLURM are files: no bar there).
+    `ranks`: the images counted here times `ranks` make the img/s (every rank runs the same batches)."""
 
-    def __init__(self, total: int, desc: str, unit: str = "batches", every: float = 0.1,
+    def __init__(self, total: int, desc: str, unit: str = "batches", every: float = 0.1, ranks: int = 1,
                  log: logging.Logger | None = None):
         from runtime.logs import get_logger
 
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.total, self.desc, self.unit, self.every, self.ranks = total, desc, unit, every, ranks
         self.log = log or get_logger()
         self.done, self.items = 0, 0
         self._next = max(1.0, total * every)  # the first line at ~10 %: an ETA after one batch is noise
@@ -127,7 +128,7 @@ class LogProgress:
         if self.done >= self.total:
             self._next = float("inf")
         elapsed = time.perf_counter() - self._t0
-        rate = f" | {self.items / elapsed:.0f} img/s" if self.items and elapsed > 0 else ""
+        rate = f" | {self.items * self.ranks / elapsed:.0f} img/s" if self.items and elapsed > 0 else ""
         eta = (self.total - self.done) * elapsed / self.done
         self.log.info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({frac:.0%}){rate} | eta {format_eta(eta)}")
 

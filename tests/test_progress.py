@@ -99,10 +99,12 @@ def test_verify_draws_a_bar_on_a_terminal_and_none_with_no_progress(digits_shard
 
 
 def test_log_progress_every_tenth() -> None:
-    progress = LogProgress(95, "eval")
+    progress = LogProgress(95, "eval", ranks=4)
+    progress._t0 -= 100.0  # as if started 100 s ago: the rates and ETAs below are exact
     lines = _logged(lambda: [progress.update(1, items=8) for _ in range(95)])
     assert len(lines) == 10 and lines[-1].startswith("eval: 95/95 batches (100%) | ") and "eta 0s" in lines[-1]
-    assert lines[0].startswith("eval: 10/95 batches (11%) | ") and "img/s" in lines[0], lines
+    assert lines[0] == "eval: 10/95 batches (11%) | 3 img/s | eta 14m10s", lines  # 4 ranks x 10 x 8 in 100 s; 85 x 10 s
+    assert lines[-1] == "eval: 95/95 batches (100%) | 30 img/s | eta 0s", lines
 
 
 def _logged(fn) -> list[str]:
@@ -135,3 +137,16 @@ def test_evaluate_logs_its_progress() -> None:
     assert with_progress[0] == plain
     assert [line.split(" | ")[0] for line in lines] == [f"eval: {i}/4 batches ({i / 4:.0%})" for i in range(1, 5)]
     assert all(" img/s | eta " in line for line in lines), lines
+
+
+@pytest.mark.parametrize("verb", ["eval", "export", "fewshot", "linear-probe"])
+def test_stage_verbs_take_no_progress(verb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`--no-progress` is a flag of every long stage verb (not an override), and it switches bars off."""
+    from finetune.__main__ import main
+
+    monkeypatch.setenv(NO_PROGRESS_ENV, "0")  # restored after the test: the flag sets it for the process
+    args = [str(tmp_path / "missing")] + ([] if verb == "export" else [f"data.path={tmp_path / 'missing.json'}"])
+    assert main([verb, *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unrecognized" not in err and "unknown" not in err, err
+    assert os.environ[NO_PROGRESS_ENV] == "1"

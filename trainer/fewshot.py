@@ -218,7 +218,7 @@ class FewShotEval:
 
     def _log_progress(self, desc: str, total: int) -> LogProgress | None:
         """Few-shot feature extraction in the run's log, ~every 10 % (rank 0)."""
-        return LogProgress(total, f"few-shot {desc}") if self.env.is_main else None
+        return LogProgress(total, f"few-shot {desc}", ranks=self.env.world_size) if self.env.is_main else None
 
     def run(self, backend, step: int) -> dict:
         """{dataset: {k: top-1 result}} of the backend's current weights (every rank must call it)."""

@@ -204,7 +204,7 @@ class Loop:
     # ---- eval and weights ---------------------------------------------------------------------------------
     def _evaluate(self, desc: str = "eval") -> dict:
         b = self.backend
-        progress = LogProgress(len(self.val_loader), desc) if self.env.is_main else None  # ~10 % steps in the log
+        progress = LogProgress(len(self.val_loader), desc, ranks=self.env.world_size) if self.env.is_main else None
         return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context, progress=progress)
 
     def run_eval(self) -> None:
