@@ -85,6 +85,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         else:
             written = save_weights(Path(out) if out else Path(run_dir) / "export" / "model.safetensors", sd, vcfg,
                                    state["class_names"], state["step"], eval_settings=settings)
+        bar.set_postfix_str("done", refresh=False)
         bar.update(1)
     return written
 
