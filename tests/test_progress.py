@@ -45,8 +45,8 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _draw(monkeypatch: pytest.MonkeyPatch, tty: bool, **env: str) -> str:
-    """What a 10-step bar writes to stderr when stderr is a terminal (`tty`) or a pipe, under `env`."""
+def _stderr_of(fn, monkeypatch: pytest.MonkeyPatch, tty: bool, **env: str) -> str:
+    """What `fn()` writes to stderr when stderr is a terminal (`tty`) or a pipe, under `env` (rank 0 unless set)."""
     for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
@@ -54,14 +54,23 @@ def _draw(monkeypatch: pytest.MonkeyPatch, tty: bool, **env: str) -> str:
     master, slave = pty.openpty() if tty else os.pipe()  # (read end, write end) both
     with open(slave, "w", closefd=True) as stream:
         monkeypatch.setattr(sys, "stderr", stream)
-        with progress_bar(total=10, desc="work", unit="batch") as bar:
-            for _ in range(10):
-                bar.update(1, items=32)
+        fn()
         stream.flush()
         monkeypatch.undo()
         out = _read_all(master)
     os.close(master)
     return out
+
+
+def _ten_steps() -> None:
+    with progress_bar(total=10, desc="work", unit="batch") as bar:
+        for _ in range(10):
+            bar.update(1, items=32)
+
+
+def _draw(monkeypatch: pytest.MonkeyPatch, tty: bool, **env: str) -> str:
+    """What a 10-step bar writes to stderr."""
+    return _stderr_of(_ten_steps, monkeypatch, tty, **env)
 
 
 def test_bar_is_drawn_on_rank_0_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,28 +83,24 @@ def test_bar_is_drawn_on_rank_0_terminal_only(monkeypatch: pytest.MonkeyPatch) -
     assert "work: 100%" in _draw(monkeypatch, tty=True, **{NO_PROGRESS_ENV: "0"})
 
 
-def _verify_on_a_terminal(dataset: Path, *extra: str) -> str:
-    """The terminal output (stderr) of `python -m data_prep verify` on the shards of `dataset`."""
+def test_verify_draws_a_bar_on_a_terminal_only(digits_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m data_prep verify` with stderr on a terminal draws its bar (images, img/s, ETA); the same verb
+    with `--no-progress` on a terminal, or with stderr a pipe, draws none."""
+    from data_prep.__main__ import main
+
     master, slave = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(dataset.parent), *extra], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(digits_shards.parent)], cwd=ROOT,
                           env={**env, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=slave, text=True, timeout=120)
     os.close(slave)
-    out = _read_all(master)
+    bar = _read_all(master)
     os.close(master)
-    assert proc.returncode == 0 and "all shards verified" in proc.stdout, proc.stdout + out
-    return out
-
-
-def test_verify_draws_a_bar_on_a_terminal_and_none_with_no_progress(digits_shards: Path, capsys) -> None:
-    from data_prep.__main__ import main
-
-    bar = _verify_on_a_terminal(digits_shards)
+    assert proc.returncode == 0 and "all shards verified" in proc.stdout, proc.stdout + bar
     assert "verify: 100%" in bar and "1797/1797" in bar and "img/s" in bar, bar
-    assert _verify_on_a_terminal(digits_shards, "--no-progress") == ""
-    assert main(["verify", str(digits_shards.parent)]) == 0  # in-process, stderr captured: not a terminal
-    assert capsys.readouterr().err == ""
+    for tty, flags in ((True, ["--no-progress"]), (False, [])):  # in-process: the same verb, cheaper
+        verb = lambda: main(["verify", str(digits_shards.parent), *flags])  # noqa: B023, E731
+        assert _stderr_of(verb, monkeypatch, tty) == ""
 
 
 def test_log_progress_every_tenth() -> None:
