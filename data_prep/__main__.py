@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
     _write_parser(sub)
-    sub.add_parser("merge", help="write dataset.json once every node is done").add_argument(
-        "out", help="the shard folder every node wrote into")
+    m = sub.add_parser("merge", help="write dataset.json once every node is done")
+    m.add_argument("out", help="the shard folder every node wrote into")
+    m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     v = sub.add_parser("verify", help="check shards against dataset.json (exit 1 on any problem)")
     v.add_argument("out", help="the shard folder written by `write`")
     v.add_argument("--decode", action="store_true", help="also decode every image")
     v.add_argument("--workers", type=int, default=1, help="worker processes")
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     s = sub.add_parser("stats", help="the manifest as a readable table")
     s.add_argument("out", help="the shard folder written by `write`")
     s.add_argument("--max-classes", type=int, default=40, help="rows of the label histogram")
@@ -124,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.verb == "merge":
-        print(summary_table(merge(args.out)))
+        print(summary_table(merge(args.out, progress=args.progress)))
         return 0
     if args.verb == "verify":
-        problems = verify(args.out, decode=args.decode, workers=args.workers)
+        problems = verify(args.out, decode=args.decode, workers=args.workers, progress=args.progress)
         for line in problems:
             print(line)
         print(f"{len(problems)} problem(s) found" if problems else f"{args.out}: all shards verified")

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from runtime.io import atomic_write, atomic_write_json
+from runtime.progress import progress_bar
 
 FORMAT = "vitscale-shards/1"
 PARTS = ".parts"
@@ -162,8 +163,9 @@ def timm_info(manifest: dict, name: str) -> dict:
     }
 
 
-def finalize(out: str | os.PathLike) -> dict:
-    """Write rejects.jsonl, _info.json, then dataset.json (atomically, last) from the plan and receipts."""
+def finalize(out: str | os.PathLike, progress: bool = False) -> dict:
+    """Write rejects.jsonl, _info.json, then dataset.json (atomically, last) from the plan and receipts;
+    `progress`: a bar over the shards' receipts (runtime.progress: rank 0's terminal only)."""
     out = Path(out)
     try:
         plan = load_json(parts_dir(out) / "plan.json")
@@ -171,13 +173,13 @@ def finalize(out: str | os.PathLike) -> dict:
         raise ManifestError(f"{out} has no {PARTS}/plan.json: run `python -m data_prep write SRC {out}` first"
                             ) from None
     receipts, missing = {}, []
-    for names in plan["splits"].values():
-        for name in names:
-            r = load_receipt(out, name, plan["shard_fingerprints"][name])
-            if r is None:
-                missing.append(name)
-            else:
-                receipts[name] = r
+    names = [name for split in plan["splits"].values() for name in split]
+    for name in progress_bar(names, desc="merge", unit="shard", enabled=progress):
+        r = load_receipt(out, name, plan["shard_fingerprints"][name])
+        if r is None:
+            missing.append(name)
+        else:
+            receipts[name] = r
     if missing:
         raise ManifestError(f"{len(missing)} of {len(plan['shard_fingerprints'])} shards are not finished "
                             f"(e.g. {', '.join(missing[:4])}): run `write` again on the node(s) that own them "
@@ -189,9 +191,9 @@ def finalize(out: str | os.PathLike) -> dict:
     return manifest
 
 
-def merge(out: str | os.PathLike) -> dict:
+def merge(out: str | os.PathLike, progress: bool = False) -> dict:
     """`python -m data_prep merge OUT`: the final manifest once every node has written its shards."""
-    return finalize(out)
+    return finalize(out, progress)
 
 
 def human_bytes(n: float) -> str:

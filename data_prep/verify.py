@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from data_prep.manifest import FORMAT, ManifestError, human_bytes, load_manifest, summary_table
 from data_prep.pool import worker_pool
 from runtime.io import atomic_path
+from runtime.progress import progress_bar
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
@@ -128,9 +129,10 @@ def _check_split(split: str, info: dict, counts: Counter, label_counts: list | N
     return problems
 
 
-def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1) -> list[str]:
+def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1, progress: bool = False) -> list[str]:
     """Everything wrong with a shard folder (empty list = all good): file sha256/bytes, sample counts,
-    members, labels, per-sample hashes, unique keys, label counts, and with `decode` every image."""
+    members, labels, per-sample hashes, unique keys, label counts, and with `decode` every image.
+    `progress`: a bar in images (runtime.progress: rank 0's terminal only)."""
     out = Path(out)
     try:
         manifest = load_manifest(out)
@@ -140,11 +142,15 @@ def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1) -> li
         return [f"dataset.json format is {manifest.get('format')!r}, expected {FORMAT!r}"]
     problems, seen = _check_folder(out, manifest), Counter()
     classes = manifest["classes"]
-    with worker_pool(workers) as (imap, _):
+    total = sum(s["samples"] for info in manifest["splits"].values() for s in info["shards"])
+    with worker_pool(workers) as (imap, _), progress_bar(total=total, desc="verify", unit="img",
+                                                         enabled=progress) as bar:
         for split, info in manifest["splits"].items():
             tasks = [(str(out / s["name"]), s, classes, decode) for s in info["shards"]]
             counts = Counter()
-            for shard_problems, keys, shard_counts in imap(check_shard, tasks):
+            for (_, shard, *_), (shard_problems, keys, shard_counts) in zip(tasks, imap(check_shard, tasks),
+                                                                             strict=True):
+                bar.update(shard["samples"])
                 problems += shard_problems
                 seen.update(keys)
                 counts.update(shard_counts)

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 from webdataset import TarWriter
 
 from data_prep.images import MIN_SIZE, Encoded, ImageOptions, Reject, encode_image
@@ -41,6 +40,7 @@ from data_prep.readers import read_locs
 from data_prep.sources import Listing, list_source, no_output_if_unusable
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
+from runtime.progress import progress_bar
 
 TAR_MTIME = 0  # fixed member times: reruns are byte-identical
 NEAR_BATCH = 64  # images encoded before one --exclude-near lookup: bounded memory, numpy overhead amortised
@@ -318,7 +318,7 @@ def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: st
     once every shard of this node is written (kept after a failure: the rerun resumes from it)."""
     processed, total = 0, sum(len(s.entries) for s in todo)
     try:
-        with tqdm(total=total, desc="write", unit="img", disable=not progress) as bar:
+        with progress_bar(total=total, desc="write", unit="img", enabled=progress) as bar:
             for receipt in imap_unordered(write_shard, tasks):
                 bar.update(receipt["inputs"])
                 processed += receipt["inputs"]
@@ -366,7 +366,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         out.mkdir(parents=True, exist_ok=True)
         index = listing.index
         if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
-            with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
+            with progress_bar(total=len(listing), desc="index", unit="file", enabled=progress) as bar:
                 index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
         plan = make_plan(listing, index, {**options, "_exclude": exclude})
         _check_plan(out, plan, options, names)

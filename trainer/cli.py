@@ -41,6 +41,8 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     import argparse
     import json
 
+    from runtime.progress import add_progress_flag, apply_progress_flag
+
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
     t = sub.add_parser("train", help="train (or resume) from a recipe")
@@ -56,16 +58,20 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
                    help="vitscale: timm tensor names + our metadata (timm loads it strictly); timm: the same, refused "
                    "for models timm's ViT cannot hold (tanh pre-logits); hf: a transformers ViT folder")
     e.add_argument("--timm", action="store_true", help="same as --format timm")
+    add_progress_flag(e)
     v = sub.add_parser("eval", help="top-1/top-5 of a weight file or run dir, with its own eval settings")
     v.add_argument("weights", help="a weight file or a run dir (its latest checkpoint)")
     v.add_argument("overrides", nargs="*", help="data.path=... (required), data.split=val, model.image_size=, "
                    "eval.micro_batch=, eval.precision=, data.crop_pct=")
+    add_progress_flag(v)
     own = extra(sub) if extra else {}
     args, rest = p.parse_known_args(argv)
     if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
         args.overrides += rest  # key=value overrides after the options
     elif rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    apply_progress_flag(args)
 
     def verb() -> None:
         if args.verb in own:

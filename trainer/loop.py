@@ -26,6 +26,7 @@ from data_prep.stream import mixup_cutmix, normalize
 from runtime.config import config_hash
 from runtime.dist import DistEnv
 from runtime.logs import get_logger
+from runtime.progress import LogProgress
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.evaluate import evaluate
@@ -201,9 +202,10 @@ class Loop:
                          f"train.max_bad_steps={limit}); {batch}")
 
     # ---- eval and weights ---------------------------------------------------------------------------------
-    def _evaluate(self) -> dict:
+    def _evaluate(self, desc: str = "eval") -> dict:
         b = self.backend
-        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context)
+        progress = LogProgress(len(self.val_loader), desc, ranks=self.env.world_size) if self.env.is_main else None
+        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context, progress=progress)
 
     def run_eval(self) -> None:
         """Evaluate the kept weights (the EMA when enabled, the raw weights' top-1 beside it); keep
@@ -212,7 +214,7 @@ class Loop:
         m = self._evaluate()
         if self.ema is not None:
             with swapped(self.backend.module, self.ema.state_dict()):
-                m = {**self._evaluate(), "raw_top1": m["top1"]}
+                m = {**self._evaluate("eval (EMA)"), "raw_top1": m["top1"]}
         m.update(step=s.step, epoch=self.loader.epoch)
         s.evals.append(m)
         self.monitor.log_eval(m, s.step)

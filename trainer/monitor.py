@@ -18,19 +18,12 @@ from runtime.config import to_dict
 from runtime.dist import DistEnv
 from runtime.logs import TBWriter, get_logger
 from runtime.meters import ThroughputMeter, peak_flops
+from runtime.progress import format_eta
 from vit import VisionTransformer, ViTConfig, train_flops_per_image
 
 
 def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def format_eta(seconds: float) -> str:
-    """'3h12m', '7m05s' or '42s'."""
-    s = int(max(0.0, seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class Monitor:
