@@ -43,8 +43,9 @@ class Monitor:
         peak = peak_flops(_device_name(), cfg.log.peak_tflops)
         self.meter = ThroughputMeter(train_flops_per_image(vcfg), env.world_size, peak)
         self.trackers = _start(cfg.log, run_dir, env)  # [] on the other ranks
-        for t in self.trackers:
-            t.log_params(flat_params(cfg))
+        params = flat_params(cfg) if self.trackers else {}
+        for t in self.trackers:  # at the start, so that a run that stops early still has its config
+            t.log_params(params)
         self.log = get_logger()
         self._closed = False
         self._loss_sum: torch.Tensor | None = None
