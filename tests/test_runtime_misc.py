@@ -61,7 +61,7 @@ def test_logging_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> No
     logging.getLogger("vitscale").handlers.clear()
 
     tb = TBWriter(tmp_path / "tb", enabled=True)
-    tb.scalars({"train/loss": 1.5, "train/mfu": None}, step=1)
+    tb.log_scalars(1, {"train/loss": 1.5, "train/mfu": None})
     tb.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -70,5 +70,5 @@ def test_logging_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> No
     assert acc.Tags()["scalars"] == ["train/loss"]
     assert acc.Scalars("train/loss")[0].value == 1.5
     off = TBWriter(tmp_path / "tb_off", enabled=False)
-    off.scalars({"x": 1.0}, 0)
+    off.log_scalars(0, {"x": 1.0})
     assert not off.enabled and not (tmp_path / "tb_off").exists()

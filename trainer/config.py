@@ -90,6 +90,12 @@ class EvalCfg:
 class LogCfg:
     every: int = 50  # optimizer steps between reading the loss on the host
     peak_tflops: float | None = None  # per device, for MFU; None: from the device name
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": (
+            "where rank 0 sends the scalars, the config and the images: tensorboard (RUN_DIR/tb), wandb (WANDB_MODE "
+            "decides online or offline; files in RUN_DIR/wandb), mlflow (MLFLOW_TRACKING_URI, else a file store in "
+            "RUN_DIR/mlruns); wandb and mlflow are pip extras: `pip install -e .[wandb]`")})
+    project: str = "vitscale"  # the wandb project and the MLflow experiment; a run is named after its run dir
 
 
 @dataclass

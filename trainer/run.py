@@ -26,6 +26,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import DataCfg, TrainerConfig, is_local, missing_datasets, total_steps
 from trainer.loop import Loop
 from trainer.optim import param_groups
+from trainer.trackers import missing_trackers
 from vit import ViTConfig
 
 
@@ -61,7 +62,10 @@ def class_names(data: DataCfg) -> list[str]:
 
 def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
-    anything is written: batch arithmetic, dataset (format, splits, shards) and the checkpoint to resume."""
+    anything is written: trackers installed, batch arithmetic, dataset (format, splits, shards) and the checkpoint
+    to resume."""
+    if missing := missing_trackers(cfg.log.trackers):
+        raise ConfigError("; ".join(missing))
     d = cfg.data
     if is_local(d.path) and not Path(d.path).exists():
         raise ConfigError(f"data.path {d.path} does not exist; write shards with `python -m data_prep write SRC OUT` "
@@ -113,6 +117,7 @@ def train(cfg: TrainerConfig, stage: Stage) -> dict:
     log.info(note)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     loader, val_loader = _loaders(cfg, env, vcfg, device)
+    loop = None
     try:
         total = total_steps(cfg.train, loader.steps_per_epoch)
         ckpt_dir = run_dir / "checkpoints"
@@ -136,6 +141,8 @@ def train(cfg: TrainerConfig, stage: Stage) -> dict:
             atomic_write_json(run_dir / "report.json", report)
         backend.close()
     finally:
+        if loop is not None:  # after an error or a signal: the trackers end their run as failed (a no-op after close)
+            loop.monitor.close(None)
         # Stop the loader workers here, on every way out. They ignore SIGTERM (preemption is the trainer's to
         # handle), so after an error (a peer lost, a collective timed out) they must not outlive the rank.
         for stream in (loader, val_loader):
