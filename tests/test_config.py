@@ -228,6 +228,9 @@ def test_resume_names_changed_keys_and_refuses_those_that_break_exact_resume(tmp
     check_changes(ckpt_dir, "global_step4", saved, new, allow_changed=True)
     harmless_only = load_config(PretrainConfig, "debug_cpu", ["run.dir=b", "log.every=1"], recipes_dir=RECIPES_DIR)
     check_changes(ckpt_dir, "global_step4", saved, harmless_only, allow_changed=False)
+    del saved["config"]["data"]["min_size"]  # a key added after the checkpoint was written: not refused
+    assert resume_changes(ckpt_dir, saved, harmless_only)[0] == []
+    assert "data.min_size null -> 16 (a new key)" in resume_changes(ckpt_dir, saved, harmless_only)[1]
     # an older checkpoint (its config's hash only): the run dir's config.yaml, when it is that config
     save_config(old, tmp_path / "config.yaml")
     assert resume_changes(ckpt_dir, {"config_hash": config_hash(old)}, new) == (breaking, harmless)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
-from runtime.config import ConfigError, config_changes, config_hash, to_dict, yaml_text
+from runtime.config import ConfigError, config_changes, config_hash, flatten, to_dict, yaml_text
 from runtime.dist import DistEnv, barrier
 from runtime.io import atomic_path, atomic_write, atomic_write_json
 
@@ -160,9 +160,11 @@ def resume_changes(ckpt_dir: str | Path, saved: dict, cfg) -> tuple[list[str], l
     old = saved_config(ckpt_dir, saved)
     if old is None:
         return None
-    breaking, harmless = [], []
+    breaking, harmless, known = [], [], flatten(old)
     for key, before, after in config_changes(old, to_dict(cfg)):
-        (breaking if breaks_exact_resume(key) else harmless).append(f"{key} {yaml_text(before)} -> {yaml_text(after)}")
+        # a key the saved config lacks is one a newer vitscale added (or a removed one): not a change of the user's
+        line = f"{key} {yaml_text(before)} -> {yaml_text(after)}" + ("" if key in known else " (a new key)")
+        (breaking if breaks_exact_resume(key) and key in known else harmless).append(line)
     return breaking, harmless
 
 
