@@ -283,14 +283,14 @@ def interpolate(data: dict, defaults: dict | None = None) -> dict:
         whole = _REF.fullmatch(value)
         if whole and whole.group(1) is not None:
             done[key] = ref(whole.group(1))
-        else:
-            done[key] = _REF.sub(lambda m: "${" if m.group(1) is None else _text(ref(m.group(1))), value)
+        else:  # embedded: a string as it is, any other value as JSON
+            done[key] = _REF.sub(lambda m: "${" if m.group(1) is None else _embed(ref(m.group(1))), value)
         return done[key]
 
     return resolve(full, "", ())
 
 
-def _text(value: Any) -> str:
+def _embed(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 

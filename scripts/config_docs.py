@@ -64,7 +64,7 @@ train: {micro_batch: 128}
 After merging and overrides, `${a.b}` in a string value is replaced by the value of key `a.b` (a key left at
 its default too). A value that is one whole reference takes the referenced value and its type
 (`train.micro_batch: ${train.global_batch}` is an int); a reference inside a longer string is formatted into
-it (`run.dir=runs/${model.variant}-${train.global_batch}`). A missing key is an error naming the closest ones,
+it (`run.dir=runs/l16-bs${train.global_batch}-lr${optim.lr}`). A missing key is an error naming the closest ones,
 a cycle is refused, and `$${` is a literal `${` (e.g. a shell variable in `data.shard_root`'s `pipe:` command).
 
 ## Seeing the resolved config
