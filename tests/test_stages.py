@@ -390,21 +390,17 @@ def test_world_size_change_2_1_2(stage: str, runs: Runs, tmp_path: Path) -> None
 # ---- 8. resume with a config change that breaks exact resume -------------------------------------------------
 
 @pytest.mark.slow
-def test_resume_with_a_changed_seed_is_refused_unless_allowed(runs: Runs, cli_server: CliServer,
-                                                              tmp_path: Path) -> None:
-    """The core's preflight, shown on fine-tuning (the cheaper stage): the killed run (checkpoint at step 4)
-    resumed with run.seed=1 is one line naming the key, nothing written; `--allow-changed` resumes, and logs
-    the harmless changes too (the fault injection dropped, the run dir moved)."""
-    stage = "finetune"
-    run_dir = copy_run(runs.killed(stage)[0], tmp_path / "run")
+def test_resume_with_a_changed_seed_refused_unless_allowed(runs: Runs, cli_server: CliServer, tmp_path: Path) -> None:
+    """The core's preflight, on fine-tuning (the cheaper stage): the killed run resumed with run.seed=1 is one line
+    naming it, nothing written; `--allow-changed` resumes, logging the harmless changes too (fault, run dir)."""
+    run_dir = copy_run(runs.killed("finetune")[0], tmp_path / "run")
     before = files(run_dir)
-    proc = cli_server.run(stage, *train_args(stage, runs.data, run_dir, runs.init, *COMMON, *MIXED, "run.seed=1")[2:])
+    proc = cli_server.run("finetune", *train_args("finetune", runs.data, run_dir, runs.init, *COMMON, *MIXED,
+                                                  "run.seed=1")[2:])
     line = assert_one_error_line(proc, "changed seed")
     assert "break exact resume: run.seed 0 -> 1;" in line and "--allow-changed" in line, line
     assert files(run_dir) == before, "the refused resume wrote into its run dir"
-    rc, out = runs.train(stage, run_dir, *COMMON, *MIXED, "run.seed=1", "--allow-changed")
-    assert rc == 0, out[-4000:]
-    assert "resumed from global_step4" in out and "changed run.seed 0 -> 1 (--allow-changed" in out, out[-3000:]
+    rc, out = runs.train("finetune", run_dir, *COMMON, *MIXED, "run.seed=1", "--allow-changed")
+    assert rc == 0 and "resumed from global_step4" in out and "run.seed 0 -> 1 (--allow-changed" in out, out[-3000:]
     assert "changed debug.kill_at_step 6 -> null" in out and "changed run.dir " in out, out[-3000:]
-    r = report(run_dir)
-    assert r["steps"] == STEPS and r["config"]["run"]["seed"] == 1, r
+    assert (report(run_dir)["steps"], report(run_dir)["config"]["run"]["seed"]) == (STEPS, 1)
