@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from runtime.config import ConfigError
+from runtime.config import ConfigError, config_fields, flatten, load_config, resolved_yaml, to_dict, yaml_text
 
 EXIT_BAD_INPUT, EXIT_STOPPED = 2, 1
 
@@ -31,12 +32,45 @@ def run_verb(fn: Callable[[], object]) -> int:
     return 0
 
 
-def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str]], dict],
-               argv: list[str] | None = None, extra: Callable | None = None) -> int:
-    """The CLI every stage has: `train RECIPE [k=v ...]`, `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
+def config_table(cfg: object) -> str:
+    """Every key of a resolved config: value, type and default, `*` marking a value that is not the default."""
+    values = {k: yaml_text(v) for k, v in flatten(to_dict(cfg)).items()}
+    rows = [("*" if values[r["key"]] != r["default"] else " ", r["key"], values[r["key"]], r["type"], r["default"])
+            for r in config_fields(type(cfg))]
+    head = (" ", "key", "value", "type", "default")
+    widths = [min(max(len(row[i]) for row in [head, *rows]), 36) for i in range(4)]  # a long list overflows
+    lines = [" ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + " " + row[4] for row in [head, *rows]]
+    return "\n".join(line.rstrip() for line in lines) + "\n* differs from the default"
 
-    `train(recipe, overrides)` loads the stage's config and runs it. `extra(subparsers)` adds a stage's own
-    verbs and returns {verb: run(args)}.
+
+def show_config(cls: type, recipes_dir: Path, validate: Callable, recipe: str, overrides: list[str],
+                as_yaml: bool) -> None:
+    """The `config` verb: print the resolved config (a table, or `as_yaml` only the YAML, loadable as a recipe).
+    What `train` would still refuse (a required key left to the command line) is a note on stderr."""
+    cfg = load_config(cls, recipe, overrides, recipes_dir=recipes_dir)
+    print(resolved_yaml(cfg) if as_yaml else config_table(cfg), end="" if as_yaml else "\n")
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        print(f"note: `train` would refuse it as it is: {err}", file=sys.stderr)
+
+
+def _add_config_verb(sub, recipes: str) -> None:
+    c = sub.add_parser("config", help="print the resolved config: every key, its value, type and default")
+    c.add_argument("recipe", help=f"a recipe name in {recipes} or a YAML path")
+    c.add_argument("overrides", nargs="*", help="key.sub=value, as for train")
+    c.add_argument("--yaml", action="store_true", help="print only the resolved YAML (usable as a recipe)")
+
+
+def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str], bool], dict],
+               argv: list[str] | None = None, extra: Callable | None = None,
+               config: Callable[[], tuple[type, Path, Callable]] | None = None) -> int:
+    """The CLI every stage has: `train RECIPE [k=v ...] [--allow-changed]`, `config RECIPE [k=v ...] [--yaml]`,
+    `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
+
+    `train(recipe, overrides, allow_changed)` loads the stage's config and runs it. `config()` returns the
+    stage's (config class, recipes folder, validate). `extra(subparsers)` adds a stage's own verbs and returns
+    {verb: run(args)}.
     """
     import argparse
     import json
@@ -48,6 +82,10 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     t = sub.add_parser("train", help="train (or resume) from a recipe")
     t.add_argument("recipe", help=f"a recipe name in {recipes} (debug_cpu, ...) or a YAML path")
     t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. run.dir=runs/x data.path=shards/dataset.json")
+    t.add_argument("--allow-changed", action="store_true", help="resume even if the config changed a key that exact "
+                   "resume depends on (seed, batch, data...; listed in trainer/checkpoint.py): not sample-exact")
+    if config is not None:
+        _add_config_verb(sub, recipes)
     e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
     e.add_argument("run_dir")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
@@ -76,10 +114,12 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     def verb() -> None:
         if args.verb in own:
             own[args.verb](args)
+        elif args.verb == "config":
+            show_config(*config(), args.recipe, args.overrides, args.yaml)
         elif args.verb == "train":
             from runtime.dist import detect
 
-            report = train(args.recipe, args.overrides)
+            report = train(args.recipe, args.overrides, args.allow_changed)
             if detect().is_main:  # one summary line per job, not per rank
                 best = report["best"]
                 print(json.dumps({"steps": report["steps"], "best_top1": best and best["top1"]}))

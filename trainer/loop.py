@@ -23,7 +23,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from data_prep.stream import mixup_cutmix, normalize
-from runtime.config import config_hash
+from runtime.config import config_hash, to_dict
 from runtime.dist import DistEnv
 from runtime.logs import get_logger
 from runtime.progress import LogProgress
@@ -84,16 +84,15 @@ class Loop:
                 "best_top1": s.best_top1, "fewshot": s.fewshot, "epoch": self.loader.epoch,
                 "stream": self.loader.state_dict(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0, "config_hash": config_hash(self.cfg),
-                "class_names": self.names, "vit_config": self.vcfg.to_json(),
+                "config": to_dict(self.cfg), "class_names": self.names, "vit_config": self.vcfg.to_json(),
                 "eval_settings": self.settings.to_dict(), "evaluated_ema": self.ema is not None}
 
     def resume(self, ckpt_dir: Path, tag: str, saved: dict, universal: bool) -> None:
         """Restore the whole state of checkpoint `tag` (the backend's files, stream, RNG, EMA, counters)."""
-        if saved.get("config_hash") != config_hash(self.cfg):
-            self.log.warning(f"resuming {tag} with a changed config (hash {saved.get('config_hash')} -> "
-                             f"{config_hash(self.cfg)})")
+        breaking = self.log_changes(ckpt_dir, tag, saved)
         self.backend.load(ckpt_dir, tag, universal)
-        self.loader.load_state_dict(saved["stream"], strict=not universal)
+        # a change that breaks exact resume (allowed by --allow-changed) continues at the nearest position too
+        self.loader.load_state_dict(saved["stream"], strict=not (universal or breaking))
         if universal:
             self.log.warning(f"world size changed {saved['world_size']} -> {self.env.world_size}: resumed {tag}; "
                              "the data order continues at the nearest position (not sample-exact)")
@@ -105,6 +104,22 @@ class Loop:
                               evals=saved["evals"], best_top1=saved["best_top1"], fewshot=saved.get("fewshot", []))
         self.micro = self.state.step * self.backend.accumulation
         self.log.info(f"resumed from {tag} (step {saved['step']}, {saved['skipped']} skipped)")
+
+    def log_changes(self, ckpt_dir: Path, tag: str, saved: dict) -> bool:
+        """Log each config key changed since checkpoint `tag` (old -> new); True if one breaks exact resume
+        (preflight refused those unless `--allow-changed`)."""
+        changes = ckpt.resume_changes(ckpt_dir, saved, self.cfg)
+        if changes is None:  # a checkpoint without its config: only the hash tells
+            if saved.get("config_hash") != config_hash(self.cfg):
+                self.log.warning(f"resuming {tag} with a changed config (hash {saved.get('config_hash')} -> "
+                                 f"{config_hash(self.cfg)})")
+            return False
+        breaking, harmless = changes
+        for line in breaking:
+            self.log.warning(f"resuming {tag} with a changed {line} (--allow-changed: not sample-exact)")
+        for line in harmless:
+            self.log.info(f"resuming {tag} with a changed {line}")
+        return bool(breaking)
 
     def save(self) -> None:
         step = self.state.step

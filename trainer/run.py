@@ -60,10 +60,10 @@ def class_names(data: DataCfg) -> list[str]:
     return [str(i) for i in range(data.num_classes)]
 
 
-def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
+def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
     anything is written: trackers installed, batch arithmetic, dataset (format, splits, shards) and the checkpoint
-    to resume."""
+    to resume (and the config changes since it: those that break exact resume need `allow_changed`)."""
     if missing := missing_trackers(cfg.log.trackers):
         raise ConfigError("; ".join(missing))
     d = cfg.data
@@ -86,8 +86,9 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
         raise ConfigError(str(err).splitlines()[0]) from err
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):
-        ckpt.check_resumable(ckpt_dir, tag, backend)
+        state = ckpt.check_resumable(ckpt_dir, tag, backend)
         ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)  # a backend would unpickle it: refuse one unsafe
+        ckpt.check_changes(ckpt_dir, tag, state, cfg, allow_changed)
 
 
 def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):
@@ -101,10 +102,11 @@ def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.de
     return train, val
 
 
-def train(cfg: TrainerConfig, stage: Stage) -> dict:
-    """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json)."""
+def train(cfg: TrainerConfig, stage: Stage, allow_changed: bool = False) -> dict:
+    """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json).
+    `allow_changed`: resume even when the config changed a key exact resume depends on (trainer/checkpoint.py)."""
     env = detect()
-    preflight(cfg, env, stage.backend_name)
+    preflight(cfg, env, stage.backend_name, allow_changed)
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
     try:
