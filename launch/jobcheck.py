@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from launch.commands import Job, LaunchError
 
 # stage module -> (its config module, its public loader: recipe name or path + overrides -> validated config)
+# `train`'s own options (trainer/cli.py): not overrides, and they change nothing the launcher checks.
+TRAIN_FLAGS = ("--allow-changed",)
 STAGE_LOADERS = {"pretrain": ("pretrain.config", "load_pretrain_config"),
                  "finetune": ("finetune.config", "load_finetune_config")}
 
@@ -54,8 +56,12 @@ def stage_train(job: Job) -> tuple[str, str, list[str]] | None:
     """(stage, recipe, overrides) when `job` is `python -m pretrain|finetune train RECIPE [k=v ...]`, else None."""
     if job.kind != "module" or job.target not in STAGE_LOADERS or job.args[:1] != ("train",):
         return None
-    rest = list(job.args[1:])
-    if not rest or rest[0].startswith("-"):
+    rest = [a for a in job.args[1:] if a not in TRAIN_FLAGS]
+    if unknown := [a for a in rest if a.startswith("-")]:
+        named = " ".join(a for a in rest[:1] if not a.startswith("-"))
+        raise LaunchError(f"python -m {job.target} train {named}: unknown option {unknown[0]} (its options: "
+                          f"{', '.join(TRAIN_FLAGS)})".replace("train :", "train:"))
+    if not rest:
         raise LaunchError(f"python -m {job.target} train needs a recipe: python -m {job.target} train RECIPE "
                           "[key.sub=value ...]")
     return job.target, rest[0], rest[1:]

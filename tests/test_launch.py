@@ -290,6 +290,14 @@ def _main(capsys, argv: list[str]) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_stage_train_keeps_train_options_out_of_the_overrides():
+    from launch.commands import parse_job
+    from launch.jobcheck import stage_train
+
+    job = parse_job(["python", "-m", "finetune", "train", "--allow-changed", "debug_cpu", "init=w", "--allow-changed"])
+    assert stage_train(job) == ("finetune", "debug_cpu", ["init=w"])
+
+
 @pytest.mark.parametrize("verb", [["run", "--launcher", "local"], ["sbatch", "--nodes", "2", "--gpus-per-node", "0"],
                                   ["run", "--launcher", "nossh", "--dry-run"]])
 @pytest.mark.parametrize("job,want", [
@@ -297,6 +305,7 @@ def _main(capsys, argv: list[str]) -> tuple[int, str, str]:
     (["pretrain", "train", "debug_cpu", "optim.lrr=1"], "unknown config key 'optim.lrr': did you mean 'optim.lr'"),
     (["finetune", "train", "debug_cpu", "init=x", "train.steps=ten"], "train.steps"),
     (["pretrain", "train", "debug_cpu", "run.dir="], "run.dir is required"),
+    (["pretrain", "train", "debug_cpu", "--allow-change"], "unknown option --allow-change"),
 ])
 def test_cli_bad_recipe_refused_before_anything(tmp_path, capsys, verb, job, want):
     hf = tmp_path / "hosts"
