@@ -27,7 +27,7 @@ def _config():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.fewshot_cli import fewshot_verbs
+    from trainer.cli import fewshot_verbs
 
     return stage_main("python -m finetune", __doc__, "finetune/recipes", _train, argv, config=_config,
                       extra=fewshot_verbs)

@@ -378,7 +378,11 @@ def test_cli_other_commands_pass_through_unchecked(tmp_path, capsys, job):
 
 def test_recipe_loading_imports_no_torch():
     """The launcher reads recipes on the login node in a fraction of a second: no torch behind the config."""
-    code = ("import sys, launch.jobcheck, pretrain.config, finetune.config; "
+    # ... and the stages' `config` verb (its CLI, whose error contract names run errors) likewise
+    code = ("import sys, io, contextlib, launch.jobcheck, pretrain.config, finetune.config, pretrain.__main__ as p, "
+            "finetune.__main__ as f\nwith contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    assert p.main(['config', 'debug_cpu', '--yaml']) == 0 and f.main(['config', 'debug_cpu']) == 0\n"
+            "assert 'run.seed' in out.getvalue()\n"
             "bad = [m for m in ('torch', 'webdataset', 'deepspeed') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -35,6 +35,7 @@ from torch.serialization import get_unsafe_globals_in_checkpoint
 from runtime.config import ConfigError, config_changes, config_hash, flatten, to_dict, yaml_text
 from runtime.dist import DistEnv, barrier
 from runtime.io import atomic_path, atomic_write, atomic_write_json
+from trainer.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -53,10 +54,6 @@ DEEPSPEED_GLOBALS = frozenset({
 class UnsafeCheckpointError(ConfigError):
     """A checkpoint file that could run code when unpickled, or that is not a torch checkpoint at all.
     (A bad input like a bad config: the CLIs report it on one line with exit code 2.)"""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written on some rank; the previous one is intact and still `latest`."""
 
 
 def check_pickles(folder: str | Path, allowed: Iterable[str] = ()) -> int:

@@ -18,8 +18,7 @@ EXIT_BAD_INPUT, EXIT_STOPPED = 2, 1
 
 def run_verb(fn: Callable[[], object]) -> int:
     """Run one verb under the error contract; returns the process exit code."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.loop import NonFiniteLoss
+    from trainer.errors import CheckpointError, NonFiniteLoss
 
     try:
         fn()
@@ -133,3 +132,24 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
             print(json.dumps(evaluate_weights(args.weights, args.overrides)))
 
     return run_verb(verb)
+
+
+def fewshot_verbs(sub) -> dict:
+    """The stage CLI's `fewshot` and `linear-probe` verbs (for trainer.cli.stage_main's `extra=`)."""
+    from runtime.progress import add_progress_flag
+
+    for verb, text in (("fewshot", "few-shot linear top-1 (closed-form ridge on frozen pre-logits, big_vision's "
+                        "fewshot_lsr) of a weight file on a dataset"),
+                       ("linear-probe", "the same ridge on the features of the whole training split")):
+        v = sub.add_parser(verb, help=text)
+        v.add_argument("weights", help="a vitscale weight file or a run dir (its latest checkpoint)")
+        v.add_argument("overrides", nargs="*", help="data.path=... (required), shots=1,5,10, seeds=3, holdout=2, "
+                       "out=F.json, data.train_split=, data.val_split=, model.image_size=, eval.micro_batch=")
+        add_progress_flag(v)
+
+    def run(args, probe: bool = False) -> dict:  # torch is imported only when the verb runs
+        from trainer.fewshot_cli import fewshot_verb
+
+        return fewshot_verb(args.weights, args.overrides, probe=probe)
+
+    return {"fewshot": run, "linear-probe": lambda a: run(a, probe=True)}

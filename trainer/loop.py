@@ -29,6 +29,7 @@ from runtime.logs import get_logger
 from runtime.progress import LogProgress
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
+from trainer.errors import NonFiniteLoss
 from trainer.evaluate import evaluate
 from trainer.fewshot import FewShotEval
 from trainer.loss import classification_loss
@@ -37,10 +38,6 @@ from trainer.optim import EMA, lr_at
 from trainer.preempt import LAUNCHER_PID, Preemption
 from vit import ViTConfig
 from vit.weights import EvalSettings, save_weights
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many consecutive steps had a NaN/inf loss or gradient."""
 
 
 @dataclass
