@@ -61,20 +61,11 @@ def _add_config_verb(sub, recipes: str) -> None:
     c.add_argument("--yaml", action="store_true", help="print only the resolved YAML (usable as a recipe)")
 
 
-def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str], bool], dict],
-               argv: list[str] | None = None, extra: Callable | None = None,
-               config: Callable[[], tuple[type, Path, Callable]] | None = None) -> int:
-    """The CLI every stage has: `train RECIPE [k=v ...] [--allow-changed]`, `config RECIPE [k=v ...] [--yaml]`,
-    `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
-
-    `train(recipe, overrides, allow_changed)` loads the stage's config and runs it. `config()` returns the
-    stage's (config class, recipes folder, validate). `extra(subparsers)` adds a stage's own verbs and returns
-    {verb: run(args)}.
-    """
+def _parser(prog: str, doc: str, recipes: str, with_config: bool):
+    """The stage CLI's parser and its subparsers (the stage may add its own verbs to them)."""
     import argparse
-    import json
 
-    from runtime.progress import add_progress_flag, apply_progress_flag
+    from runtime.progress import add_progress_flag
 
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -83,7 +74,7 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. run.dir=runs/x data.path=shards/dataset.json")
     t.add_argument("--allow-changed", action="store_true", help="resume even if the config changed a key that exact "
                    "resume depends on (seed, batch, data...; listed in trainer/checkpoint.py): not sample-exact")
-    if config is not None:
+    if with_config:
         _add_config_verb(sub, recipes)
     e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
     e.add_argument("run_dir")
@@ -101,6 +92,24 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
     v.add_argument("overrides", nargs="*", help="data.path=... (required), data.split=val, model.image_size=, "
                    "eval.micro_batch=, eval.precision=, data.crop_pct=")
     add_progress_flag(v)
+    return p, sub
+
+
+def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str], bool], dict],
+               argv: list[str] | None = None, extra: Callable | None = None,
+               config: Callable[[], tuple[type, Path, Callable]] | None = None) -> int:
+    """The CLI every stage has: `train RECIPE [k=v ...] [--allow-changed]`, `config RECIPE [k=v ...] [--yaml]`,
+    `export RUN_DIR [...]`, `eval WEIGHTS [k=v ...]`.
+
+    `train(recipe, overrides, allow_changed)` loads the stage's config and runs it. `config()` returns the
+    stage's (config class, recipes folder, validate). `extra(subparsers)` adds a stage's own verbs and returns
+    {verb: run(args)}.
+    """
+    import json
+
+    from runtime.progress import apply_progress_flag
+
+    p, sub = _parser(prog, doc, recipes, config is not None)
     own = extra(sub) if extra else {}
     args, rest = p.parse_known_args(argv)
     if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
