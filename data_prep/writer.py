@@ -328,6 +328,15 @@ def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: st
     return processed
 
 
+def _node_report(out: Path, node_rank: int, num_nodes: int, mine: list[str], written: int,
+                 log: Callable[[str], None] | None) -> dict:
+    """What one node of a multi-node write returns (the manifest waits for `merge`)."""
+    if log:
+        log(f"node {node_rank}/{num_nodes}: {len(mine)} shards ({written} written now); "
+            f"run `python -m data_prep merge {out}` once every node is done")
+    return {"node_rank": node_rank, "num_nodes": num_nodes, "shards": mine, "written": written}
+
+
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
                  samples_per_shard: int = 1000, max_shard_bytes: int | None = None, seed: int = 0,
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
@@ -383,12 +392,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
                                 progress)
     if num_nodes > 1:
-        report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
-                  "written": len(todo)}
-        if log:
-            log(f"node {node_rank}/{num_nodes}: {len(mine)} shards ({len(todo)} written now); "
-                f"run `python -m data_prep merge {out}` once every node is done")
-        return report
+        return _node_report(out, node_rank, num_nodes, [s.name for s in mine], len(todo), log)
     with _disk_full_is_clear(out, None):
         manifest = finalize(out)
     if log:
