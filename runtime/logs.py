@@ -90,7 +90,12 @@ class TBWriter:
         """Write the hparams (if given; the first metric as NaN when none was logged) and close the file."""
         if self._w is not None:
             if self._params is not None:
+                from torch.utils.tensorboard.summary import hparams
+
                 final = self._final or {self._hparam_metrics[0]: float("nan")}
-                self._w.add_hparams(self._params, final, run_name=".")
+                # the three hparams summaries only: `add_hparams` would also write each metric once more as a
+                # scalar at step 0, a stray point on the run's own eval/top1 curve
+                for summary in hparams(self._params, final):
+                    self._w._get_file_writer().add_summary(summary)
             self._w.close()
             self._w = None
