@@ -13,7 +13,17 @@ from data_prep.examples import write_example_images
 from data_prep.manifest import ManifestError, merge
 from data_prep.sources import SourceError
 from data_prep.verify import preview, stats_table, verify
-from data_prep.writer import write_shards
 
 __all__ = ["ManifestError", "SourceError", "merge", "preview", "stats_table", "verify", "write_example_images",
            "write_shards"]
+
+
+def __getattr__(name: str) -> object:
+    # write_shards loads on first use (PEP 562): the writer imports webdataset, hence torch, which a reader of
+    # `data_prep.stream_config` (every recipe load, the launcher's preflight) does not need.
+    if name != "write_shards":
+        raise AttributeError(f"module 'data_prep' has no attribute {name!r}")
+    from data_prep.writer import write_shards
+
+    globals()["write_shards"] = write_shards
+    return write_shards

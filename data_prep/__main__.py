@@ -46,10 +46,10 @@ def _write_parser(sub) -> None:
     g.add_argument("--exclude-near", default=None, help="comma-separated downstream sets (any SRC kind): drop "
                    "training images within --near-threshold bits of one of their images (perceptual hash)")
     g.add_argument("--near-threshold", type=int, default=NEAR_THRESHOLD, help="Hamming distance of 64-bit pHashes "
-                   f"(default {NEAR_THRESHOLD}: measured in data_prep/near.py)")
+                   "(default %(default)s: measured in data_prep/near.py)")
     g = w.add_argument_group("splits and shards")
     g.add_argument("--val-fraction", type=float, default=0.0, help="class-stratified hold-out for a val split")
-    g.add_argument("--samples-per-shard", type=int, default=1000)
+    g.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     g.add_argument("--max-shard-bytes", type=int, default=None, help="cut shards by estimated size too")
     g.add_argument("--seed", type=int, default=0, help="seed of the global shuffle and the hold-out")
     g = w.add_argument_group("images")
@@ -69,29 +69,46 @@ def _write_parser(sub) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help; not for flags (off unless given), positional or required
+    arguments, nor where the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.required or not action.option_strings or "default" in (action.help or ""):
+            return action.help or ""
+        if action.default is None:
+            return f"{action.help} (default: none)"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
     _write_parser(sub)
-    sub.add_parser("merge", help="write dataset.json once every node is done").add_argument("out")
+    m = sub.add_parser("merge", help="write dataset.json once every node is done")
+    m.add_argument("out", help="the shard folder every node wrote into")
+    m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     v = sub.add_parser("verify", help="check shards against dataset.json (exit 1 on any problem)")
-    v.add_argument("out")
+    v.add_argument("out", help="the shard folder written by `write`")
     v.add_argument("--decode", action="store_true", help="also decode every image")
-    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--workers", type=int, default=1, help="worker processes")
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     s = sub.add_parser("stats", help="the manifest as a readable table")
-    s.add_argument("out")
+    s.add_argument("out", help="the shard folder written by `write`")
     s.add_argument("--max-classes", type=int, default=40, help="rows of the label histogram")
     pv = sub.add_parser("preview", help="a PNG grid of samples with their labels")
-    pv.add_argument("out")
+    pv.add_argument("out", help="the shard folder written by `write`")
     pv.add_argument("--out", dest="dest", required=True, help="PNG file to write")
-    pv.add_argument("--n", type=int, default=64)
-    pv.add_argument("--split", default="train")
+    pv.add_argument("--n", type=int, default=64, help="samples shown")
+    pv.add_argument("--split", default="train", help="the split they come from")
     e = sub.add_parser("example", help="write real example images as an ImageFolder tree")
-    e.add_argument("out")
-    e.add_argument("--dataset", choices=DATASETS, default="digits")
+    e.add_argument("out", help="folder of the ImageFolder tree")
+    e.add_argument("--dataset", choices=DATASETS, default="digits", help="which images")
     e.add_argument("--size", type=int, default=32, help="digits: pixels per side")
-    e.add_argument("--per-class", type=int, default=None)
+    e.add_argument("--per-class", type=int, default=None, help="images per class (default: all there are)")
+    for verb in sub.choices.values():  # every verb's --help shows its defaults
+        verb.formatter_class = _DefaultsShown
     return p
 
 
@@ -109,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.verb == "merge":
-        print(summary_table(merge(args.out)))
+        print(summary_table(merge(args.out, progress=args.progress)))
         return 0
     if args.verb == "verify":
-        problems = verify(args.out, decode=args.decode, workers=args.workers)
+        problems = verify(args.out, decode=args.decode, workers=args.workers, progress=args.progress)
         for line in problems:
             print(line)
         print(f"{len(problems)} problem(s) found" if problems else f"{args.out}: all shards verified")

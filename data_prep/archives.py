@@ -172,7 +172,8 @@ def _assemble(path: str, results: list[dict], rejects: list[dict], labels: list[
     keep = [i for i, lab in enumerate(labels) if lab]
     classes = classes if classes is not None else sort_classes(labels[i] for i in keep)
     if not keep or not classes:
-        raise SourceError(f"{path} holds no labelled image: nothing to write")
+        raise SourceError(f"{path} holds no labelled image: nothing to write; expected images with a label (a "
+                          "class folder, a --labels row, or a shard sample's .cls member)")
     cid = {c: k for k, c in enumerate(classes)}
     order = sorted(keep, key=lambda i: (cid[labels[i]], names[i]))
     from data_prep.plan import Index  # plan imports sources: import here, not at the top
@@ -224,6 +225,9 @@ def list_flat_tar(path: str, labels_file: str | None = None, cache_dir: Path | N
     (result,) = run_units(one, [(path,)], [unit_fingerprint(path, "flat", bool(spool))], [0], cache_dir)
     names = [str(n).removeprefix("./") for n in result["name"]]
     result["name"] = np.array(names, dtype=str) if names else result["name"]
+    if not names:
+        raise SourceError(f"{path} holds no image: nothing to write; expected image members (<class>/<image>, or "
+                          "any names with --labels FILE)")
     rejects, splits = [], {}
     if labels_file:
         label, splits = _labels_by_member(labels_file)

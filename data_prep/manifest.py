@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from runtime.io import atomic_write, atomic_write_json
+from runtime.progress import progress_bar
 
 FORMAT = "vitscale-shards/1"
 PARTS = ".parts"
@@ -35,6 +36,35 @@ def receipt_path(out: str | os.PathLike, name: str) -> Path:
 def load_json(path: str | os.PathLike) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def load_manifest(out: str | os.PathLike) -> dict:
+    """OUT/dataset.json for the verbs that read a shard folder back (verify, stats, preview).
+
+    The one place a missing or unreadable manifest becomes a one-line `ManifestError` naming the folder and
+    the fix, instead of a raw `[Errno 2]`."""
+    folder = Path(out)
+    path = folder / "dataset.json"
+    if folder.is_file():
+        raise ManifestError(f"{folder} is a file: give the shard folder that holds dataset.json "
+                            f"({folder.parent if folder.name == 'dataset.json' else 'the OUT of `write`'})")
+    try:
+        return load_json(path)
+    except FileNotFoundError:
+        if (parts_dir(folder) / "plan.json").exists():
+            raise ManifestError(f"{folder} has no dataset.json yet: its write did not finish; rerun the same "
+                                f"`python -m data_prep write` command (or `python -m data_prep merge {folder}` once "
+                                "every node of a multi-node write is done)") from None
+        if folder.is_dir() and any(folder.glob("*.tar")):
+            raise ManifestError(f"{folder} holds .tar shards but no dataset.json: write them into a shard folder "
+                                f"with `python -m data_prep write {folder} OUT` first") from None
+        raise ManifestError(f"no dataset.json or shards in {folder}: run `python -m data_prep write SRC {folder}` "
+                            "first") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror or e}): check its permissions") from None
+    except ValueError as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}): rerun `python -m data_prep merge {folder}` "
+                            "to write it again") from None
 
 
 def load_receipt(out: str | os.PathLike, name: str, fingerprint: str) -> dict | None:
@@ -133,8 +163,9 @@ def timm_info(manifest: dict, name: str) -> dict:
     }
 
 
-def finalize(out: str | os.PathLike) -> dict:
-    """Write rejects.jsonl, _info.json, then dataset.json (atomically, last) from the plan and receipts."""
+def finalize(out: str | os.PathLike, progress: bool = False) -> dict:
+    """Write rejects.jsonl, _info.json, then dataset.json (atomically, last) from the plan and receipts;
+    `progress`: a bar over the shards' receipts (runtime.progress: rank 0's terminal only)."""
     out = Path(out)
     try:
         plan = load_json(parts_dir(out) / "plan.json")
@@ -142,13 +173,13 @@ def finalize(out: str | os.PathLike) -> dict:
         raise ManifestError(f"{out} has no {PARTS}/plan.json: run `python -m data_prep write SRC {out}` first"
                             ) from None
     receipts, missing = {}, []
-    for names in plan["splits"].values():
-        for name in names:
-            r = load_receipt(out, name, plan["shard_fingerprints"][name])
-            if r is None:
-                missing.append(name)
-            else:
-                receipts[name] = r
+    names = [name for split in plan["splits"].values() for name in split]
+    for name in progress_bar(names, desc="merge", unit="shard", enabled=progress):
+        r = load_receipt(out, name, plan["shard_fingerprints"][name])
+        if r is None:
+            missing.append(name)
+        else:
+            receipts[name] = r
     if missing:
         raise ManifestError(f"{len(missing)} of {len(plan['shard_fingerprints'])} shards are not finished "
                             f"(e.g. {', '.join(missing[:4])}): run `write` again on the node(s) that own them "
@@ -160,9 +191,9 @@ def finalize(out: str | os.PathLike) -> dict:
     return manifest
 
 
-def merge(out: str | os.PathLike) -> dict:
+def merge(out: str | os.PathLike, progress: bool = False) -> dict:
     """`python -m data_prep merge OUT`: the final manifest once every node has written its shards."""
-    return finalize(out)
+    return finalize(out, progress)
 
 
 def human_bytes(n: float) -> str:

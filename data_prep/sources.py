@@ -12,11 +12,13 @@ row order): shard plans, duplicate resolution and keys all derive from it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,23 @@ SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 class SourceError(ValueError):
     """The source cannot be used at all (missing, empty, or a malformed list)."""
+
+
+@contextlib.contextmanager
+def no_output_if_unusable(out: Path, owned: bool = True) -> Iterator[None]:
+    """Listing inside this block: a source found missing, empty or malformed (`SourceError`) leaves no output
+    folder behind when this write created it (an archive's listing cache or the --exclude-near index may have
+    written into it). `owned=False` (a node of a multi-node write) never removes what other nodes share."""
+    top = Path(out).absolute()
+    existed = top.exists()
+    while not top.parent.exists():  # the first folder of the output path that this write would create
+        top = top.parent
+    try:
+        yield
+    except SourceError:
+        if owned and not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 @dataclass
@@ -98,7 +117,8 @@ def list_image_folder(root: Path, map_fn: Callable = map) -> Listing:
     files = dict(zip(class_dirs, map_fn(walk_class, [(str(root), c) for c in class_dirs]), strict=True))
     classes = sort_classes(c for c, f in files.items() if f)  # a class with no files gets no index
     if not classes:
-        raise SourceError(f"{root} has class folders but no files in them: nothing to write")
+        raise SourceError(f"{root} has class folders but no files in them: nothing to write; expected "
+                          f"{root}/<class>/<image>")
     paths = [p for c in classes for p in files[c]]
     labels = np.concatenate([np.full(len(files[c]), k, np.int32) for k, c in enumerate(classes)])
     return Listing(root=root, paths=paths, labels=labels, classes=classes)
@@ -153,7 +173,8 @@ def list_file(path: Path) -> Listing:
         splits.append(str(split) if split not in (None, "") else None)
         lines.append(n)
     if not paths:
-        raise SourceError(f"{path} lists no images: nothing to write")
+        raise SourceError(f"{path} lists no images: nothing to write; expected one row per image "
+                          "(`path,label[,split]`)")
     has_split = [s is not None for s in splits]
     if any(has_split) and not all(has_split):
         raise SourceError(f"{path}:{lines[has_split.index(False)]}: row has no split while others do; "
@@ -237,6 +258,8 @@ def list_source(src: str | os.PathLike, map_fn: Callable = map, *, source_format
     fmt = detect_format(src) if source_format == "auto" else source_format
     if labels and fmt != "tar":
         raise SourceError(f"--labels is for a flat tar of images; {src} is read as {fmt}")
+    if labels and not Path(labels).is_file():
+        raise SourceError(f"--labels {labels} does not exist: give a CSV/JSONL of member name,label[,split]")
     if fmt in ("folder", "list", "tar-of-tars", "tar") and not Path(src).exists():
         raise SourceError(f"source {src} does not exist")
     if fmt == "folder":

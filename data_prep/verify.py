@@ -14,10 +14,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_prep.manifest import FORMAT, human_bytes, load_json, summary_table
+from data_prep.manifest import FORMAT, ManifestError, human_bytes, load_manifest, summary_table
 from data_prep.pool import worker_pool
-from data_prep.stream_source import is_safe_member
 from runtime.io import atomic_path
+from runtime.progress import progress_bar
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
@@ -25,6 +25,8 @@ IMAGE_EXTS = ("jpg", "png", "webp")
 def iter_samples(path: str | os.PathLike, unsafe: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for each sample of a shard, members grouped by key as webdataset does.
     Members with unsafe names (absolute, '..') are left out, and their names appended to `unsafe` if given."""
+    from data_prep.stream_source import is_safe_member  # here: stream_source imports webdataset, hence torch
+
     key, sample = None, {}
     with tarfile.open(path) as tar:
         for m in tar:
@@ -127,25 +129,28 @@ def _check_split(split: str, info: dict, counts: Counter, label_counts: list | N
     return problems
 
 
-def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1) -> list[str]:
+def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1, progress: bool = False) -> list[str]:
     """Everything wrong with a shard folder (empty list = all good): file sha256/bytes, sample counts,
-    members, labels, per-sample hashes, unique keys, label counts, and with `decode` every image."""
+    members, labels, per-sample hashes, unique keys, label counts, and with `decode` every image.
+    `progress`: a bar in images (runtime.progress: rank 0's terminal only)."""
     out = Path(out)
     try:
-        manifest = load_json(out / "dataset.json")
-    except OSError:
-        return [f"{out / 'dataset.json'} is missing: the write did not finish (rerun it, or `merge` after nodes)"]
-    except ValueError as e:
-        return [f"{out / 'dataset.json'} is not valid JSON ({e})"]
+        manifest = load_manifest(out)
+    except ManifestError as e:
+        return [str(e)]
     if manifest.get("format") != FORMAT:
         return [f"dataset.json format is {manifest.get('format')!r}, expected {FORMAT!r}"]
     problems, seen = _check_folder(out, manifest), Counter()
     classes = manifest["classes"]
-    with worker_pool(workers) as (imap, _):
+    total = sum(s["samples"] for info in manifest["splits"].values() for s in info["shards"])
+    with worker_pool(workers) as (imap, _), progress_bar(total=total, desc="verify", unit="img",
+                                                         enabled=progress) as bar:
         for split, info in manifest["splits"].items():
             tasks = [(str(out / s["name"]), s, classes, decode) for s in info["shards"]]
             counts = Counter()
-            for shard_problems, keys, shard_counts in imap(check_shard, tasks):
+            for (_, shard, *_), (shard_problems, keys, shard_counts) in zip(tasks, imap(check_shard, tasks),
+                                                                             strict=True):
+                bar.update(shard["samples"])
                 problems += shard_problems
                 seen.update(keys)
                 counts.update(shard_counts)
@@ -158,7 +163,7 @@ def verify(out: str | os.PathLike, decode: bool = False, workers: int = 1) -> li
 
 def stats_table(out: str | os.PathLike, max_classes: int = 40) -> str:
     """The manifest as text: splits, rejects, per-class counts (a histogram) and image sizes."""
-    m = load_json(Path(out) / "dataset.json")
+    m = load_manifest(out)
     splits, classes = list(m["splits"]), m["classes"]
     rows = [summary_table(m), "", f"classes: {len(classes)}"]
     totals = [sum(m["label_counts"][s][c] for s in splits) for c in range(len(classes))]
@@ -185,7 +190,7 @@ def stats_table(out: str | os.PathLike, max_classes: int = 40) -> str:
 def preview(out: str | os.PathLike, dest: str | os.PathLike, n: int = 64, split: str = "train",
             cell: int = 96) -> Path:
     """A PNG grid of the first `n` samples of `split`, each captioned with its label."""
-    m = load_json(Path(out) / "dataset.json")
+    m = load_manifest(out)
     if split not in m["splits"]:
         raise ValueError(f"split {split!r} is not in {out}/dataset.json (it has {', '.join(m['splits'])})")
     tiles = []

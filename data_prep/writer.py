@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 from webdataset import TarWriter
 
 from data_prep.images import MIN_SIZE, Encoded, ImageOptions, Reject, encode_image
@@ -38,9 +37,10 @@ from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
 from data_prep.readers import read_locs
-from data_prep.sources import Listing, list_source
+from data_prep.sources import Listing, list_source, no_output_if_unusable
 from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
+from runtime.progress import progress_bar
 
 TAR_MTIME = 0  # fixed member times: reruns are byte-identical
 NEAR_BATCH = 64  # images encoded before one --exclude-near lookup: bounded memory, numpy overhead amortised
@@ -318,7 +318,7 @@ def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: st
     once every shard of this node is written (kept after a failure: the rerun resumes from it)."""
     processed, total = 0, sum(len(s.entries) for s in todo)
     try:
-        with tqdm(total=total, desc="write", unit="img", disable=not progress) as bar:
+        with progress_bar(total=total, desc="write", unit="img", enabled=progress) as bar:
             for receipt in imap_unordered(write_shard, tasks):
                 bar.update(receipt["inputs"])
                 processed += receipt["inputs"]
@@ -326,6 +326,15 @@ def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: st
         if spool and processed == total:
             Path(spool).unlink(missing_ok=True)
     return processed
+
+
+def _node_report(out: Path, node_rank: int, num_nodes: int, mine: list[str], written: int,
+                 log: Callable[[str], None] | None) -> dict:
+    """What one node of a multi-node write returns (the manifest waits for `merge`)."""
+    if log:
+        log(f"node {node_rank}/{num_nodes}: {len(mine)} shards ({written} written now); "
+            f"run `python -m data_prep merge {out}` once every node is done")
+    return {"node_rank": node_rank, "num_nodes": num_nodes, "shards": mine, "written": written}
 
 
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
@@ -348,7 +357,6 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
     names = load_class_names(class_names) if class_names else None
-    out.mkdir(parents=True, exist_ok=True)
     exclude = load_exclude_hashes(exclude_hashes) if exclude_hashes else set()
     resolved = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
     options = {"source": resolved(src), "val_fraction": val_fraction, "samples_per_shard": samples_per_shard,
@@ -361,11 +369,13 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
                                      image_column=image_column, label_column=label_column,
                                      cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
-        near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
-        listing = relist()
+        with no_output_if_unusable(out, owned=own is None):  # the folder is made once the source is known good
+            near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
+            listing = relist()
+        out.mkdir(parents=True, exist_ok=True)
         index = listing.index
         if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
-            with tqdm(total=len(listing), desc="index", unit="file", disable=not progress) as bar:
+            with progress_bar(total=len(listing), desc="index", unit="file", enabled=progress) as bar:
                 index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
         plan = make_plan(listing, index, {**options, "_exclude": exclude})
         _check_plan(out, plan, options, names)
@@ -382,12 +392,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
                                 progress)
     if num_nodes > 1:
-        report = {"node_rank": node_rank, "num_nodes": num_nodes, "shards": [s.name for s in mine],
-                  "written": len(todo)}
-        if log:
-            log(f"node {node_rank}/{num_nodes}: {len(mine)} shards ({len(todo)} written now); "
-                f"run `python -m data_prep merge {out}` once every node is done")
-        return report
+        return _node_report(out, node_rank, num_nodes, [s.name for s in mine], len(todo), log)
     with _disk_full_is_clear(out, None):
         manifest = finalize(out)
     if log:

@@ -44,11 +44,12 @@ def _check_plugin(cfg: FinetuneConfig) -> None:
                           "package: pip install transformers (or set deepspeed.zero_stage=0)")
 
 
-def train(cfg: FinetuneConfig) -> dict:
-    """Fine-tune as `cfg` says (resuming from run.dir/checkpoints/latest if there); returns the report."""
+def train(cfg: FinetuneConfig, allow_changed: bool = False) -> dict:
+    """Fine-tune as `cfg` says (resuming from run.dir/checkpoints/latest if there); returns the report.
+    `allow_changed`: `train --allow-changed`."""
     from trainer.backend_accelerate import AccelerateBackend  # imports accelerate: only when training
 
     _check_plugin(cfg)
     stage = Stage("finetune", lambda names: build_model(cfg, names), AccelerateBackend, AccelerateBackend.name,
                   report={"init": cfg.init})
-    return run_training(cfg, stage)
+    return run_training(cfg, stage, allow_changed)

@@ -1,10 +1,14 @@
 """`python -m launch VERB`: start vitscale jobs on one or many nodes.
 
   run                 launch a job: python -m launch run --hostfile H [--launcher torchrun] -- python -m MOD ...
-  check               preflight only (reachability, master port, versions, GPUs, shards, batch)
+  check               preflight only (reachability, master port, versions, GPUs, shards, batch) [-- JOB]
   sbatch              write (and with --submit, submit) a SLURM batch script
   accelerate-config   write an `accelerate launch` config for the hostfile and print per-node commands
   probe, node, exec   run on the nodes by the verbs above (report facts, supervise a node, run a payload)
+
+A job `python -m pretrain|finetune train RECIPE k=v ...` has its recipe loaded first (launch/jobcheck.py): a
+recipe the stage would refuse is its one-line error here, exit 2, before anything is written or started; its
+dataset, workers and batch sizes feed preflight. Any other command after `--` is passed through unchecked.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import time
 from pathlib import Path
 
 from launch import slurm
-from launch.commands import LaunchError, Plan, parse_env, parse_job, propagated_env, torchrun_static
+from launch.commands import Job, LaunchError, Plan, parse_env, parse_job, propagated_env, torchrun_static
 from launch.hostfile import Host, HostfileError, check_host, format_hosts, read_hostfile
+from launch.jobcheck import JobFacts, job_facts, load_job_config
 from launch.launchers import LAUNCHERS, build_runs
 from launch.node import exec_payload, run_node
 from launch.runner import run_all
@@ -42,10 +47,11 @@ def _hosts_args(p: argparse.ArgumentParser) -> None:
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("job facts checked by preflight")
+    g = p.add_argument_group("job facts checked by preflight (default: from the recipe of a `python -m "
+                             "pretrain|finetune train` job; a flag overrides it)")
     g.add_argument("--dataset", help="dataset.json (or its folder): shards >= nodes x GPUs x workers")
-    g.add_argument("--split", default="train")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
+    g.add_argument("--split", help="the split trained on (default data.train_split, else train)")
+    g.add_argument("--workers", type=int, help="DataLoader workers per rank (default data.workers, else 1)")
     g.add_argument("--global-batch", type=int, help="must divide by micro-batch x world size")
     g.add_argument("--micro-batch", type=int)
 
@@ -83,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=300.0)
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="--OPT=VALUE", help="extra #SBATCH line")
+    s.add_argument("--no-check", action="store_true", help="skip the dataset and batch checks")
+    _job_args(s)
     s.add_argument("--submit", action="store_true", help="submit with sbatch")
     s.add_argument("--wait", action="store_true", help="with --submit: wait for the job, return its exit code")
     a = sub.add_parser("accelerate-config", help="accelerate launch config + per-node commands")
@@ -124,35 +132,47 @@ def _master(args: argparse.Namespace, hosts: list[Host]) -> str:
     return slurm.master_addr() if args.launcher == "slurm" else hosts[0].name
 
 
-def _preflight(args: argparse.Namespace, hosts: list[Host], master: str) -> bool:
+def _job(args: argparse.Namespace, job_argv: list[str], required: bool = True) -> tuple[Job | None, JobFacts]:
+    """The job after `--` (its recipe loaded when it is a vitscale training command) and the facts to check."""
+    if not job_argv and not required:
+        return None, job_facts(None, args)
+    job = parse_job(job_argv)
+    return job, job_facts(load_job_config(job), args)
+
+
+def _report(fails: list[str], notes: list[str], summary: str, facts: JobFacts) -> bool:
+    """Print preflight's lines (notes, one line per failure, or the summary with each fact's source)."""
+    for line in notes:
+        print(f"preflight: note: {line}", flush=True)
+    for line in fails:
+        print(f"preflight: FAIL {line}", flush=True)
+    checked = f"; {facts.describe()}" if facts.describe() else ""
+    print(f"preflight: {'failed' if fails else 'ok'} ({summary}){checked}", flush=True)
+    return not fails
+
+
+def _preflight(args: argparse.Namespace, hosts: list[Host], master: str, facts: JobFacts) -> bool:
     """Run the checks, print one line per failure; True if the job may start."""
     from launch import preflight
 
     via = {"pdsh": "all", "torchrun": "remote", "ssh": "remote", "slurm": "srun"}.get(args.launcher, "none")
     probes = preflight.probe_hosts(hosts, master, args.master_port, via, args.ssh_config, args.ssh_port)
-    try:
-        fails, notes = preflight.evaluate(hosts, probes, master, args.master_port, args.dataset, args.split,
-                                          args.workers, args.global_batch, args.micro_batch)
-    except (OSError, ValueError) as e:
-        fails, notes = [f"dataset: {e}"], []
-    for line in notes:
-        print(f"preflight: note: {line}", flush=True)
-    for line in fails:
-        print(f"preflight: FAIL {line}", flush=True)
-    if not fails:
-        print(f"preflight: ok ({len(hosts)} nodes, {sum(h.slots for h in hosts)} processes)", flush=True)
-    return not fails
+    fails, notes = preflight.evaluate(hosts, probes, master, args.master_port, facts)
+    return _report(fails, notes, f"{len(hosts)} nodes, {sum(h.slots for h in hosts)} processes", facts)
 
 
 def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
-    job = parse_job(job_argv)
+    job, facts = _job(args, job_argv)  # a recipe the job would refuse stops here, before anything is written
     hosts = _hosts(args)
     master = _master(args, hosts)
     run_dir = Path(args.run_dir or time.strftime("runs/launch-%Y%m%d-%H%M%S"))
     plan = Plan(hosts, job, master, args.master_port, propagated_env(parse_env(args.env)), run_dir,
                 run_id=run_dir.name or "vitscale")
     runs = build_runs(plan, args.launcher, args.ssh_config, args.ssh_port, args.node_rank,
-                      slurm_nproc=hosts[0].slots)
+                      slurm_nproc=hosts[0].slots, dry_run=args.dry_run)
+    if not args.dry_run and not args.no_check and not _preflight(args, hosts, master, facts):
+        print("launch: preflight failed; nothing was started (fix the lines above, or --no-check)", flush=True)
+        return 2
     if args.launcher in ("pdsh", "ssh", "nossh"):  # DeepSpeed's launcher reads it on every node (shared FS)
         from runtime.io import atomic_write
 
@@ -161,9 +181,6 @@ def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
         for r in runs:
             print(f"# {r.label}\n{shlex.join(r.shown or r.argv)}")
         return 0
-    if not args.no_check and not _preflight(args, hosts, master):
-        print("launch: preflight failed; nothing was started (fix the lines above, or --no-check)", flush=True)
-        return 2
     requeue = []
     if args.launcher == "slurm" and args.requeue_on_usr1:
         def on_usr1(_signum, _frame):  # SLURM's warning before the time limit: ranks checkpoint, then requeue
@@ -179,15 +196,25 @@ def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:
     return code
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, job_argv: list[str]) -> int:
+    _, facts = _job(args, job_argv, required=False)
     hosts = _hosts(args)
-    return 0 if _preflight(args, hosts, _master(args, hosts)) else 1
+    return 0 if _preflight(args, hosts, _master(args, hosts), facts) else 1
 
 
 def cmd_sbatch(args: argparse.Namespace, job_argv: list[str]) -> int:
     from runtime.io import atomic_write
 
-    parse_job(job_argv)  # fail now, not on the cluster
+    _, facts = _job(args, job_argv)  # fail now, not on the cluster
+    nproc = args.nproc_per_node or args.gpus_per_node or 1
+    if facts.describe() and not args.no_check:  # the dataset as this (login) node sees the shared filesystem
+        from launch.preflight import job_checks
+
+        fails, notes = job_checks(args.nodes, args.nodes * nproc, facts)
+        if not _report(fails, notes, f"{args.nodes} nodes x {nproc} processes", facts):
+            print("launch: preflight failed; no batch script was written (fix the lines above, or --no-check)",
+                  flush=True)
+            return 2
     spec = slurm.SbatchSpec(
         nodes=args.nodes, job=job_argv, run_dir=Path(args.run_dir), gpus_per_node=args.gpus_per_node,
         nproc_per_node=args.nproc_per_node, time=args.time, partition=args.partition, account=args.account,
@@ -210,13 +237,14 @@ def cmd_sbatch(args: argparse.Namespace, job_argv: list[str]) -> int:
 def cmd_accelerate(args: argparse.Namespace, job_argv: list[str]) -> int:
     from launch import accel
 
+    job = _job(args, job_argv)[0] if job_argv else None
     hosts = _hosts(args)
     cfg = accel.accelerate_config(hosts, _master(args, hosts), args.master_port, args.mixed_precision,
                                   gpus=not args.cpu)
     path = accel.write_config(args.out, cfg)
     print(f"launch: wrote {path}")
-    if job_argv:
-        print(accel.format_commands(accel.accelerate_commands(path, hosts, parse_job(job_argv)), hosts), end="")
+    if job is not None:
+        print(accel.format_commands(accel.accelerate_commands(path, hosts, job), hosts), end="")
     return 0
 
 
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run":
             return cmd_run(args, job_argv)
         if args.verb == "check":
-            return cmd_check(args)
+            return cmd_check(args, job_argv)
         if args.verb == "sbatch":
             return cmd_sbatch(args, job_argv)
         if args.verb == "accelerate-config":

@@ -35,7 +35,7 @@ _DS_EXPORTED = ("PYTHON", "MLFLOW", "MV2", "UCX", "NCCL")
 
 
 def _per_node(plan: Plan, argv_of, remote_ok: bool, ssh_config: str | None, ssh_port: int | None,
-              only: int | None) -> list[NodeRun]:
+              only: int | None, dry_run: bool = False) -> list[NodeRun]:
     runs = []
     static = argv_of is not torchrun_node  # c10d hands out ranks at rendezvous; the others go by node order
     for i, host in enumerate(plan.hosts):
@@ -46,7 +46,7 @@ def _per_node(plan: Plan, argv_of, remote_ok: bool, ssh_config: str | None, ssh_
         label = f"node {i} ({host.name}, {ranks})"
         wrapped = node_wrapper(argv_of(plan, i), plan.env, plan.cwd)
         shown = node_wrapper(argv_of(plan, i), plan.env, plan.cwd, supervise=False)
-        if only is not None or is_local(host.name):
+        if dry_run or only is not None or is_local(host.name):  # dry run: each node's command, to start elsewhere
             runs.append(NodeRun(label, wrapped, shown=shown))
         elif remote_ok:
             own_log = str(plan.run_dir / "logs" / f"node-{i}.on-node.log")  # survives a lost connection
@@ -59,12 +59,13 @@ def _per_node(plan: Plan, argv_of, remote_ok: bool, ssh_config: str | None, ssh_
 
 
 def build_runs(plan: Plan, launcher: str, ssh_config: str | None = None, ssh_port: int | None = None,
-               node_rank: int | None = None, slurm_nproc: int = 1) -> list[NodeRun]:
-    """The processes to start for `launcher` (see the module table)."""
+               node_rank: int | None = None, slurm_nproc: int = 1, dry_run: bool = False) -> list[NodeRun]:
+    """The processes to start for `launcher` (see the module table). `dry_run`: only to be printed, so every
+    node of the per-node launchers gets its own command, reachable from here or not."""
     if launcher == "torchrun":
-        return _per_node(plan, torchrun_node, True, ssh_config, ssh_port, node_rank)
+        return _per_node(plan, torchrun_node, True, ssh_config, ssh_port, node_rank, dry_run)
     if launcher in ("ssh", "nossh"):
-        return _per_node(plan, deepspeed_nossh_node, launcher == "ssh", ssh_config, ssh_port, node_rank)
+        return _per_node(plan, deepspeed_nossh_node, launcher == "ssh", ssh_config, ssh_port, node_rank, dry_run)
     if launcher == "pdsh":
         env = scrubbed_env(_DS_EXPORTED)
         env["PDSH_SSH_ARGS_APPEND"] = pdsh_ssh_args(ssh_config)

@@ -2,8 +2,10 @@
 
 Checked: every host answers (over ssh when the launcher uses ssh), the master port is free on the master
 node, vitscale (version and a fingerprint of its code), torch and deepspeed are the same everywhere, each
-node has at least as many GPUs as slots (or no node has any: a CPU run), the dataset has enough shards
-for nodes x GPUs x workers, and the global batch divides by micro-batch x world size.
+node has at least as many GPUs as slots (or no node has any: a CPU run), the dataset exists and has enough
+shards for nodes x GPUs x workers, and the global batch divides by micro-batch x world size. The job's facts
+(dataset, split, workers, batch sizes) come from its recipe or from flags (launch/jobcheck.py); `job_checks`
+is also what `sbatch` runs before it writes a script.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from launch.commands import ssh_argv
 from launch.hostfile import Host, is_local
+from launch.jobcheck import JobFacts
 
 PACKAGES = ("vit", "runtime", "data_prep", "pretrain", "finetune", "launch")
 PROBE_TIMEOUT_S = 60
@@ -148,12 +151,48 @@ def dataset_shards(path: str, split: str) -> int:
     return len(meta["splits"][split]["shards"])
 
 
-def evaluate(hosts: list[Host], probes: list[Probe], master: str, port: int, dataset: str | None = None,
-             split: str = "train", workers: int = 0, global_batch: int | None = None,
-             micro_batch: int | None = None) -> tuple[list[str], list[str]]:
-    """Turn probes and job facts into (failures, notes): one line each."""
+def dataset_check(nodes: int, world: int, facts: JobFacts) -> tuple[list[str], list[str]]:
+    """The dataset against the world it will feed: it exists, has the split, and (unless data.resampled) has a
+    shard for every reader, nodes x GPUs x workers. Returns (failures, notes)."""
+    from trainer.config import is_local
+
+    path, where = str(facts.dataset.value), facts.dataset.source
+    split, workers = facts.value("split", "train"), max(1, facts.value("workers", 0))
+    p = Path(path)
+    if is_local(path) and not (p / "dataset.json" if p.is_dir() else p).exists():
+        return [f"dataset {path} ({where}) does not exist; write shards with `python -m data_prep write SRC OUT` "
+                "and pass OUT/dataset.json"], []
+    if not is_local(path) or not (p.is_dir() or p.suffix == ".json"):  # URLs, patterns, tar paths
+        return [], [f"dataset {path} ({where}) is not a dataset.json: its shards are checked by the job itself"]
+    try:
+        shards = dataset_shards(path, split)
+    except (OSError, ValueError) as e:
+        return [f"dataset {path} ({where}): {e}"], []
+    need = world * workers
+    if shards >= need or facts.value("resampled", False):
+        return [], []
+    return [f"dataset {path} ({where}) has {shards} {split} shards, fewer than nodes x GPUs x workers = "
+            f"{nodes} x {world // nodes} x {workers} = {need}; write more shards or set data.resampled=true"], []
+
+
+def job_checks(nodes: int, world: int, facts: JobFacts) -> tuple[list[str], list[str]]:
+    """The job's own facts (dataset, batch sizes) against `nodes` nodes running `world` ranks in all."""
     from runtime.dist import accumulation_steps
 
+    fails, notes = [], []
+    if facts.value("dataset"):
+        fails, notes = dataset_check(nodes, world, facts)
+    if (global_batch := facts.value("global_batch")) is not None:
+        try:
+            accumulation_steps(global_batch, facts.value("micro_batch") or 1, world)
+        except ValueError as e:
+            fails.append(str(e))
+    return fails, notes
+
+
+def evaluate(hosts: list[Host], probes: list[Probe], master: str, port: int,
+             facts: JobFacts | None = None) -> tuple[list[str], list[str]]:
+    """Turn probes and job facts into (failures, notes): one line each."""
     fails, notes = [], []
     ok = [p for p in probes if p.info]
     fails += [f"host {p.host}: {p.error}" for p in probes if p.error]
@@ -172,17 +211,5 @@ def evaluate(hosts: list[Host], probes: list[Probe], master: str, port: int, dat
                              "lower its slots or fix the node")
     elif ok:
         notes.append("no GPU on any node: ranks run on CPU with gloo")
-    world = sum(slots.values())
-    if dataset:
-        shards = dataset_shards(dataset, split)
-        need = world * max(1, workers)
-        if shards < need:
-            fails.append(f"dataset {dataset} has {shards} {split} shards, fewer than nodes x GPUs x workers = "
-                         f"{len(hosts)} x {world // len(hosts)} x {max(1, workers)} = {need}; write more shards "
-                         "or set data.resampled=true")
-    if global_batch is not None:
-        try:
-            accumulation_steps(global_batch, micro_batch or 1, world)
-        except ValueError as e:
-            fails.append(str(e))
-    return fails, notes
+    job_fails, job_notes = job_checks(len(hosts), sum(slots.values()), facts or JobFacts())
+    return fails + job_fails, notes + job_notes

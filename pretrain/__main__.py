@@ -1,6 +1,7 @@
-"""`python -m pretrain train|export|eval`: DeepSpeed ZeRO pre-training of a ViT.
+"""`python -m pretrain train|config|export|eval|plan`: DeepSpeed ZeRO pre-training of a ViT.
 
-  python -m pretrain train RECIPE [key.sub=value ...]        (under deepspeed, torchrun or srun)
+  python -m pretrain train RECIPE [key.sub=value ...] [--allow-changed]   (under deepspeed, torchrun or srun)
+  python -m pretrain config RECIPE [key.sub=value ...] [--yaml]           (the resolved config; no training)
   python -m pretrain export RUN_DIR [--tag T] [--out F] [--ema] [--dtype bf16|fp32] [--format vitscale|timm|hf]
   python -m pretrain eval RUN_DIR_OR_WEIGHTS data.path=.../dataset.json [key=value ...]
   python -m pretrain plan RECIPE [key=value ...] --gpus 8 [--nodes 4] --gpu-mem 80    (no GPU needed)
@@ -12,11 +13,18 @@ from runtime.config import ConfigError
 from trainer.cli import stage_main
 
 
-def _train(recipe: str, overrides: list[str]) -> dict:
+def _train(recipe: str, overrides: list[str], allow_changed: bool = False) -> dict:
     from pretrain.config import load_pretrain_config
     from pretrain.train import train
 
-    return train(load_pretrain_config(recipe, overrides))
+    return train(load_pretrain_config(recipe, overrides), allow_changed)
+
+
+def _config():
+    """For the `config` verb: the config class, the recipes folder, the validation `train` applies."""
+    from pretrain.config import RECIPES_DIR, PretrainConfig, validate
+
+    return PretrainConfig, RECIPES_DIR, validate
 
 
 def _plan_verb(sub) -> dict:
@@ -51,7 +59,7 @@ def _plan(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("python -m pretrain", __doc__, "pretrain/recipes", _train, argv, extra=_plan_verb)
+    return stage_main("python -m pretrain", __doc__, "pretrain/recipes", _train, argv, config=_config, extra=_plan_verb)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def backend(model, groups, cfg, env, universal: bool):
     return DeepSpeedBackend(model, groups, dataclasses.replace(cfg, zero=zero), env, universal)
 
 
-def train(cfg) -> dict:
-    """Run (or resume) pre-training as configured; returns the report."""
+def train(cfg, allow_changed: bool = False) -> dict:
+    """Run (or resume) pre-training as configured; returns the report. `allow_changed`: `train --allow-changed`."""
     model_config(cfg, 1)  # bad variant/size: one line, before anything is started or written
-    return run_training(cfg, Stage("pretrain", lambda names: build_model(cfg, names), backend, "deepspeed"))
+    return run_training(cfg, Stage("pretrain", lambda names: build_model(cfg, names), backend, "deepspeed"),
+                        allow_changed)

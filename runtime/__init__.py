@@ -1,29 +1,28 @@
-"""What every running vitscale job needs: distributed env, config, logging, meters, atomic writes."""
+"""What every running vitscale job needs: distributed env, config, logging, meters, atomic writes.
 
-from runtime.config import ConfigError, config_hash, load_config, save_config, to_dict
-from runtime.dist import DistEnv, accumulation_steps, barrier, detect, init_distributed, shutdown
-from runtime.io import atomic_path, atomic_write, atomic_write_json
-from runtime.logs import TBWriter, get_logger, setup_logging
-from runtime.meters import ThroughputMeter, peak_flops
+The names below load on first use (PEP 562): `runtime.config` and `runtime.io` need no torch, so a tool
+that only reads recipes (the launcher's preflight) does not pay seconds for importing it.
+"""
 
-__all__ = [
-    "ConfigError",
-    "DistEnv",
-    "TBWriter",
-    "ThroughputMeter",
-    "accumulation_steps",
-    "atomic_path",
-    "atomic_write",
-    "atomic_write_json",
-    "barrier",
-    "config_hash",
-    "detect",
-    "get_logger",
-    "init_distributed",
-    "load_config",
-    "peak_flops",
-    "save_config",
-    "setup_logging",
-    "shutdown",
-    "to_dict",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "ConfigError": "config", "config_hash": "config", "load_config": "config", "save_config": "config",
+    "to_dict": "config",
+    "DistEnv": "dist", "accumulation_steps": "dist", "barrier": "dist", "detect": "dist",
+    "init_distributed": "dist", "shutdown": "dist",
+    "atomic_path": "io", "atomic_write": "io", "atomic_write_json": "io",
+    "TBWriter": "logs", "get_logger": "logs", "setup_logging": "logs",
+    "ThroughputMeter": "meters", "peak_flops": "meters",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"runtime.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

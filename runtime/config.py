@@ -1,8 +1,9 @@
 """Configs as data: a YAML recipe -> nested dataclasses, with `a.b=value` overrides.
 
 Each stage defines its config as dataclasses (fields with defaults); `load_config` reads a recipe
-(a name in the stage's recipes folder, or a path), applies command-line overrides, type-checks
-every value and refuses unknown keys with the closest known names.
+(a name in the stage's recipes folder, or a path) and the chain of recipes it extends (`base:`), deep-merged,
+applies command-line overrides, resolves `${a.b}` references, type-checks every value and refuses unknown
+keys with the closest known names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -170,26 +172,188 @@ def find_recipe(recipe: str | os.PathLike, recipes_dir: str | os.PathLike) -> Pa
     raise ConfigError(f"no recipe {str(recipe)!r}: {hint}(recipes: {', '.join(names)}; or give a YAML path)")
 
 
+BASE_KEY = "base"  # a recipe's `base: other_recipe`: the recipe it extends (not a config key)
+
+
+def _read_recipe(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; give a recipe name or the path of a YAML file")
+    data = _yaml(path.read_text(), str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(cls: type, data: dict, path: str = "") -> None:
+    """Refuse a key that `cls` does not have (the types are checked once, after merging and interpolation)."""
+    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls) if f.init]
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(path, str(key), names)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            _check_keys(hints[key], value, f"{path}.{key}" if path else key)
+
+
+def _base_path(base: object, path: Path, recipes_dir: str | os.PathLike | None) -> Path:
+    """`base:` of recipe `path`: a path (relative to that recipe's folder) or a name in `recipes_dir`."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be a recipe name or a YAML path, got {base!r}")
+    if base.endswith((".yaml", ".yml")) or "/" in base:
+        p = Path(base).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file():
+            raise ConfigError(f"{path}: base {base!r} is not a file ({p}); give a path relative to this recipe "
+                              "or a recipe name")
+        return p
+    try:
+        return find_recipe(base, recipes_dir or path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, any other value (a list too) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_recipe(cls: type, path: str | os.PathLike, recipes_dir: str | os.PathLike | None = None,
+                chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as data: its `base:` loaded first (recursively), this file's sections deep-merged over it.
+
+    Each file's keys are checked against `cls` (an unknown key names the file it is in); a chain of bases
+    that comes back to a file is refused, naming the chain."""
+    path = Path(path)
+    if path.resolve() in chain:
+        names = " -> ".join(p.name for p in (*chain, path.resolve()))
+        raise ConfigError(f"recipe base cycle: {names}; remove the `base:` that closes the loop")
+    data = _read_recipe(path)
+    base = data.pop(BASE_KEY, None)
+    try:
+        _check_keys(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if base is None:
+        return data
+    return deep_merge(load_recipe(cls, _base_path(base, path, recipes_dir), recipes_dir, (*chain, path.resolve())),
+                      data)
+
+
+_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")  # `$${` (a literal `${`) or a reference `${a.b}`
+
+
+def _lookup(data: dict, ref: str, where: str) -> Any:
+    node, path = data, ""
+    for part in ref.strip().split("."):
+        if not isinstance(node, dict):
+            raise ConfigError(f"${{{ref}}} in {where}: {path} is a value, not a section")
+        if part not in node:
+            raise ConfigError(f"${{{ref}}} in {where}: {_unknown_key(path, part, list(node))} (write $${{ for a "
+                              "literal ${)")
+        node, path = node[part], f"{path}.{part}" if path else part
+    return node
+
+
+def interpolate(data: dict, defaults: dict | None = None) -> dict:
+    """Resolve `${a.b}` in the string values of `data` (with `defaults` under it: a reference may name a key
+    the recipe leaves at its default). A string that is one whole reference takes the referenced value, type
+    included; references inside a longer string are formatted into it (non-strings as JSON); `$${` is a
+    literal `${`. A missing key or a cycle is a one-line ConfigError."""
+    full, done = deep_merge(defaults or {}, data), {}
+
+    def resolve(value: Any, key: str, stack: tuple[str, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{key}.{k}" if key else str(k), stack) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, f"{key}[{i}]", stack) for i, v in enumerate(value)]
+        if not isinstance(value, str) or "$" not in value:
+            return value
+        if key in done:
+            return done[key]
+        if key in stack:
+            raise ConfigError(f"interpolation cycle: {' -> '.join((*stack[stack.index(key):], key))}; one of these "
+                              "keys must hold a value")
+        stack = (*stack, key)
+
+        def ref(name: str) -> Any:
+            return resolve(_lookup(full, name, key), name.strip(), stack)
+
+        whole = _REF.fullmatch(value)
+        if whole and whole.group(1) is not None:
+            done[key] = ref(whole.group(1))
+        else:  # embedded: a string as it is, any other value as JSON
+            done[key] = _REF.sub(lambda m: "${" if m.group(1) is None else _embed(ref(m.group(1))), value)
+        return done[key]
+
+    return resolve(full, "", ())
+
+
+def _embed(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _defaults(cls: type) -> dict:
+    try:
+        return to_dict(cls())
+    except TypeError:  # a required field without a default: references may only name the recipe's keys
+        return {}
+
+
 def load_config(cls: type[T], recipe: str | os.PathLike | None, overrides: list[str] = (),
                 recipes_dir: str | os.PathLike | None = None) -> T:
-    """Read a recipe (name or path; None = defaults only), apply overrides, return a checked `cls`."""
+    """Read a recipe (name or path; None = defaults only) and its bases, apply overrides, resolve `${...}`,
+    return a checked `cls`."""
     data: dict = {}
     if recipe is not None:
-        path = find_recipe(recipe, recipes_dir) if recipes_dir else Path(recipe)
-        data = _yaml(path.read_text(), str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return from_dict(cls, apply_overrides(cls, data, list(overrides)))
+        data = load_recipe(cls, find_recipe(recipe, recipes_dir) if recipes_dir else Path(recipe), recipes_dir)
+    return from_dict(cls, interpolate(apply_overrides(cls, data, list(overrides)), _defaults(cls)))
+
+
+def _escape(value: Any) -> Any:
+    """Strings with `${` written as `$${`, so that the YAML loads back as the same values."""
+    if isinstance(value, dict):
+        return {k: _escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape(v) for v in value]
+    return value.replace("${", "$${") if isinstance(value, str) else value
+
+
+def resolved_yaml(obj: Any) -> str:
+    """A resolved config as recipe YAML: loading it gives `obj` again (no base, nothing left to interpolate)."""
+    return yaml.safe_dump(_escape(to_dict(obj)), sort_keys=False)
+
+
+def yaml_text(value: Any) -> str:
+    """One value as short YAML (flow style, one line): how the CLIs and docs show a config value."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def flatten(data: dict, path: str = "") -> dict[str, Any]:
+    """Nested config data -> {"a.b": leaf value}."""
+    out = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        out.update(flatten(value, full) if isinstance(value, dict) and value else {full: value})
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every leaf that differs; a key one side lacks has the value None."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k) or (k in a) != (k in b)]
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
-    return atomic_write(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+    return atomic_write(path, resolved_yaml(obj))
 
 
 def config_hash(obj: Any) -> str:
-    """A short stable hash of a config, stored in checkpoints to notice a changed recipe on resume."""
-    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]
+    """A short stable hash of a config (a dataclass or its `to_dict`), stored in checkpoints with the config."""
+    data = obj if isinstance(obj, dict) else to_dict(obj)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -234,6 +398,5 @@ def config_fields(cls: type, path: str = "") -> list[dict]:
             continue
         value = json.loads(json.dumps(getattr(defaults, f.name)))  # tuples -> lists
         rows.append({"key": key, "type": _type_name(hints[f.name]), "help": helps.get(f.name, ""),
-                     "default": yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...")
-                     .strip()})
+                     "default": yaml_text(value)})
     return rows

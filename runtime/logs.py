@@ -1,4 +1,4 @@
-"""Rank-0 logging: console + `log.txt`, and a TensorBoard writer that exists only on rank 0.
+"""Rank-0 logging: console + `log.txt`, and a TensorBoard writer (the default tracker) that exists only on rank 0.
 
 Other ranks log warnings and errors only, prefixed with their rank, so a multi-node console stays
 readable and a failing rank still says why.
@@ -47,10 +47,18 @@ def get_logger() -> logging.Logger:
 
 
 class TBWriter:
-    """TensorBoard scalars/images/hparams, written by rank 0 only; every call is a no-op elsewhere."""
+    """TensorBoard scalars/images/hparams, written by rank 0 only; every call is a no-op elsewhere.
 
-    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True):
+    An experiment tracker (trainer/trackers.py): the config given to `log_params` is written at `close` as
+    hparams, beside the last value logged of each of `hparam_metrics` (TensorBoard pairs them in one table).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True,
+                 hparam_metrics: tuple[str, ...] = ("eval/top1", "eval/top5")):
         self._w = None
+        self._params: dict[str, Any] | None = None
+        self._final: dict[str, float] = {}
+        self._hparam_metrics = hparam_metrics
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, rank 0 only
 
@@ -60,25 +68,34 @@ class TBWriter:
     def enabled(self) -> bool:
         return self._w is not None
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def log_scalars(self, step: int, values: dict[str, float | None]) -> None:
         """Log each `tag: value` at `step`; None values are left out."""
         if self._w is not None:
             for tag, v in values.items():
                 if v is not None:
                     self._w.add_scalar(tag, float(v), step)
+                    if tag in self._hparam_metrics:
+                        self._final[tag] = float(v)
 
-    def image(self, tag: str, img: Any, step: int) -> None:
+    def log_image(self, tag: str, img: Any, step: int) -> None:
         """Log a (C, H, W) image tensor."""
         if self._w is not None:
             self._w.add_image(tag, img, step)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Log flat hyper-parameters with final metrics."""
-        if self._w is not None:
-            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self._w.add_hparams(clean, metrics, run_name=".")
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Keep flat hyper-parameters, written with the final metrics at `close`."""
+        self._params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Write the hparams (if given; the first metric as NaN when none was logged) and close the file."""
         if self._w is not None:
+            if self._params is not None:
+                from torch.utils.tensorboard.summary import hparams
+
+                final = self._final or {self._hparam_metrics[0]: float("nan")}
+                # the three hparams summaries only: `add_hparams` would also write each metric once more as a
+                # scalar at step 0, a stray point on the run's own eval/top1 curve
+                for summary in hparams(self._params, final):
+                    self._w._get_file_writer().add_summary(summary)
             self._w.close()
             self._w = None

@@ -46,6 +46,47 @@ steps, the same rule in both stages.
 Both stages share the sections `run`, `data`, `optim`, `train`, `eval`, `log`, `checkpoint`, `dist` and
 `debug` (one training core, `trainer/`; see `docs/architecture.md`) and add their model, precision and
 backend sections. `eval.every=0` and `checkpoint.every=0` mean "at every epoch end".
+
+## Recipes that extend a recipe, and references
+
+A recipe may start with `base: NAME` (a recipe of the same stage's folder) or `base: PATH` (relative to the
+recipe's own file): the base is loaded first (it may have a base of its own), then the recipe's sections are
+merged over it key by key (a mapping merges, any other value, a list too, replaces), then the command-line
+overrides. A chain that comes back to a file is refused, naming the chain; an unknown key names the file it
+is in. `vit_l16_in21k` and `vit_h14_in21k` extend `vit_b16_in21k`, `vit_h14_384` extends `vit_l16_384`:
+
+```yaml
+base: vit_b16_in21k
+model: {variant: L/16, representation_size: 1024}
+train: {micro_batch: 128}
+```
+
+After merging and overrides, `${a.b}` in a string value is replaced by the value of key `a.b` (a key left at
+its default too). A value that is one whole reference takes the referenced value and its type
+(`train.micro_batch: ${train.global_batch}` is an int); a reference inside a longer string is formatted into
+it (`run.dir=runs/l16-bs${train.global_batch}-lr${optim.lr}`). A missing key is an error naming the closest ones,
+a cycle is refused, and `$${` is a literal `${` (e.g. a shell variable in `data.shard_root`'s `pipe:` command).
+
+## Seeing the resolved config
+
+```bash
+python -m pretrain config vit_l16_in21k optim.lr=8e-4     # every key: value, type, default; * = not the default
+python -m finetune config vit_l16_384 --yaml > my.yaml     # only the resolved YAML: usable as a recipe
+```
+
+`config` takes the same recipe and overrides as `train` and starts nothing; a bad recipe or override is the
+same one-line error (exit 2). A key `train` would still require (`data.path`, `run.dir`...) is a note on
+stderr.
+
+## Resuming with a changed config
+
+Each checkpoint stores its resolved config. A run started again in the same `run.dir` logs every key that
+changed since its latest checkpoint (`key old -> new`). Changes that break the exact resume (the seed, the
+global or micro batch, the dataset and its split or worker layout, the model's shape, the optimizer, layer
+decay, precision, the ZeRO stage; listed once, in `trainer/checkpoint.py`) are refused with one line naming
+them (exit 2, nothing written) unless `train` is given `--allow-changed`; the run then continues at the
+nearest data position. Everything else (run length, LR schedule, eval, log and checkpoint cadence, `run.dir`
+of a moved run...) is logged and allowed. A world size change is not a config change: both backends reshard.
 """
 
 

@@ -41,6 +41,15 @@ def pretrain_job(data: Path, run_dir: Path, *overrides: str) -> list[str]:
             "eval.every=0", *overrides]
 
 
+def counted_dataset(root: Path, shards: int = 3) -> str:
+    """root/ds/dataset.json listing `shards` train shards and no files: what preflight reads (it counts them)."""
+    ds = root / "ds" / "dataset.json"
+    ds.parent.mkdir()
+    ds.write_text(json.dumps({"splits": {"train": {"shards": [{"name": f"s{i}", "samples": 10}
+                                                              for i in range(shards)]}}}))
+    return str(ds)
+
+
 def report(run_dir: Path) -> dict:
     """The trainer's run_dir/report.json (written by rank 0 at the end)."""
     return json.loads((run_dir / "report.json").read_text())

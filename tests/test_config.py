@@ -92,3 +92,149 @@ def test_resolved_config_round_trips(recipes: Path, tmp_path: Path) -> None:
     assert again == cfg and config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(Recipe, out, ["train.steps=11"])) != config_hash(cfg)
     assert to_dict(cfg)["train"]["optim"]["betas"] == [0.9, 0.999]
+
+
+# ---- base: inheritance ----------------------------------------------------------------------------------------
+
+def test_base_is_deep_merged_recursively(recipes: Path, tmp_path: Path) -> None:
+    (recipes / "mid.yaml").write_text("base: vit_tiny\ntrain: {global_batch: 64, optim: {weight_decay: 0.1}}\n")
+    sub = tmp_path / "mine"
+    sub.mkdir()
+    (sub / "top.yaml").write_text("base: ../mid.yaml\nname: top\ntrain: {optim: {lr: 0.5}}\ntags: [x]\n")
+    cfg = load_config(Recipe, sub / "top.yaml", ["train.steps=3"], recipes_dir=recipes)
+    assert cfg.name == "top" and cfg.tags == ["x"]  # the recipe over its base
+    assert cfg.train.global_batch == 64 and cfg.train.optim.weight_decay == 0.1  # mid's, kept beside top's keys
+    assert cfg.train.optim.lr == 0.5 and cfg.train.steps == 3  # top's over vit_tiny's; the override over all
+    assert load_config(Recipe, "mid", recipes_dir=recipes).train.steps == 10  # a name in the recipes folder
+
+
+def test_base_cycle_bad_name_and_unknown_key_in_base_are_one_line(recipes: Path) -> None:
+    (recipes / "a.yaml").write_text("base: b\nname: a\n")
+    (recipes / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"^recipe base cycle: a.yaml -> b.yaml -> a.yaml; remove") as e:
+        load_config(Recipe, "a", recipes_dir=recipes)
+    (recipes / "c.yaml").write_text("base: vit_tinny\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base: no recipe 'vit_tinny': did you mean vit_tiny\?"):
+        load_config(Recipe, "c", recipes_dir=recipes)
+    (recipes / "typo.yaml").write_text("train: {glob_batch: 8}\n")
+    (recipes / "d.yaml").write_text("base: typo\nname: d\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'train.glob_batch'.*'train.global_batch'"):
+        load_config(Recipe, "d", recipes_dir=recipes)  # the file the key is in, not the one loaded
+    assert "\n" not in str(e.value)
+
+
+def test_shipped_recipes_that_extend_another_resolve_as_written_out() -> None:
+    """The in21k L/16 and H/14 recipes extend B/16's; their resolved values are the paper's, spelled in full."""
+    from pretrain.config import RECIPES_DIR, PretrainConfig
+
+    cfg = load_config(PretrainConfig, "vit_h14_in21k", recipes_dir=RECIPES_DIR)
+    assert (cfg.model.variant, cfg.model.representation_size, cfg.train.micro_batch) == ("H/14", 1280, 64)
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.epochs, cfg.train.global_batch) == (1e-3, 10000, 90, 4096)
+    assert (cfg.model.dropout, cfg.model.compile, cfg.data.workers, cfg.checkpoint.keep) == (0.1, True, 10, 3)
+
+
+# ---- ${a.b} interpolation -------------------------------------------------------------------------------------
+
+def test_interpolation_keeps_the_type_of_a_whole_reference_and_formats_embedded_ones(recipes: Path) -> None:
+    (recipes / "i.yaml").write_text("base: vit_tiny\nname: 'run-${train.steps}-${train.precision}-${tags}'\n"
+                                    "train: {global_batch: '${train.steps}'}\n"
+                                    "tags: ['${train.precision}', '$${literal}']\n")
+    cfg = load_config(Recipe, "i", ["train.optim.weight_decay=${train.optim.lr}"], recipes_dir=recipes)
+    assert cfg.train.global_batch == 10 and cfg.train.optim.weight_decay == 1e-4  # whole: int, float (via str)
+    # precision is a default; a list formats as JSON, its items resolved first (a reference to a reference)
+    assert cfg.name == 'run-10-bf16-["bf16", "${literal}"]'
+    assert cfg.tags == ["bf16", "${literal}"]  # `$${` is a literal `${`
+    again = load_config(Recipe, save_config(cfg, recipes / "out" / "config.yaml"))
+    assert again == cfg  # the saved YAML escapes its `${`: it loads back as the same values
+
+
+def test_interpolation_errors_are_one_line(recipes: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^\$\{train.stepz\} in name: unknown config key 'train.stepz': did you "
+                                          r"mean 'train.steps'\?.*\$\$\{ for a literal"):
+        load_config(Recipe, "vit_tiny", ["name=x${train.stepz}"], recipes_dir=recipes)
+    with pytest.raises(ConfigError, match=r"^interpolation cycle: name -> tags\[0\] -> name; "):
+        load_config(Recipe, "vit_tiny", ["name=${tags}", "tags=['${name}']"], recipes_dir=recipes)
+    with pytest.raises(ConfigError, match=r"train.global_batch must be int, got 'bf16'"):  # types checked after
+        load_config(Recipe, "vit_tiny", ["train.global_batch=${train.precision}"], recipes_dir=recipes)
+
+
+# ---- the `config` verb ----------------------------------------------------------------------------------------
+
+def _stage_main(stage: str):
+    import importlib
+
+    return importlib.import_module(f"{stage}.__main__").main
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_config_verb_prints_every_key_value_type_and_default(stage: str, capsys) -> None:
+    from runtime.config import config_fields
+
+    code = _stage_main(stage)(["config", "debug_cpu", "optim.lr=0.5", "run.dir=runs/${optim.name}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = {line[2:].split()[0]: line for line in out.splitlines()[1:-1]}
+    cls = type(load_config_of(stage))
+    assert list(rows) == [r["key"] for r in config_fields(cls)]  # every key, in order
+    name = {"pretrain": "adamw", "finetune": "sgd"}[stage]
+    assert rows["optim.lr"].split() == ["*", "optim.lr", "0.5", "float", "0.001"]  # changed: marked
+    assert rows["run.dir"].split() == ["*", "run.dir", f"runs/{name}", "str", "''"]  # interpolated
+    assert rows["data.prefetch"].split() == ["data.prefetch", "2", "int", "2"]  # the default: unmarked
+    assert "data.path is required" in err and err.startswith("note: ")  # what train would still refuse
+
+
+def load_config_of(stage: str):
+    import importlib
+
+    module = importlib.import_module(f"{stage}.config")
+    cls = {"pretrain": "PretrainConfig", "finetune": "FinetuneConfig"}[stage]
+    return load_config(getattr(module, cls), "debug_cpu", ["optim.lr=0.5"], recipes_dir=module.RECIPES_DIR)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_config_verb_yaml_loads_back_as_the_same_config_and_a_typo_is_exit_2(stage: str, capsys,
+                                                                            tmp_path: Path) -> None:
+    assert _stage_main(stage)(["config", "debug_cpu", "optim.lr=0.5", "--yaml"]) == 0
+    out = capsys.readouterr().out
+    (tmp_path / "r.yaml").write_text(out)
+    want = load_config_of(stage)
+    assert load_config(type(want), tmp_path / "r.yaml") == want  # pipeable back as a recipe
+    assert _stage_main(stage)(["config", "debug_cpu", "optim.lrr=0.5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()] and err.startswith("error: unknown config key 'optim.lrr'")
+    assert "did you mean 'optim.lr'" in err
+
+
+# ---- resume: the changed keys ---------------------------------------------------------------------------------
+
+def test_resume_names_changed_keys_and_refuses_those_that_break_exact_resume(tmp_path: Path) -> None:
+    from finetune.config import FinetuneConfig
+    from pretrain.config import RECIPES_DIR, PretrainConfig
+    from runtime.config import config_fields
+    from trainer.checkpoint import EXACT_RESUME_KEYS, check_changes, resume_changes
+
+    ckpt_dir = tmp_path / "checkpoints"
+    old = load_config(PretrainConfig, "debug_cpu", ["run.dir=a"], recipes_dir=RECIPES_DIR)
+    new = load_config(PretrainConfig, "debug_cpu", ["run.dir=b", "run.seed=3", "train.micro_batch=4", "eval.every=7",
+                                                    "checkpoint.keep=5", "train.steps=500", "data.path=x"],
+                      recipes_dir=RECIPES_DIR)
+    saved = {"config": to_dict(old), "config_hash": config_hash(old)}
+    breaking, harmless = resume_changes(ckpt_dir, saved, new)
+    assert breaking == ["run.seed 0 -> 3", "data.path '' -> x", "train.micro_batch 8 -> 4"]
+    assert harmless == ["run.dir a -> b", "train.steps 120 -> 500", "eval.every 60 -> 7", "checkpoint.keep 2 -> 5"]
+    with pytest.raises(ConfigError, match=r"^resuming .*global_step4 with changes that break exact resume: run.seed "
+                                          r"0 -> 3; data.path '' -> x; train.micro_batch 8 -> 4; .*--allow-changed"):
+        check_changes(ckpt_dir, "global_step4", saved, new, allow_changed=False)
+    check_changes(ckpt_dir, "global_step4", saved, new, allow_changed=True)
+    harmless_only = load_config(PretrainConfig, "debug_cpu", ["run.dir=b", "log.every=1"], recipes_dir=RECIPES_DIR)
+    check_changes(ckpt_dir, "global_step4", saved, harmless_only, allow_changed=False)
+    del saved["config"]["data"]["min_size"]  # a key added after the checkpoint was written: not refused
+    assert resume_changes(ckpt_dir, saved, harmless_only)[0] == []
+    assert "data.min_size null -> 16 (a new key)" in resume_changes(ckpt_dir, saved, harmless_only)[1]
+    # an older checkpoint (its config's hash only): the run dir's config.yaml, when it is that config
+    save_config(old, tmp_path / "config.yaml")
+    assert resume_changes(ckpt_dir, {"config_hash": config_hash(old)}, new) == (breaking, harmless)
+    assert resume_changes(ckpt_dir, {"config_hash": "0123456789abcdef"}, new) is None
+    # every listed key is a key (or section) of a stage's config: a renamed field cannot drop out unnoticed
+    keys = {r["key"] for cls in (PretrainConfig, FinetuneConfig) for r in config_fields(cls)}
+    assert [k for k in EXACT_RESUME_KEYS if not any(key == k or key.startswith(k + ".") for key in keys)] == []

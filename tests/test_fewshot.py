@@ -4,6 +4,7 @@ in-training eval of a real pre-training run on digits."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,10 @@ def test_training_logs_fewshot_and_inspect(pretrained: Path) -> None:
     assert last["10shot"] > first["10shot"] + 0.1  # pre-training improves the representation
     tags = _scalars(pretrained)
     assert [s for s, _ in tags["fewshot/shards/10shot"]] == [0, 150, 300]
+    log = (pretrained / "log.txt").read_text()  # the extraction's progress, ~every 10 % (rank 0)
+    for split in ("train", "val"):
+        assert re.search(rf"few-shot features shards/{split}: (\d+)/\1 batches \(100%\) \| \d+ img/s \| eta 0s",
+                         log), log[-3000:]
     assert {f"inspect/{f}" for f in ("embedding_filters", "pos_embed_similarity", "attention_distance",
                                      "attention_rollout")} <= set(tags["_images"])
 

@@ -221,6 +221,9 @@ def test_two_processes_train_in_sync(two_procs: Path) -> None:
     assert ranks[0]["step"] == STEPS
     report = json.loads((two_procs / "run" / "report.json").read_text())
     assert report["world_size"] == 2 and report["applied_steps"] == STEPS and report["skipped_steps"] == 0
+    # the eval's progress in the log (rank 0 only): batches done/total, img/s and the ETA, up to 100 %
+    log = (two_procs / "run" / "log.txt").read_text()
+    assert re.search(r"eval: (\d+)/\1 batches \(100%\) \| \d+ img/s \| eta 0s", log), log[-3000:]
 
 
 def test_accumulation_and_two_process_steps_give_the_same_weights(tmp_path: Path) -> None:

@@ -61,14 +61,22 @@ def test_logging_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> No
     logging.getLogger("vitscale").handlers.clear()
 
     tb = TBWriter(tmp_path / "tb", enabled=True)
-    tb.scalars({"train/loss": 1.5, "train/mfu": None}, step=1)
+    tb.log_scalars(1, {"train/loss": 1.5, "train/mfu": None})
+    tb.log_scalars(6, {"eval/top1": 0.25})
+    tb.log_params({"optim.lr": 1e-3, "model.variant": "B/16"})
     tb.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    assert acc.Tags()["scalars"] == ["train/loss"]
+    assert sorted(acc.Tags()["scalars"]) == ["eval/top1", "train/loss"]
     assert acc.Scalars("train/loss")[0].value == 1.5
+    # the hparams table pairs the config with the final top-1, and adds no point to the curve (once at step 0)
+    assert [(e.step, e.value) for e in acc.Scalars("eval/top1")] == [(6, 0.25)]
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["optim.lr"].number_value == 1e-3 and start.hparams["model.variant"].string_value == "B/16"
     off = TBWriter(tmp_path / "tb_off", enabled=False)
-    off.scalars({"x": 1.0}, 0)
+    off.log_scalars(0, {"x": 1.0})
     assert not off.enabled and not (tmp_path / "tb_off").exists()

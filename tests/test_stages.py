@@ -8,7 +8,8 @@ and fine-tuning (the core on Accelerate), on real shards (sklearn digits), 2 pro
 - `eval` of the exported and of the best weights = the run's reported top-1, exactly;
 - the same TensorBoard tags from both stages;
 - deepspeed / accelerate imported only by their backend modules;
-- the core's checkpoint resumed at another world size, both ways (2 -> 1 -> 2 processes).
+- the core's checkpoint resumed at another world size, both ways (2 -> 1 -> 2 processes);
+- resuming with a changed seed: refused, naming the key old -> new (exit 2), unless `--allow-changed`.
 
 The expensive runs are made once per session (`Runs`) and read by several tests.
 """
@@ -305,8 +306,7 @@ def test_same_tensorboard_tags_from_both_stages(runs: Runs) -> None:
     assert any(t.startswith("data/skipped_") for t in pre), pre
     for stage in STAGES:  # every step logged (log.every=1), evals at 6 and 12
         assert [step for step, _ in tags[stage]["train/loss"]] == list(range(1, STEPS + 1)), stage
-        # (hparams' final metric is written as one more eval/top1 point at step 0: runtime.logs.TBWriter.hparams)
-        assert [step for step, _ in tags[stage]["eval/top1"] if step] == [6, 12], stage
+        assert [step for step, _ in tags[stage]["eval/top1"]] == [6, 12], stage
 
 
 # ---- 6. deepspeed / accelerate only behind their backends -----------------------------------------------------
@@ -377,3 +377,22 @@ def test_world_size_change_2_1_2(stage: str, runs: Runs, tmp_path: Path) -> None
     last = r["last"]
     assert abs(last["loss"] - base["last"]["loss"]) <= 0.05 and last["top1"] >= 0.05, (last, base["last"])
     assert all(torch.isfinite(v).all() for v in weights(run_dir).values())
+
+
+# ---- 8. resume with a config change that breaks exact resume -------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_with_a_changed_seed_refused_unless_allowed(runs: Runs, cli_server: CliServer, tmp_path: Path) -> None:
+    """The core's preflight, on fine-tuning (the cheaper stage): the killed run resumed with run.seed=1 is one line
+    naming it, nothing written; `--allow-changed` resumes, logging the harmless changes too (fault, run dir)."""
+    run_dir = copy_run(runs.killed("finetune")[0], tmp_path / "run")
+    before = files(run_dir)
+    proc = cli_server.run("finetune", *train_args("finetune", runs.data, run_dir, runs.init, *COMMON, *MIXED,
+                                                  "run.seed=1")[2:])
+    line = assert_one_error_line(proc, "changed seed")
+    assert "break exact resume: run.seed 0 -> 1;" in line and "--allow-changed" in line, line
+    assert files(run_dir) == before, "the refused resume wrote into its run dir"
+    rc, out = runs.train("finetune", run_dir, *COMMON, *MIXED, "run.seed=1", "--allow-changed")
+    assert rc == 0 and "resumed from global_step4" in out and "run.seed 0 -> 1 (--allow-changed" in out, out[-3000:]
+    assert "changed debug.kill_at_step 6 -> null" in out and "changed run.dir " in out, out[-3000:]
+    assert (report(run_dir)["steps"], report(run_dir)["config"]["run"]["seed"]) == (STEPS, 1)

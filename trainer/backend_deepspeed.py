@@ -28,6 +28,7 @@ from torch import nn
 
 from runtime.config import ConfigError
 from runtime.dist import DistEnv, accumulation_steps, barrier
+from runtime.progress import progress_bar
 from trainer.checkpoint import DEEPSPEED_GLOBALS, check_pickles
 from trainer.optim import build_optimizer, set_lr
 
@@ -192,8 +193,9 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     except ValueError:  # bf16 with ZeRO 0/1 uses DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read
         zero = convert_universal(ckpt_dir, tag) / "zero"
+        files = [p for p in sorted(zero.iterdir()) if (p / "fp32.pt").exists()]  # one folder per parameter
         sd = {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=True)["param"]
-              for p in sorted(zero.iterdir()) if (p / "fp32.pt").exists()}
+              for p in progress_bar(files, desc="consolidate", unit="param")}
     return {k: v.float() for k, v in sd.items()}
 
 

@@ -4,7 +4,7 @@ run.dir/checkpoints/
   global_step{N}/            the backend's own files (DeepSpeed's model + optimizer shards, or the
                              Accelerate backend's model.safetensors + optimizer.pt)
     trainer_state.json       step, applied steps, epoch, stream position, evals, world size, backend,
-                             config hash, class names, the model's ViTConfig
+                             the resolved config (and its hash), class names, the model's ViTConfig
     rng_rank{r}.safetensors  each rank's torch RNG states (dropout, drop-path; mixup is seeded per micro-batch)
     ema.safetensors          EMA weights, when enabled
   latest                     tag of the newest COMPLETE checkpoint: written by rank 0 only after every rank
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
-from runtime.config import ConfigError
+from runtime.config import ConfigError, config_changes, config_hash, flatten, to_dict, yaml_text
 from runtime.dist import DistEnv, barrier
 from runtime.io import atomic_path, atomic_write, atomic_write_json
+from trainer.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
@@ -52,10 +54,6 @@ DEEPSPEED_GLOBALS = frozenset({
 class UnsafeCheckpointError(ConfigError):
     """A checkpoint file that could run code when unpickled, or that is not a torch checkpoint at all.
     (A bad input like a bad config: the CLIs report it on one line with exit code 2.)"""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written on some rank; the previous one is intact and still `latest`."""
 
 
 def check_pickles(folder: str | Path, allowed: Iterable[str] = ()) -> int:
@@ -115,6 +113,65 @@ def check_resumable(ckpt_dir: str | Path, tag: str, backend: str) -> dict:
         raise ConfigError(f"{Path(ckpt_dir) / tag} is a {state['backend']} checkpoint, not {backend}'s: run.dir "
                           "belongs to the other stage; pass a new run.dir (or init=that run dir to start from it)")
     return state
+
+
+# The config keys a resume cannot change and still be the continuation of the saved run; the one list, read by
+# preflight (refused, exit 2, unless `train --allow-changed`) and by the loop (logged). Every other key is a
+# setting the user may change between starts (eval/log/checkpoint cadence, run length, LR, augmentation, debug,
+# run.dir when the run was moved...): logged and allowed. A section name covers all its keys.
+EXACT_RESUME_KEYS = (
+    # the sample order: the saved stream position (data_prep/stream.py's LAYOUT_KEYS) and the RNG states count
+    # samples of this seed, dataset, split, batch layout and worker split
+    "run.seed", "data.path", "data.train_split", "data.workers", "data.resampled", "data.samples_per_epoch",
+    "data.shuffle_buffer", "data.min_size", "train.global_batch", "train.micro_batch",
+    # the checkpoint's tensors: the model's shapes, the optimizer's state and parameter groups (layer decay 1
+    # makes two groups, any other value one per layer), and the backend's layout of both (ZeRO stage, precision's
+    # master weights). The world size is not a key: both backends reshard (DeepSpeed's universal checkpoint,
+    # Accelerate's full state), and the stream continues at the nearest position.
+    "model.variant", "model.image_size", "model.representation_size", "data.num_classes", "optim.name",
+    "optim.layer_decay", "precision", "zero.stage", "deepspeed.zero_stage",
+)
+
+
+def breaks_exact_resume(key: str) -> bool:
+    """Whether changing config `key` (a.b) between two starts of a run breaks its exact resume."""
+    return any(key == k or key.startswith(k + ".") for k in EXACT_RESUME_KEYS)
+
+
+def saved_config(ckpt_dir: str | Path, saved: dict) -> dict | None:
+    """The resolved config checkpoint state `saved` was written with; None when it cannot be told. Older
+    checkpoints hold only its hash: the run dir's config.yaml is used when it hashes the same."""
+    if isinstance(saved.get("config"), dict):
+        return saved["config"]
+    f = Path(ckpt_dir).parent / "config.yaml"
+    try:
+        data = yaml.safe_load(f.read_text()) if f.is_file() else None
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) and config_hash(data) == saved.get("config_hash") else None
+
+
+def resume_changes(ckpt_dir: str | Path, saved: dict, cfg) -> tuple[list[str], list[str]] | None:
+    """The keys `cfg` changed since checkpoint state `saved`, as ("key old -> new" lines that break exact resume,
+    those that do not); None when the saved config is unknown."""
+    old = saved_config(ckpt_dir, saved)
+    if old is None:
+        return None
+    breaking, harmless, known = [], [], flatten(old)
+    for key, before, after in config_changes(old, to_dict(cfg)):
+        # a key the saved config lacks is one a newer vitscale added (or a removed one): not a change of the user's
+        line = f"{key} {yaml_text(before)} -> {yaml_text(after)}" + ("" if key in known else " (a new key)")
+        (breaking if breaks_exact_resume(key) and key in known else harmless).append(line)
+    return breaking, harmless
+
+
+def check_changes(ckpt_dir: str | Path, tag: str, saved: dict, cfg, allow_changed: bool) -> None:
+    """Refuse (ConfigError) to resume checkpoint `tag` with a config that breaks its exact resume, unless allowed."""
+    changes = resume_changes(ckpt_dir, saved, cfg)
+    if changes and changes[0] and not allow_changed:
+        raise ConfigError(f"resuming {Path(ckpt_dir) / tag} with changes that break exact resume: "
+                          f"{'; '.join(changes[0])}; restore them, start a new run.dir, or pass --allow-changed to "
+                          "`train` to resume anyway (not sample-exact)")
 
 
 def save(backend, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, keep: int,

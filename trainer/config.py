@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_prep.stream_config import DataCfg
+from data_prep.stream_config import DataCfg, url_source_problems
 
 __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
            "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "missing_datasets",
-           "total_steps"]
+           "is_local", "total_steps"]
 
 
 @dataclass
@@ -90,6 +90,12 @@ class EvalCfg:
 class LogCfg:
     every: int = 50  # optimizer steps between reading the loss on the host
     peak_tflops: float | None = None  # per device, for MFU; None: from the device name
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": (
+            "where rank 0 sends the scalars, the config and the images: tensorboard (RUN_DIR/tb), wandb (WANDB_MODE "
+            "decides online or offline; files in RUN_DIR/wandb), mlflow (MLFLOW_TRACKING_URI, else a file store in "
+            "RUN_DIR/mlruns); wandb and mlflow are pip extras: `pip install -e .[wandb]`")})
+    project: str = "vitscale"  # the wandb project and the MLflow experiment; a run is named after its run dir
 
 
 @dataclass
@@ -135,6 +141,7 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
     problems = [f"{k} is required (set it in the recipe or as {k}=...)" for k, v in {
         "data.path": cfg.data.path, "run.dir": cfg.run.dir, "train.global_batch": cfg.train.global_batch,
         "train.micro_batch": cfg.train.micro_batch}.items() if not v]
+    problems += url_source_problems(cfg.data)
     durations = [k for k in ("steps", "epochs", "samples") if getattr(cfg.train, k) is not None]
     if len(durations) != 1:
         problems.append(f"give exactly one of train.steps, train.epochs, train.samples (got {durations or 'none'})")
@@ -167,6 +174,12 @@ def validate_fewshot(f: FewShotCfg, prefix: str = "eval.fewshot.") -> list[str]:
     if not f.l2 or min(f.l2) <= 0:
         problems.append(f"{prefix}l2 must be a list of regularisers > 0, got {f.l2}")
     return problems
+
+
+def is_local(path: str) -> bool:
+    """Whether data.path names this filesystem (a dataset.json, its folder or tar paths), not a URL, `pipe:`
+    command or brace pattern (checked where they are read)."""
+    return "://" not in path and not path.startswith("pipe:") and "{" not in path
 
 
 def missing_datasets(f: FewShotCfg, key: str = "eval.fewshot.datasets") -> list[str]:

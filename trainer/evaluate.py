@@ -20,6 +20,7 @@ from torch import nn
 from data_prep.stream import DataCfg, build_loader, normalize
 from runtime.config import ConfigError, parse_override
 from runtime.dist import detect, init_distributed
+from runtime.progress import progress_bar
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,11 +37,12 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, input_dtype: torch.dtype = torch.float32,
              context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             mean_std: tuple | None = None) -> dict:
+             mean_std: tuple | None = None, progress=None) -> dict:
     """Exact top-1/top-5 and mean loss over an eval loader, summed over all ranks (every rank must call it).
 
     Labels of -1 (the stream's padding that keeps ranks in step) are not counted; the forward still runs,
-    since under ZeRO-3 a forward is a collective. `context()` wraps each forward (autocast).
+    since under ZeRO-3 a forward is a collective. `context()` wraps each forward (autocast). `progress`
+    (runtime.progress: a bar or LogProgress) is advanced by one batch and its images per forward.
     """
     was_training = model.training
     model.eval()
@@ -57,6 +59,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, input_dtype: torch.
         loss = F.cross_entropy(logits, y, reduction="sum") if len(y) else logits.sum()
         sums += torch.stack([torch.tensor(float(len(y)), device=device, dtype=torch.float64),
                              hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), loss.double()])
+        if progress is not None:
+            progress.update(1, items=len(x))
     sums = _all_reduce(sums)
     model.train(was_training)
     n = int(sums[0].item())
@@ -96,7 +100,8 @@ def eval_options(overrides: list[str]) -> tuple[DataCfg, dict]:
 
 def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     """`eval WEIGHTS data.path=... [key=value ...]`: top-1/top-5 of a weight file (or a run dir's latest
-    checkpoint) on a split, with the file's eval settings unless overridden; one process or torchrun."""
+    checkpoint) on a split, with the file's eval settings unless overridden; one process or torchrun.
+    A progress bar on rank 0's terminal unless switched off (runtime.progress)."""
     from trainer.export import load_eval_model
 
     data, o = eval_options(overrides)
@@ -112,7 +117,9 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
                           micro_batch=o["eval.micro_batch"], seed=0, device=dev)
     try:
         context = (lambda: torch.autocast(dev.type, dtype=dtype)) if amp else contextlib.nullcontext
-        m = evaluate(model, loader, dev, torch.float32 if amp else dtype, context, (settings.mean, settings.std))
+        with progress_bar(total=len(loader), desc="eval", unit="batch") as bar:
+            m = evaluate(model, loader, dev, torch.float32 if amp else dtype, context, (settings.mean, settings.std),
+                         bar)
     finally:
         loader.close()
     m.update(weights=str(path), image_size=list(model.cfg.image_hw), split=o["data.split"], precision=precision,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ConfigError
+from runtime.progress import progress_bar
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
 from vit.interop import hf_blocker, read_any, save_hf, timm_blocker
@@ -65,18 +66,28 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     fmt = "timm" if timm else fmt
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    sd, vcfg, state = consolidate(run_dir, tag, ema)
-    VisionTransformer(vcfg).load_state_dict(sd, strict=True)  # the contract: every key, right shapes
-    why = {"timm": timm_blocker, "hf": hf_blocker}.get(fmt, lambda _: None)(vcfg)
-    if why:  # before anything is written
-        raise ConfigError(f"{run_dir}: the model {why}")
-    sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
-    settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    if fmt == "hf":
-        return save_hf(Path(out) if out else Path(run_dir) / "export" / "hf", sd, vcfg, state["class_names"],
-                       settings)
-    out = Path(out) if out else Path(run_dir) / "export" / "model.safetensors"
-    return save_weights(out, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
+    with progress_bar(total=3, desc="export", unit="phase") as bar:  # a big checkpoint takes minutes per phase
+        bar.set_postfix_str("consolidating the checkpoint")
+        sd, vcfg, state = consolidate(run_dir, tag, ema)
+        bar.update(1)
+        bar.set_postfix_str("checking the weights")
+        VisionTransformer(vcfg).load_state_dict(sd, strict=True)  # the contract: every key, right shapes
+        why = {"timm": timm_blocker, "hf": hf_blocker}.get(fmt, lambda _: None)(vcfg)
+        if why:  # before anything is written
+            raise ConfigError(f"{run_dir}: the model {why}")
+        sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
+        settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
+        bar.update(1)
+        bar.set_postfix_str("writing")
+        if fmt == "hf":
+            written = save_hf(Path(out) if out else Path(run_dir) / "export" / "hf", sd, vcfg, state["class_names"],
+                              settings)
+        else:
+            written = save_weights(Path(out) if out else Path(run_dir) / "export" / "model.safetensors", sd, vcfg,
+                                   state["class_names"], state["step"], eval_settings=settings)
+        bar.set_postfix_str("done", refresh=False)
+        bar.update(1)
+    return written
 
 
 def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") -> tuple[VisionTransformer,

@@ -25,6 +25,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 from data_prep.stream import DataCfg, build_loader, normalize
 from runtime.dist import DistEnv
+from runtime.progress import LogProgress
 from trainer.config import FewShotCfg
 
 DEFAULT_L2 = FewShotCfg().l2
@@ -139,11 +141,12 @@ def _gather(obj: object) -> list:
 def extract_features(model: nn.Module, head: nn.Module, loader, device: torch.device,
                      input_dtype: torch.dtype = torch.float32,
                      context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                     mean_std: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     mean_std: tuple | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (n, d) float32, labels (n,)) of every labelled sample of an eval stream (`with_keys=True`),
     gathered from all ranks and sorted by key (every rank must call it: under ZeRO-3 a forward is a collective).
 
     The features are the input of `head` (the pre-logits), captured by a hook during `model`'s own forward.
+    `progress` (runtime.progress: a bar or LogProgress) is advanced by one batch and its images per forward.
     """
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
@@ -161,6 +164,8 @@ def extract_features(model: nn.Module, head: nn.Module, loader, device: torch.de
             feats.append(f[valid])
             labels.append(y[valid])
             keys += [key for key, v in zip(k, valid.tolist(), strict=True) if v]
+            if progress is not None:
+                progress.update(1, items=len(x))
     finally:
         hook.remove()
         model.train(was_training)
@@ -181,17 +186,22 @@ def dataset_name(path: str) -> str:
 
 def dataset_features(model: nn.Module, head: nn.Module, data: DataCfg, splits: tuple[str, str], env: DistEnv,
                      image_size: tuple[int, int], micro_batch: int, device: torch.device,
-                     input_dtype: torch.dtype, context, mean_std: tuple | None = None) -> tuple[dict, int]:
-    """({split: (features, labels)}, number of classes) of a dataset's train and val splits."""
+                     input_dtype: torch.dtype, context, mean_std: tuple | None = None,
+                     progress: Callable[[str, int], Any] | None = None) -> tuple[dict, int]:
+    """({split: (features, labels)}, number of classes) of a dataset's train and val splits.
+    `progress(desc, batches)`, if given, makes each split's progress (a bar or LogProgress; None: none)."""
     out, num_classes = {}, 0
     for split in splits:
         loader = build_loader(data, split, train=False, dist_env=env, image_size=image_size,
                               micro_batch=micro_batch, seed=0, device=device, with_keys=True)
+        prog = progress(f"features {dataset_name(data.path)}/{split}", len(loader)) if progress else None
         try:
-            out[split] = extract_features(model, head, loader, device, input_dtype, context, mean_std)
+            out[split] = extract_features(model, head, loader, device, input_dtype, context, mean_std, prog)
             num_classes = max(num_classes, loader.num_classes or int(out[split][1].max()) + 1)
         finally:
             loader.close()
+            if prog is not None:
+                prog.close()
     return out, num_classes
 
 
@@ -206,13 +216,18 @@ class FewShotEval:
         # only for the duration of one eval)
         self.data = [dataclasses.replace(cfg.data, path=p, num_classes=None, shard_root=None) for p in self.f.datasets]
 
+    def _log_progress(self, desc: str, total: int) -> LogProgress | None:
+        """Few-shot feature extraction in the run's log, ~every 10 % (rank 0)."""
+        return LogProgress(total, f"few-shot {desc}", ranks=self.env.world_size) if self.env.is_main else None
+
     def run(self, backend, step: int) -> dict:
         """{dataset: {k: top-1 result}} of the backend's current weights (every rank must call it)."""
         t0, results = time.perf_counter(), {}
         for data in self.data:
             feats, n = dataset_features(backend.eval_model(), backend.module.head, data,
                                         (self.f.train_split, self.f.val_split), self.env, self.image_size,
-                                        self.micro_batch, backend.device, backend.input_dtype, backend.eval_context)
+                                        self.micro_batch, backend.device, backend.input_dtype, backend.eval_context,
+                                        progress=self._log_progress)
             results[dataset_name(data.path)] = fewshot_top1(feats[self.f.train_split], feats[self.f.val_split], n,
                                                             self.f.shots, self.f.seeds, self.f.holdout, self.f.l2)
         self.monitor.log_fewshot(results, step, time.perf_counter() - t0)

@@ -20,6 +20,7 @@ import torch
 from runtime.config import ConfigError, from_dict, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.io import atomic_write_json
+from runtime.progress import progress_bar
 from trainer.config import DataCfg, FewShotCfg, missing_datasets, validate_fewshot
 from trainer.evaluate import DTYPES
 from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
@@ -74,7 +75,8 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
     context = (lambda: torch.autocast(dev.type, dtype=dtype)) if amp else contextlib.nullcontext
     feats, n = dataset_features(model, model.head, data, (fs.train_split, fs.val_split), env, model.cfg.image_hw,
                                 o["eval.micro_batch"], dev, torch.float32 if amp else dtype, context,
-                                (settings.mean, settings.std))
+                                (settings.mean, settings.std),
+                                progress=lambda desc, total: progress_bar(total=total, desc=desc, unit="batch"))
     return feats, n, {"image_size": list(model.cfg.image_hw), "precision": precision, "crop_pct": data.crop_pct,
                       "is_main": env.is_main}
 
@@ -102,16 +104,3 @@ def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dic
         print("\n".join(f"  {label:<26}{top1:>8.2%}" for label, top1 in rows))
         print(json.dumps({"top1": {label: top1 for label, top1 in rows}, "json": str(out)}))
     return result
-
-
-def fewshot_verbs(sub) -> dict:
-    """The stage CLI's `fewshot` and `linear-probe` verbs (for trainer.cli.stage_main's `extra=`)."""
-    for verb, text in (("fewshot", "few-shot linear top-1 (closed-form ridge on frozen pre-logits, big_vision's "
-                        "fewshot_lsr) of a weight file on a dataset"),
-                       ("linear-probe", "the same ridge on the features of the whole training split")):
-        v = sub.add_parser(verb, help=text)
-        v.add_argument("weights", help="a vitscale weight file or a run dir (its latest checkpoint)")
-        v.add_argument("overrides", nargs="*", help="data.path=... (required), shots=1,5,10, seeds=3, holdout=2, "
-                       "out=F.json, data.train_split=, data.val_split=, model.image_size=, eval.micro_batch=")
-    return {"fewshot": lambda a: fewshot_verb(a.weights, a.overrides),
-            "linear-probe": lambda a: fewshot_verb(a.weights, a.overrides, probe=True)}

@@ -23,11 +23,13 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from data_prep.stream import mixup_cutmix, normalize
-from runtime.config import config_hash
+from runtime.config import config_hash, to_dict
 from runtime.dist import DistEnv
 from runtime.logs import get_logger
+from runtime.progress import LogProgress
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
+from trainer.errors import NonFiniteLoss
 from trainer.evaluate import evaluate
 from trainer.fewshot import FewShotEval
 from trainer.loss import classification_loss
@@ -36,10 +38,6 @@ from trainer.optim import EMA, lr_at
 from trainer.preempt import LAUNCHER_PID, Preemption
 from vit import ViTConfig
 from vit.weights import EvalSettings, save_weights
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many consecutive steps had a NaN/inf loss or gradient."""
 
 
 @dataclass
@@ -83,16 +81,15 @@ class Loop:
                 "best_top1": s.best_top1, "fewshot": s.fewshot, "epoch": self.loader.epoch,
                 "stream": self.loader.state_dict(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0, "config_hash": config_hash(self.cfg),
-                "class_names": self.names, "vit_config": self.vcfg.to_json(),
+                "config": to_dict(self.cfg), "class_names": self.names, "vit_config": self.vcfg.to_json(),
                 "eval_settings": self.settings.to_dict(), "evaluated_ema": self.ema is not None}
 
     def resume(self, ckpt_dir: Path, tag: str, saved: dict, universal: bool) -> None:
         """Restore the whole state of checkpoint `tag` (the backend's files, stream, RNG, EMA, counters)."""
-        if saved.get("config_hash") != config_hash(self.cfg):
-            self.log.warning(f"resuming {tag} with a changed config (hash {saved.get('config_hash')} -> "
-                             f"{config_hash(self.cfg)})")
+        breaking = self.log_changes(ckpt_dir, tag, saved)
         self.backend.load(ckpt_dir, tag, universal)
-        self.loader.load_state_dict(saved["stream"], strict=not universal)
+        # a change that breaks exact resume (allowed by --allow-changed) continues at the nearest position too
+        self.loader.load_state_dict(saved["stream"], strict=not (universal or breaking))
         if universal:
             self.log.warning(f"world size changed {saved['world_size']} -> {self.env.world_size}: resumed {tag}; "
                              "the data order continues at the nearest position (not sample-exact)")
@@ -104,6 +101,22 @@ class Loop:
                               evals=saved["evals"], best_top1=saved["best_top1"], fewshot=saved.get("fewshot", []))
         self.micro = self.state.step * self.backend.accumulation
         self.log.info(f"resumed from {tag} (step {saved['step']}, {saved['skipped']} skipped)")
+
+    def log_changes(self, ckpt_dir: Path, tag: str, saved: dict) -> bool:
+        """Log each config key changed since checkpoint `tag` (old -> new); True if one breaks exact resume
+        (preflight refused those unless `--allow-changed`)."""
+        changes = ckpt.resume_changes(ckpt_dir, saved, self.cfg)
+        if changes is None:  # a checkpoint without its config: only the hash tells
+            if saved.get("config_hash") != config_hash(self.cfg):
+                self.log.warning(f"resuming {tag} with a changed config (hash {saved.get('config_hash')} -> "
+                                 f"{config_hash(self.cfg)})")
+            return False
+        breaking, harmless = changes
+        for line in breaking:
+            self.log.warning(f"resuming {tag} with a changed {line} (--allow-changed: not sample-exact)")
+        for line in harmless:
+            self.log.info(f"resuming {tag} with a changed {line}")
+        return bool(breaking)
 
     def save(self) -> None:
         step = self.state.step
@@ -201,9 +214,10 @@ class Loop:
                          f"train.max_bad_steps={limit}); {batch}")
 
     # ---- eval and weights ---------------------------------------------------------------------------------
-    def _evaluate(self) -> dict:
+    def _evaluate(self, desc: str = "eval") -> dict:
         b = self.backend
-        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context)
+        progress = LogProgress(len(self.val_loader), desc, ranks=self.env.world_size) if self.env.is_main else None
+        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context, progress=progress)
 
     def run_eval(self) -> None:
         """Evaluate the kept weights (the EMA when enabled, the raw weights' top-1 beside it); keep
@@ -212,7 +226,7 @@ class Loop:
         m = self._evaluate()
         if self.ema is not None:
             with swapped(self.backend.module, self.ema.state_dict()):
-                m = {**self._evaluate(), "raw_top1": m["top1"]}
+                m = {**self._evaluate("eval (EMA)"), "raw_top1": m["top1"]}
         m.update(step=s.step, epoch=self.loader.epoch)
         s.evals.append(m)
         self.monitor.log_eval(m, s.step)

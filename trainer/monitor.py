@@ -1,8 +1,9 @@
-"""The one console + TensorBoard logger of both stages (rank 0 writes; every rank measures).
+"""The one console + tracker logger of both stages (rank 0 writes; every rank measures).
 
 The loss is summed on the device and read only at log steps, so logging costs one host sync per `log.every`
 steps. Both stages log the same tags: train/*, perf/*, eval/*, data/skipped_*, the first batch as an image
-grid and the config as hparams. See docs/architecture.md.
+grid and the config as params, to every tracker of `log.trackers` (TensorBoard by default; trainer/trackers.py).
+See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 import torch.distributed as torch_dist
 import torchvision
 
-from runtime.config import to_dict
+from runtime.config import ConfigError
 from runtime.dist import DistEnv
-from runtime.logs import TBWriter, get_logger
+from runtime.logs import get_logger
 from runtime.meters import ThroughputMeter, peak_flops
+from runtime.progress import format_eta
+from trainer.trackers import Tracker, flat_params, start_trackers
 from vit import VisionTransformer, ViTConfig, train_flops_per_image
 
 
@@ -25,23 +28,19 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def format_eta(seconds: float) -> str:
-    """'3h12m', '7m05s' or '42s'."""
-    s = int(max(0.0, seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 class Monitor:
-    """Meters + console + TensorBoard for one training run."""
+    """Meters + console + the experiment trackers (rank 0) for one training run."""
 
     def __init__(self, cfg, env: DistEnv, vcfg: ViTConfig, run_dir: Path, total_steps: int):
         self.cfg, self.env, self.total_steps = cfg, env, total_steps
         peak = peak_flops(_device_name(), cfg.log.peak_tflops)
         self.meter = ThroughputMeter(train_flops_per_image(vcfg), env.world_size, peak)
-        self.tb = TBWriter(run_dir / "tb", enabled=env.is_main)
+        self.trackers = _start(cfg.log, run_dir, env)  # [] on the other ranks
+        params = flat_params(cfg) if self.trackers else {}
+        for t in self.trackers:  # at the start, so that a run that stops early still has its config
+            t.log_params(params)
         self.log = get_logger()
+        self._closed = False
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._grid_done = False
@@ -59,7 +58,7 @@ class Monitor:
             self._grid_done = True
             self.sample_images = images[:8].cpu()  # (8, 3, H, W)
             grid = torchvision.utils.make_grid(images[:32].cpu(), nrow=8)  # uint8 (3, H', W')
-            self.tb.image("train/batch", grid, step)
+            self._image("train/batch", grid, step)
 
     def _global_loss(self, device: torch.device) -> float:
         """The mean micro-batch loss since the last log, over all ranks (the one host sync)."""
@@ -87,7 +86,7 @@ class Monitor:
         loss = self._global_loss(backend.device)
         s = self.meter.summary()
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        self.tb.scalars({
+        self._scalars({
             "train/loss": loss, "train/lr": lr, "train/grad_norm": backend.grad_norm(),
             "train/loss_scale": backend.loss_scale(), "train/skipped_steps": skipped_steps,
             "perf/img_per_s": s["img_per_s"], "perf/img_per_s_per_gpu": s["img_per_s_per_device"],
@@ -95,7 +94,7 @@ class Monitor:
             "perf/gpu_mem_gib": mem,
         }, step)
         faults = self.data_faults(stream_stats, backend.device)
-        self.tb.scalars({f"data/skipped_{r}": n for r, n in faults.items()}, step)
+        self._scalars({f"data/skipped_{r}": n for r, n in faults.items()}, step)
         skipped = ", ".join(f"{r} {n}" for r, n in faults.items() if n)
         end = self.total_steps + skipped_steps  # a skipped step is made up: the run ends that much later
         eta = (end - step) * (s["step_time"] or 0.0)
@@ -105,21 +104,22 @@ class Monitor:
                       + (f" | data skipped: {skipped}" if skipped else ""))
 
     def log_eval(self, metrics: dict, step: int) -> None:
-        self.tb.scalars({f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss", "raw_top1") if k in metrics}, step)
+        """eval/{top1,top5,loss,raw_top1} and one console line."""
+        self._scalars({f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss", "raw_top1") if k in metrics}, step)
         self.log.info(f"eval step {step}: top-1 {metrics['top1']:.2%} top-5 {metrics['top5']:.2%} "
                       f"({metrics['samples']} images)")
 
     def log_fewshot(self, results: dict, step: int, seconds: float) -> None:
         """Few-shot top-1 per dataset and shot count: `fewshot/<dataset>/<k>shot` and one console line."""
-        self.tb.scalars({f"fewshot/{name}/{k}shot": r["top1"] for name, res in results.items()
+        self._scalars({f"fewshot/{name}/{k}shot": r["top1"] for name, res in results.items()
                          for k, r in res.items()}, step)
         text = "; ".join(f"{name} " + " ".join(f"{k}-shot {r['top1']:.1%}" for k, r in res.items())
                          for name, res in results.items())
         self.log.info(f"few-shot step {step}: {text} ({seconds:.1f} s)")
 
     def log_inspect(self, weights: dict[str, torch.Tensor], vcfg: ViTConfig, step: int) -> None:
-        """The inspect figures of these weights as TensorBoard images `inspect/<figure>` (rank 0 only)."""
-        if not self.tb.enabled:
+        """The inspect figures of these weights as tracker images `inspect/<figure>` (rank 0 only)."""
+        if not self.trackers:
             return
         from vit.inspect import figure_rgb, inspect_model
 
@@ -128,12 +128,41 @@ class Monitor:
         model.load_state_dict(weights, assign=True)
         _, figures = inspect_model(model, self.sample_images)
         for name, fig in figures.items():
-            self.tb.image(f"inspect/{name}", figure_rgb(fig), step)
+            self._image(f"inspect/{name}", figure_rgb(fig), step)
 
-    def close(self, report: dict) -> None:
-        flat = {f"{sec}.{k}": v for sec, d in to_dict(self.cfg).items() if isinstance(d, dict) for k, v in d.items()}
-        last = report.get("last") or {}
-        final = {f"eval/{k}": float(last[k]) for k in ("top1", "top5") if k in last}
-        self.tb.hparams(flat, final or {"eval/top1": float("nan")})
-        self.tb.close()
-        self.log.info(f"done: step {report['steps']} in {format_eta(time.perf_counter() - self._t_start)}")
+    def _scalars(self, values: dict[str, float | None], step: int) -> None:
+        for t in self.trackers:
+            t.log_scalars(step, values)
+
+    def _image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        for t in self.trackers:
+            t.log_image(tag, img, step)
+
+    def close(self, report: dict | None) -> None:
+        """End the trackers' run: finished with the run's `report`, failed with None (an error or a signal:
+        run.py calls it on every way out). Only the first call counts."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self.trackers:
+            t.close(ok=report is not None)
+        if report is not None:
+            self.log.info(f"done: step {report['steps']} in {format_eta(time.perf_counter() - self._t_start)}")
+
+
+def _start(log_cfg, run_dir: Path, env: DistEnv) -> list[Tracker]:
+    """Rank 0 starts the trackers; every rank learns whether that failed (a collective), so that all stop with
+    the same one-line error (exit 2) rather than the other ranks waiting on a lost peer."""
+    trackers, error = [], None
+    if env.is_main:
+        try:
+            trackers = start_trackers(log_cfg, run_dir)
+        except RuntimeError as err:
+            error = str(err)
+    if torch_dist.is_initialized() and env.world_size > 1:
+        box = [error]
+        torch_dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ConfigError(error)
+    return trackers

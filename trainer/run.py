@@ -23,9 +23,10 @@ from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, 
 from runtime.io import atomic_write_json
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
-from trainer.config import DataCfg, TrainerConfig, missing_datasets, total_steps
+from trainer.config import DataCfg, TrainerConfig, is_local, missing_datasets, total_steps
 from trainer.loop import Loop
 from trainer.optim import param_groups
+from trainer.trackers import missing_trackers
 from vit import ViTConfig
 
 
@@ -40,10 +41,6 @@ class Stage:
     backend: Callable[..., object]
     backend_name: str
     report: dict = field(default_factory=dict)
-
-
-def is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:") and "{" not in path
 
 
 def class_names(data: DataCfg) -> list[str]:
@@ -63,9 +60,12 @@ def class_names(data: DataCfg) -> list[str]:
     return [str(i) for i in range(data.num_classes)]
 
 
-def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
+def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
-    anything is written: batch arithmetic, dataset (format, splits, shards) and the checkpoint to resume."""
+    anything is written: trackers installed, batch arithmetic, dataset (format, splits, shards) and the checkpoint
+    to resume (and the config changes since it: those that break exact resume need `allow_changed`)."""
+    if missing := missing_trackers(cfg.log.trackers):
+        raise ConfigError("; ".join(missing))
     d = cfg.data
     if is_local(d.path) and not Path(d.path).exists():
         raise ConfigError(f"data.path {d.path} does not exist; write shards with `python -m data_prep write SRC OUT` "
@@ -86,8 +86,9 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str) -> None:
         raise ConfigError(str(err).splitlines()[0]) from err
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):
-        ckpt.check_resumable(ckpt_dir, tag, backend)
+        state = ckpt.check_resumable(ckpt_dir, tag, backend)
         ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)  # a backend would unpickle it: refuse one unsafe
+        ckpt.check_changes(ckpt_dir, tag, state, cfg, allow_changed)
 
 
 def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):
@@ -101,10 +102,11 @@ def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.de
     return train, val
 
 
-def train(cfg: TrainerConfig, stage: Stage) -> dict:
-    """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json)."""
+def train(cfg: TrainerConfig, stage: Stage, allow_changed: bool = False) -> dict:
+    """Run (or resume) a stage's training as configured; returns the report (also run.dir/report.json).
+    `allow_changed`: resume even when the config changed a key exact resume depends on (trainer/checkpoint.py)."""
     env = detect()
-    preflight(cfg, env, stage.backend_name)
+    preflight(cfg, env, stage.backend_name, allow_changed)
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
     try:
@@ -117,6 +119,7 @@ def train(cfg: TrainerConfig, stage: Stage) -> dict:
     log.info(note)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     loader, val_loader = _loaders(cfg, env, vcfg, device)
+    loop = None
     try:
         total = total_steps(cfg.train, loader.steps_per_epoch)
         ckpt_dir = run_dir / "checkpoints"
@@ -140,6 +143,8 @@ def train(cfg: TrainerConfig, stage: Stage) -> dict:
             atomic_write_json(run_dir / "report.json", report)
         backend.close()
     finally:
+        if loop is not None:  # after an error or a signal: the trackers end their run as failed (a no-op after close)
+            loop.monitor.close(None)
         # Stop the loader workers here, on every way out. They ignore SIGTERM (preemption is the trainer's to
         # handle), so after an error (a peer lost, a collective timed out) they must not outlive the rank.
         for stream in (loader, val_loader):
