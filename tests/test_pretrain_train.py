@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, free_port, run_torchrun
-from tests.pretrain_fixtures import _report, _scalars, _train
+from tests.pretrain_fixtures import _export, _report, _scalars, _train
 from tests.stage_fixtures import CliServer
 
 pytestmark = pytest.mark.slow
 STEPS = 120  # debug_cpu: checkpoints at 60 and 120, loss logged every 20 steps
 
 
-def _export(server: CliServer, run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
-    """`pretrain export RUN_DIR` through the CLI server (a real `python -m pretrain export` runs in
-    tests/faults/training.py and the demo); the exported weights under vitscale's key names."""
+def _export_served(server: CliServer, run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
+    """`pretrain export RUN_DIR` through the CLI server (the real `python -m pretrain export` runs in
+    test_export_equals_live_model); the exported weights under vitscale's key names."""
     from vit.weights import load_weights
 
     out = run_dir / "export" / "model.safetensors"
@@ -75,8 +75,8 @@ def test_tensorboard_has_the_scalars(baseline: Path) -> None:
     assert all(v > 0 for _, v in s["perf/img_per_s"])
 
 
-def test_export_equals_live_model(baseline: Path, cli_server: CliServer) -> None:
-    exported = _export(cli_server, baseline)
+def test_export_equals_live_model(baseline: Path) -> None:
+    exported = _export(baseline)  # a fresh `python -m pretrain export`: the entry point itself
     # DeepSpeed's module weights at the last save are the bf16 copy of the fp32 master weights we export.
     live = torch.load(baseline / "checkpoints" / f"global_step{STEPS}" / "mp_rank_00_model_states.pt",
                       map_location="cpu", weights_only=False)["module"]
@@ -135,10 +135,10 @@ def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path
     assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
     digests = _report(tmp_path)["rank_digests"]
     assert digests is None if stage == 3 else (len(digests) == 2 and digests[0] == digests[1])
-    weights = _export(cli_server, tmp_path)
+    weights = _export_served(cli_server, tmp_path)
     assert _report(tmp_path)["weights"] == ("ema" if ema else "model")  # what the reported top-1 evaluated
     if ema:
-        averaged = _export(cli_server, tmp_path, "--ema")
+        averaged = _export_served(cli_server, tmp_path, "--ema")
         assert averaged.keys() == weights.keys()
         assert 0 < max((averaged[k] - weights[k]).abs().max().item() for k in weights) < 0.5
 
