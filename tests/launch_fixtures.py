@@ -316,7 +316,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-KillWait=15
+# SIGTERM -> SIGKILL grace: the ranks' agreement + checkpoint on SIGTERM took over 15 s once on a loaded 2-core
+# machine (the job then resumed from the older checkpoint); 60 s is > 3x that, and SLURM's default is 30 s
+KillWait=60
 MinJobAge=600
 NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={d1_port} CPUs=1 State=UNKNOWN
 NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={d2_port} CPUs=1 State=UNKNOWN
