@@ -130,7 +130,11 @@ def check_rank(rows: list[dict]) -> dict:
         f"bound {FDS_BOUND}; samples {min(fds)}-{max(fds)})")
     median = statistics.median(r["rate"] for r in rows)
     late = [r["rate"] for r in rows[len(rows) // 2:]]
-    assert min(late) >= median / 2, f"throughput fell to {min(late):.0f} samples/s (median {median:.0f})"
+    # a slowdown that lasts (a leak, a stalled worker), not one slow interval: on a loaded 2-core machine a single
+    # interval fell to 38 % of the median while the second half's median stayed at the median
+    assert statistics.median(late) >= median / 2, (
+        f"throughput fell to {statistics.median(late):.0f} samples/s over the second half (median of the run "
+        f"{median:.0f}; slowest interval {min(late):.0f})")
     return {"rss_mib": round(statistics.median(r["rss"] for r in rows) / 2**20, 1),
             "rss_trend_mib": round(rss_growth, 1), "rss_bound_mib": RSS_BOUND_MIB, "fds_range": [min(fds), max(fds)],
             "fds_trend": round(fds_growth, 1), "fds_bound": FDS_BOUND, "run_s": round(run_s),

@@ -45,3 +45,15 @@ def test_the_trend_rule_ignores_swings_and_catches_leaks():
         check_rank(_rows([56 + i // 2 for i in range(48)], flat))  # one fd leaked per epoch (every 2nd interval)
     with pytest.raises(AssertionError, match="RSS trend"):
         check_rank(_rows(swings, [400 + 2 * i for i in range(48)]))
+
+
+def test_the_throughput_rule_ignores_one_slow_interval_and_catches_a_slowdown():
+    """One interval at 38 % of the median (seen on a loaded 2-core machine) passes; a second half at a quarter of
+    the first half's rate does not."""
+    rows = _rows([56] * 48, [400.0] * 48)
+    rows[40]["rate"] = 38.0
+    assert check_rank(rows)["samples_per_s_min_late"] == 38
+    for r in rows[24:]:
+        r["rate"] = 25.0
+    with pytest.raises(AssertionError, match="throughput fell to 25 samples/s over the second half"):
+        check_rank(rows)
