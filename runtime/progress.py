@@ -104,17 +104,19 @@ def _columns() -> int:
 class LogProgress:
     """A long loop's progress as INFO lines of the project log, at every ~`every` of `total`:
     `eval: 30/300 batches (10%) | 412 img/s | eta 1m05s` (logs under SLURM are files: no bar there).
-    `ranks`: the images counted here times `ranks` make the img/s (every rank runs the same batches)."""
+    `ranks`: the images counted here times `ranks` make the img/s (every rank runs the same batches).
+    `min_interval`: seconds since the previous line (or the start) before a mark is logged, so that a loop of a
+    few seconds logs nothing but its result, while an eval of minutes still shows its ~10 % marks."""
 
     def __init__(self, total: int, desc: str, unit: str = "batches", every: float = 0.1, ranks: int = 1,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, min_interval: float = 0.0):
         from runtime.logs import get_logger
 
         self.total, self.desc, self.unit, self.every, self.ranks = total, desc, unit, every, ranks
-        self.log = log or get_logger()
+        self.log, self.min_interval = log or get_logger(), min_interval
         self.done, self.items = 0, 0
         self._next = max(1.0, total * every)  # the first line at ~10 %: an ETA after one batch is noise
-        self._t0 = time.perf_counter()
+        self._t0 = self._last = time.perf_counter()
 
     def update(self, n: int = 1, items: int = 0) -> None:
         """Count `n` more units (and `items` images); log when the next ~10 % mark is passed."""
@@ -127,7 +129,10 @@ class LogProgress:
         self._next = min(self.total, (int(frac * marks) + 1) * self.total / marks)
         if self.done >= self.total:
             self._next = float("inf")
-        elapsed = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        if now - self._last < self.min_interval:
+            return
+        self._last, elapsed = now, now - self._t0
         rate = f" | {self.items * self.ranks / elapsed:.0f} img/s" if self.items and elapsed > 0 else ""
         eta = (self.total - self.done) * elapsed / self.done
         self.log.info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({frac:.0%}){rate} | eta {format_eta(eta)}")

@@ -66,7 +66,8 @@ def pretrained(digits_shards: Path, tmp_path_factory) -> Path:
     """300 steps of debug_cpu on digits with few-shot eval at steps 0, 150 and 300 (~40 s)."""
     run = tmp_path_factory.mktemp("fewshot_run")
     rc, out = _train(digits_shards, run, "train.steps=300", "eval.every=150", "checkpoint.every=300",
-                     f"eval.fewshot.datasets=[{digits_shards}]", "eval.fewshot.shots=[1,10]", "eval.fewshot.seeds=2")
+                     f"eval.fewshot.datasets=[{digits_shards}]", "eval.fewshot.shots=[1,10]", "eval.fewshot.seeds=2",
+                     "log.progress_every_s=0")  # every ~10 % mark of the (sub-second) extractions in the log
     assert rc == 0, out[-3000:]
     return run
 

@@ -187,7 +187,7 @@ def _losses(run: Path) -> list[float]:
 
 STEPS = 16
 COMMON = [f"train.steps={STEPS}", "train.global_batch=16", "train.micro_batch=8", "log.every=1", "checkpoint.every=4",
-          *DIGITS_AUG]
+          "log.progress_every_s=0", *DIGITS_AUG]  # every ~10 % mark of the (sub-second) evals in the log
 
 
 def _launch(nproc: int, out: Path, run: Path, digits: dict) -> subprocess.Popen:

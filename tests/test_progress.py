@@ -112,6 +112,16 @@ def test_log_progress_every_tenth() -> None:
     assert lines[-1] == "eval: 95/95 batches (100%) | 30 img/s | eta 0s", lines
 
 
+def test_log_progress_waits_min_interval_between_lines() -> None:
+    """A loop of a few seconds logs nothing but its result; a long one keeps its marks, at most one per interval."""
+    quick = LogProgress(95, "eval", min_interval=10.0)
+    assert _logged(lambda: [quick.update(1, items=8) for _ in range(95)]) == []
+    slow = LogProgress(95, "eval", min_interval=10.0)
+    slow._t0 = slow._last = slow._t0 - 100.0  # the first mark comes 100 s after the start, the others at once
+    lines = _logged(lambda: [slow.update(1, items=8) for _ in range(95)])
+    assert lines == ["eval: 10/95 batches (11%) | 1 img/s | eta 14m10s"], lines
+
+
 def _logged(fn) -> list[str]:
     """The INFO lines the project logger emits while `fn` runs."""
     records: list[str] = []

@@ -96,6 +96,7 @@ class LogCfg:
             "decides online or offline; files in RUN_DIR/wandb), mlflow (MLFLOW_TRACKING_URI, else a file store in "
             "RUN_DIR/mlruns); wandb and mlflow are pip extras: `pip install -e .[wandb]`")})
     project: str = "vitscale"  # the wandb project and the MLflow experiment; a run is named after its run dir
+    progress_every_s: float = 10.0  # eval/few-shot progress lines at ~10 % marks, at most one per this many seconds
 
 
 @dataclass

@@ -211,6 +211,7 @@ class FewShotEval:
     def __init__(self, cfg, env: DistEnv, image_size: tuple[int, int], monitor):
         self.f: FewShotCfg = cfg.eval.fewshot
         self.env, self.image_size, self.monitor = env, image_size, monitor
+        self.progress_every_s = cfg.log.progress_every_s
         self.micro_batch = cfg.eval.micro_batch or cfg.train.micro_batch
         # the run's own eval preprocessing and workers (decoding is the cost the GPU waits for; the loaders live
         # only for the duration of one eval)
@@ -218,7 +219,8 @@ class FewShotEval:
 
     def _log_progress(self, desc: str, total: int) -> LogProgress | None:
         """Few-shot feature extraction in the run's log, ~every 10 % (rank 0)."""
-        return LogProgress(total, f"few-shot {desc}", ranks=self.env.world_size) if self.env.is_main else None
+        return LogProgress(total, f"few-shot {desc}", ranks=self.env.world_size,
+                           min_interval=self.progress_every_s) if self.env.is_main else None
 
     def run(self, backend, step: int) -> dict:
         """{dataset: {k: top-1 result}} of the backend's current weights (every rank must call it)."""

@@ -216,7 +216,8 @@ class Loop:
     # ---- eval and weights ---------------------------------------------------------------------------------
     def _evaluate(self, desc: str = "eval") -> dict:
         b = self.backend
-        progress = LogProgress(len(self.val_loader), desc, ranks=self.env.world_size) if self.env.is_main else None
+        progress = LogProgress(len(self.val_loader), desc, ranks=self.env.world_size,
+                               min_interval=self.cfg.log.progress_every_s) if self.env.is_main else None
         return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context, progress=progress)
 
     def run_eval(self) -> None:
