@@ -52,7 +52,13 @@ from data_prep import gpu_decode
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
 from data_prep.stream_config import DataCfg
 from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
-from data_prep.stream_worker import FILLER_LABEL, ShardStream, StreamConfig, ignore_preemption_signals
+from data_prep.stream_worker import (
+    FILLER_LABEL,
+    ShardStream,
+    StreamConfig,
+    ignore_preemption_signals,
+    preemption_signals_blocked,
+)
 from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, seeded_torch_rng, to_hw
 from runtime.dist import DistEnv, accumulation_steps
 
@@ -167,7 +173,9 @@ class StreamLoader:
             self.epoch, self.position = self.epoch + 1, 0
         epoch, start = self.epoch, self.position
         self.dataset.set_position(epoch, start)
-        batches = self._in_order(iter(self._loader), start)  # iter() first: workers fork before a thread starts
+        with preemption_signals_blocked():  # iter() forks the workers (and before any thread of ours starts)
+            workers = iter(self._loader)
+        batches = self._in_order(workers, start)
         if self._decoder is not None:  # decode="gpu": decoded on a background thread, a batch or two ahead
             batches = gpu_decode.decode_ahead(batches, self._decoder)
         i = start

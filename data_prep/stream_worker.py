@@ -57,6 +57,19 @@ def ignore_preemption_signals(worker_id: int | None = None) -> None:
     """
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # blocked since the fork: a pending one is dropped
+
+
+@contextlib.contextmanager
+def preemption_signals_blocked() -> Iterator[None]:
+    """Start workers inside this: a forked worker is born with the preemption signals blocked, so one that arrives
+    before its `worker_init_fn` ignores them stays pending (then dropped) instead of killing it; the loader would
+    wait on the dead worker for ever. The calling thread gets its signals once the block ends (none is lost)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclass(frozen=True)

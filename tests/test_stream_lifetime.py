@@ -175,6 +175,38 @@ def test_sigterm_to_the_workers_does_not_stop_the_stream(data: Path) -> None:
     ld.close()
 
 
+def _slow_starting_worker(ready) -> None:
+    """A worker whose `worker_init_fn` runs late: a SIGTERM lands before it ignores the signal."""
+    from data_prep.stream_worker import ignore_preemption_signals
+
+    ready.set()
+    time.sleep(1.0)  # the SIGTERM arrives here, before the init (blocked since the fork, so still pending)
+    ignore_preemption_signals()  # ... and is dropped here
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_a_sigterm_before_the_worker_init_does_not_kill_it(blocked: bool) -> None:
+    """The window the test above can hit by chance, made certain: a worker forked inside
+    `preemption_signals_blocked` survives a SIGTERM sent before its init ran; one forked outside dies of it
+    (which left the loader waiting on a dead worker for ever)."""
+    import contextlib
+    import multiprocessing
+
+    from data_prep.stream_worker import preemption_signals_blocked
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    with preemption_signals_blocked() if blocked else contextlib.nullcontext():
+        proc = ctx.Process(target=_slow_starting_worker, args=(ready,))
+        proc.start()
+    assert ready.wait(30)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(30)
+    assert proc.exitcode == (0 if blocked else -signal.SIGTERM)
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
 def test_global_batch_is_for_training_only(data: Path) -> None:
     cfg = DataCfg(path=str(data), workers=0)
     common = dict(dist_env=DistEnv(), image_size=16, micro_batch=4, seed=0)
