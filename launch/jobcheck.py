@@ -58,9 +58,8 @@ def stage_train(job: Job) -> tuple[str, str, list[str]] | None:
         return None
     rest = [a for a in job.args[1:] if a not in TRAIN_FLAGS]
     if unknown := [a for a in rest if a.startswith("-")]:
-        named = " ".join(a for a in rest[:1] if not a.startswith("-"))
-        raise LaunchError(f"python -m {job.target} train {named}: unknown option {unknown[0]} (its options: "
-                          f"{', '.join(TRAIN_FLAGS)})".replace("train :", "train:"))
+        verb = " ".join(["python -m", job.target, "train", *(a for a in rest[:1] if not a.startswith("-"))])
+        raise LaunchError(f"{verb}: unknown option {unknown[0]} (its options: {', '.join(TRAIN_FLAGS)})")
     if not rest:
         raise LaunchError(f"python -m {job.target} train needs a recipe: python -m {job.target} train RECIPE "
                           "[key.sub=value ...]")

@@ -95,7 +95,8 @@ class TBWriter:
                 final = self._final or {self._hparam_metrics[0]: float("nan")}
                 # the three hparams summaries only: `add_hparams` would also write each metric once more as a
                 # scalar at step 0, a stray point on the run's own eval/top1 curve
+                writer = self._w._get_file_writer()
                 for summary in hparams(self._params, final):
-                    self._w._get_file_writer().add_summary(summary)
+                    writer.add_summary(summary)
             self._w.close()
             self._w = None
