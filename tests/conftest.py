@@ -70,6 +70,23 @@ def digits_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def zero2_digits_run(digits_shards: Path, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process ZeRO-2 bf16 pre-training of debug_cpu on the digits shards, read by the
+    pre-training tests (report, TensorBoard, export, eval verb) and the few-shot tests: 300 steps, evals and
+    checkpoints at 150 and 300, few-shot linear eval (1 and 10 shots, 2 seeds) at steps 0, 150 and 300."""
+    from tests.pretrain_fixtures import ZERO2_STEPS, _train
+
+    run = tmp_path_factory.mktemp("zero2_run")
+    half = ZERO2_STEPS // 2
+    rc, out = _train(digits_shards, run, f"train.steps={ZERO2_STEPS}", f"eval.every={half}", f"checkpoint.every={half}",
+                     f"eval.fewshot.datasets=[{digits_shards}]", "eval.fewshot.shots=[1,10]", "eval.fewshot.seeds=2",
+                     "log.peak_tflops=0.001",
+                     "log.progress_every_s=0")  # every ~10 % mark of the (sub-second) few-shot extractions logged
+    assert rc == 0, out[-4000:]
+    return run
+
+
+@pytest.fixture(scope="session")
 def cli_server(tmp_path_factory):
     """One process that imported both stages' CLIs and forks a `python -m STAGE args` per call
     (tests/stage_fixtures.py CliServer): seconds per call instead of a fresh interpreter importing torch."""
@@ -87,9 +104,9 @@ def cli_server(tmp_path_factory):
 STARTS_PROCESS = re.compile(r"\bsubprocess\.|\bPopen\(|\brun_torchrun\(|\bmultiprocessing\b|\bmp\.Process\(|"
                             r"\bos\.(?:fork|system|exec\w*)\(")
 # Fixtures that start real work by a route the source scan does not follow: the fault suite's trial context
-# (its scenarios run trainers and CLIs through the catalog's table and the harness's methods) and the CLI
-# server (its class is imported inside the fixture).
-SLOW_FIXTURES = {"ctx", "cli_server"}
+# (its scenarios run trainers and CLIs through the catalog's table and the harness's methods), the CLI server
+# and the shared ZeRO-2 run (their helpers are imported inside the fixture).
+SLOW_FIXTURES = {"ctx", "cli_server", "zero2_digits_run"}
 _CALL = re.compile(r"\b([A-Za-z_]\w*)\(")
 _starts: dict[object, bool] = {}
 

@@ -12,6 +12,8 @@ import torch
 from tests.conftest import ROOT, run_torchrun
 from vit.weights import load_weights
 
+ZERO2_STEPS = 300  # the shared ZeRO-2 run's length (tests/conftest.py zero2_digits_run)
+
 
 def train_args(data: Path, run_dir: Path, *overrides: str) -> list[str]:
     """`python -m pretrain train debug_cpu` arguments for a run of `data` in `run_dir`."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import run_torchrun
-from tests.pretrain_fixtures import _report, _scalars, _train
+from tests.pretrain_fixtures import _report, _scalars
 from tests.stage_fixtures import CliServer
 from trainer.fewshot import choose_l2, fewshot_top1, linear_probe_top1, ridge_fit
 
@@ -61,15 +61,10 @@ def test_choose_l2_breaks_ties_toward_regularisation() -> None:
 
 
 # ---- a real pre-training run (2 processes, DeepSpeed ZeRO-2) with few-shot eval on ---------------------------
-@pytest.fixture(scope="module")
-def pretrained(digits_shards: Path, tmp_path_factory) -> Path:
-    """300 steps of debug_cpu on digits with few-shot eval at steps 0, 150 and 300 (~40 s)."""
-    run = tmp_path_factory.mktemp("fewshot_run")
-    rc, out = _train(digits_shards, run, "train.steps=300", "eval.every=150", "checkpoint.every=300",
-                     f"eval.fewshot.datasets=[{digits_shards}]", "eval.fewshot.shots=[1,10]", "eval.fewshot.seeds=2",
-                     "log.progress_every_s=0")  # every ~10 % mark of the (sub-second) extractions in the log
-    assert rc == 0, out[-3000:]
-    return run
+@pytest.fixture
+def pretrained(zero2_digits_run: Path) -> Path:
+    """The shared 300-step ZeRO-2 run (tests/conftest.py): few-shot eval at steps 0, 150 and 300."""
+    return zero2_digits_run
 
 
 def _init_weights(trained: Path, out: Path) -> Path:

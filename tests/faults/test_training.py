@@ -10,7 +10,10 @@ from tests.faults.harness import Ctx
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["train_kill_rank", "train_kill_node", "train_kill_launcher",
+# train_kill_rank runs in `make faults` only: its two halves are covered here by train_kill_in_checkpoint (a rank
+# killed: every process gone within EXIT_S, torchrun fails) and, sample-exact with evals and mixup, by
+# tests/test_stages.py::test_kill_and_resume_equals_uninterrupted[pretrain].
+@pytest.mark.parametrize("name", ["train_kill_node", "train_kill_launcher",
                                   "train_kill_in_checkpoint", "preemption", "nan_injection", "disk_full_checkpoint"])
 def test_training_fault(name: str, ctx: Ctx) -> None:
     out = getattr(training, name)(ctx)
