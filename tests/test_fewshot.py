@@ -98,7 +98,9 @@ def test_training_logs_fewshot_and_inspect(pretrained: Path) -> None:
     assert [r["step"] for r in report["fewshot"]] == [0, 150, 300]
     first, last = report["fewshot"][0]["shards"], report["fewshot"][-1]["shards"]  # tag: the dataset's folder
     assert set(last) == {"1shot", "10shot"} and last["10shot"] > last["1shot"]
-    assert last["10shot"] > first["10shot"] + 0.1  # pre-training improves the representation
+    # Pre-training improves the representation. Measured on this run (seeds 0, 1, 2): 1-shot 0.26 -> 0.49,
+    # 0.21 -> 0.41, 0.23 -> 0.45 (gains 0.21-0.24); 10-shot gains 0.17, 0.09, 0.02: too seed-dependent to assert.
+    assert last["1shot"] > first["1shot"] + 0.1
     tags = _scalars(pretrained)
     assert [s for s, _ in tags["fewshot/shards/10shot"]] == [0, 150, 300]
     log = (pretrained / "log.txt").read_text()  # the extraction's progress, ~every 10 % (rank 0)
@@ -112,16 +114,16 @@ def test_training_logs_fewshot_and_inspect(pretrained: Path) -> None:
 @pytest.mark.slow
 def test_pretrained_beats_init_and_world_size_does_not_matter(pretrained: Path, digits_shards: Path,
                                                               tmp_path: Path, cli_server: CliServer) -> None:
-    # Measured (300 steps of debug_cpu, 3 seeds, digits val): 10-shot 0.74 pre-trained vs 0.54 at init (random
-    # ViT features of 32 px digits are already fair: a random projection of the pixels).
+    # Random ViT features of 32 px digits are already fair (a random projection of the pixels): at 10 shots the
+    # gain of 300 steps ranged 0.02-0.17 over run seeds 0-2; at 1 shot 0.21-0.24 (training's own few-shot eval).
     weights = pretrained / "last.safetensors"
     init = _init_weights(weights, tmp_path / "init.safetensors")
     data = f"data.path={digits_shards}"
     one = _fewshot_cli(str(weights), data, "shots=1,10", f"out={tmp_path / 'one.json'}", server=cli_server)
     before = _fewshot_cli(str(init), data, "shots=1,10", f"out={tmp_path / 'init.json'}", server=cli_server)
-    after, init_top1 = one["fewshot"]["10shot"]["top1"], before["fewshot"]["10shot"]["top1"]
-    print(f"10-shot: pre-trained {after:.3f}, init {init_top1:.3f}")
-    assert after > init_top1 + 0.12
+    after, init_top1 = one["fewshot"]["1shot"]["top1"], before["fewshot"]["1shot"]["top1"]
+    print(f"1-shot: pre-trained {after:.3f}, init {init_top1:.3f}")
+    assert after > init_top1 + 0.1
     assert one["val_samples"] == 359 and one["train_samples"] + 359 == 1797  # every image once, padding dropped
     two = _fewshot_cli(str(weights), data, "shots=1,10", f"out={tmp_path / 'two.json'}", nproc=2)
     assert two["fewshot"] == one["fewshot"]  # the same features, samples and fits on 1 and 2 processes

@@ -280,12 +280,9 @@ def _steps_only(out: Path) -> None:
     shutdown()
 
 
-def test_pretrain_run_dir_is_consolidated_and_finetuned(digits: dict, tmp_path: Path) -> None:
-    pre = tmp_path / "pre"
-    proc = subprocess.run([PY, "-m", "pretrain", "train", "debug_cpu", f"data.path={digits['data']}",
-                           "data.train_split=pretrain", f"run.dir={pre}", "train.steps=4", "checkpoint.every=4",
-                           "eval.every=4"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_pretrain_run_dir_is_consolidated_and_finetuned(zero2_digits_run: Path, digits: dict, tmp_path: Path) -> None:
+    """`init=` a pre-training run dir (the shared 2-rank ZeRO-2 run: partitioned optimizer state)."""
+    pre = zero2_digits_run
     run = tmp_path / "ft"
     _finetune_cli(["train", "debug_cpu", f"init={pre}", f"data.path={digits['data']}", f"run.dir={run}",
                    "model.image_size=48", "train.steps=4", "checkpoint.every=0", "log.every=2"])

@@ -50,7 +50,7 @@ def test_learns_digits_zero2(baseline: Path) -> None:
     assert (report["stage"], report["backend"], report["weights"]) == ("pretrain", "deepspeed", "model")
     assert report["image_size"] == [32, 32] and report["config"]["zero"]["stage"] == 2
     assert len(report["rank_digests"]) == 2 and len(set(report["rank_digests"])) == 1  # ranks hold one model
-    assert report["last"]["top1"] >= 0.3, report  # chance is 0.10; ~0.4 seen
+    assert report["last"]["top1"] >= 0.3, report  # chance is 0.10; seeds 0, 1, 2 gave 0.70, 0.58, 0.60
     assert [m["step"] for m in report["evals"]] == [STEPS // 2, STEPS] and report["last"] == report["evals"][-1]
     assert report["best"]["top1"] == max(m["top1"] for m in report["evals"])
     manifest = json.loads(Path(_data_path(baseline)).read_text())
@@ -106,23 +106,30 @@ def test_eval_verb_matches_training_eval(weights: str, baseline: Path, digits_sh
     assert metrics["top1"] == want["top1"] and metrics["top5"] == want["top5"], (metrics, want)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_other_zero_stages_learn(stage: int, digits_shards: Path, tmp_path: Path, cli_server: CliServer) -> None:
-    ema = ["train.ema_decay=0.9"] if stage == 1 else []  # EMA needs full weights on every rank: ZeRO <= 2
-    rc, out = _train(digits_shards, tmp_path, f"zero.stage={stage}", "train.steps=20", "checkpoint.every=0",
-                     "log.every=5", *ema)
-    assert rc == 0, out[-4000:]
-    losses = [v for _, v in _scalars(tmp_path)["train/loss"]]
-    assert losses[-1] < losses[0] and _report(tmp_path)["last"]["top1"] > 0.15
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
-    digests = _report(tmp_path)["rank_digests"]
-    assert digests is None if stage == 3 else (len(digests) == 2 and digests[0] == digests[1])
-    weights = _export_served(cli_server, tmp_path)
-    assert _report(tmp_path)["weights"] == ("ema" if ema else "model")  # what the reported top-1 evaluated
-    if ema:
-        averaged = _export_served(cli_server, tmp_path, "--ema")
-        assert averaged.keys() == weights.keys()
-        assert 0 < max((averaged[k] - weights[k]).abs().max().item() for k in weights) < 0.5
+def test_zero_stages_1_and_3_train_like_each_other(digits_shards: Path, tmp_path: Path,
+                                                  cli_server: CliServer) -> None:
+    """ZeRO-1 (with EMA) and ZeRO-3 (which partitions the weights too) on the same seed and data train the same
+    model: their loss curves agree, and fall. (Top-1 after 20 steps is no test: 0.14-0.21 over seeds 0-2, where
+    the two stages differed by at most 0.0026 in loss.)"""
+    curves = {}
+    for stage in (1, 3):
+        run = tmp_path / f"zero{stage}"
+        ema = ["train.ema_decay=0.9"] if stage == 1 else []  # EMA needs full weights on every rank: ZeRO <= 2
+        rc, out = _train(digits_shards, run, f"zero.stage={stage}", "train.steps=20", "checkpoint.every=0",
+                         "log.every=5", *ema)
+        assert rc == 0, out[-4000:]
+        curves[stage] = [v for _, v in _scalars(run)["train/loss"]]
+        assert len(curves[stage]) == 4 and curves[stage][-1] < curves[stage][0], curves[stage]
+        assert (run / "checkpoints" / "latest").read_text() == "global_step20"
+        digests = _report(run)["rank_digests"]
+        assert digests is None if stage == 3 else (len(digests) == 2 and digests[0] == digests[1])
+        weights = _export_served(cli_server, run)
+        assert _report(run)["weights"] == ("ema" if ema else "model")  # what the reported top-1 evaluated
+        if ema:
+            averaged = _export_served(cli_server, run, "--ema")
+            assert averaged.keys() == weights.keys()
+            assert 0 < max((averaged[k] - weights[k]).abs().max().item() for k in weights) < 0.5
+    assert max(abs(a - b) for a, b in zip(curves[1], curves[3], strict=True)) < 0.01, curves
 
 
 def test_bad_configs_fail_before_training(digits_shards: Path, tmp_path: Path, cli_server: CliServer) -> None:
