@@ -132,6 +132,7 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
     weights, best = pre / "export" / "model.safetensors", ft / "best.safetensors"
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
     micro = f"train.micro_batch={GLOBAL_BATCH // args.nproc}"  # no accumulation
+    seed = f"run.seed={args.seed}"
 
     def evaluate(w: Path) -> list[str]:
         return [*py, "-m", "finetune", "eval", _shown(w), data, f"model.image_size={FINETUNE_PX}",
@@ -154,7 +155,7 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
                            f"run.dir={_shown(pre)}", f"model.image_size={PRETRAIN_PX}", f"train.steps={p_steps}",
                            micro, f"eval.every={max(1, p_steps // 2)}", "log.every=10", "checkpoint.every=100",
                            f"eval.fewshot.datasets=[{_shown(out / 'shards' / 'dataset.json')}]",
-                           "eval.fewshot.shots=[1,5,10]"],
+                           "eval.fewshot.shots=[1,5,10]", seed],
               [pre / "report.json"], threads, p_steps,
               collect=lambda: trained(pre, p_steps, lambda r: r["last"]["top1"]),
               note=FIRST_START if args.cpu else ""),
@@ -164,7 +165,7 @@ def model_stages(out: Path, args: argparse.Namespace) -> list[Stage]:
         Stage("finetune", [*_torchrun(args.nproc), "-m", "finetune", "train", "debug_cpu", f"init={_shown(weights)}",
                            data, f"run.dir={_shown(ft)}", f"model.image_size={FINETUNE_PX}", f"train.steps={f_steps}",
                            micro, "optim.lr=0.05", "data.hflip=0.0", "data.scale=[0.9,1.0]",
-                           f"eval.every={max(1, f_steps // 2)}", "log.every=10", "checkpoint.every=50"],
+                           f"eval.every={max(1, f_steps // 2)}", "log.every=10", "checkpoint.every=50", seed],
               [ft / "report.json", best], threads, f_steps,
               collect=lambda: trained(ft, f_steps, lambda r: r["best"]["top1"])),
         Stage("eval_after", evaluate(best), [out / "eval_after.json"],
@@ -304,6 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="everything goes here (relative to the current folder)")
     p.add_argument("--pretrain-steps", type=int, default=500, help=f"optimizer steps of {GLOBAL_BATCH} images")
     p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0, help="run.seed of both trainers (initialisation, data order)")
     p.add_argument("--nproc", type=int, default=None, help="processes per stage (default: the GPUs, else 2)")
     p.add_argument("--no-photos", dest="photos", action="store_false", help="skip the sample-photo preview")
     args = p.parse_args(argv)

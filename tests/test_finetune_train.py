@@ -154,7 +154,7 @@ def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: 
           f"{wrong['top1']:.3f}; (b) fine-tuned at 32 px {b['top1']:.3f}")
     assert a["samples"] == b["samples"] == digits["val_samples"]
     assert a["top1"] > 0.3 and a["top1"] > wrong["top1"] + 0.1 and wrong["top1"] < 0.3  # chance is 0.10
-    assert b["top1"] > a["top1"] + 0.2 and b["top1"] > 0.6
+    assert b["top1"] > a["top1"] + 0.2 and b["top1"] > 0.6  # (b) over run seeds 0, 1, 2: 0.79, 0.81, 0.77
     # The kept best weights (the EMA) are the ones evaluated in training, with the same settings (crop_pct 1.0 of
     # the recipe, bf16 autocast): `eval` of the file repeats the run's own top-1 exactly.
     assert (b["precision"], b["crop_pct"], b["image_size"]) == ("amp_bf16", 1.0, [32, 32])
