@@ -232,6 +232,7 @@ def run_stage(stage: Stage, logs: Path) -> None:
 def _load_state(out: Path, options: dict) -> dict:
     path = out / "demo.json"
     state = _read_json(path) if path.exists() else {"options": options, "stages": {}}
+    state["options"].setdefault("seed", 0)  # a demo made before --seed existed ran seed 0
     if state["options"] != options:
         raise SystemExit(f"demo: {_shown(out)} holds a demo made with {state['options']}, not {options}: "
                          "delete it or pass another --out")
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out, {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps})
+    state = _load_state(out, {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
+                              "seed": args.seed})
     print(f"vitscale demo into {_shown(out)}; commands run from {ROOT}")
     reused = set()
     for stage in data_stages(out, args.photos) + model_stages(out, args):
