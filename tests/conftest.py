@@ -100,7 +100,8 @@ def cli_server(tmp_path_factory):
 # `slow` means "starts processes" (torchrun jobs, CLIs, launch's nodes, daemons, training runs): `make test-quick`
 # (`-m "not slow"`) is the in-process unit tests only. Found from the code rather than kept by hand: a test is
 # slow when its own source, a fixture it uses (directly or through other fixtures), or a helper of tests/ that
-# either calls (followed through further helpers) starts a process. `@pytest.mark.slow` still marks by hand.
+# either calls (followed through further helpers) starts a process. `@pytest.mark.slow` still marks by hand,
+# also the few in-process tests of real-size L/16 models (10-25 s of compute each).
 STARTS_PROCESS = re.compile(r"\bsubprocess\.|\bPopen\(|\brun_torchrun\(|\bmultiprocessing\b|\bmp\.Process\(|"
                             r"\bos\.(?:fork|system|exec\w*)\(")
 # Fixtures that start real work by a route the source scan does not follow: the fault suite's trial context

@@ -19,7 +19,8 @@ def _randomise(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    "timm_name,variant", [("vit_base_patch16_224", "B/16"), ("vit_large_patch16_224", "L/16")]
+    "timm_name,variant", [("vit_base_patch16_224", "B/16"),
+                          pytest.param("vit_large_patch16_224", "L/16", marks=pytest.mark.slow)]  # ~12 s of compute
 )
 def test_logits_match_timm(timm_name: str, variant: str) -> None:
     # Built on the meta device: both inits (seconds at L/16) would be overwritten by _randomise and the load.
