@@ -17,13 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
 from torch import nn
 
 from runtime.config import ConfigError
@@ -31,6 +25,36 @@ from runtime.dist import DistEnv, accumulation_steps, barrier
 from runtime.progress import progress_bar
 from trainer.checkpoint import DEEPSPEED_GLOBALS, check_pickles
 from trainer.optim import build_optimizer, set_lr
+
+# Two imports DeepSpeed makes for features vitscale never uses, each seconds of every rank's start (measured in
+# docs/performance.md): its autotuner imports mlflow when installed (our `mlflow` tracker extra), and every
+# ZeRO engine init imports its Muon optimizer just to list it as supported, a module that runs torch.compile
+# (loading inductor) at import. Our optimizers (torch's AdamW and SGD) need neither.
+UNUSED_IMPORT = "mlflow"
+UNUSED_AT_INIT = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _hidden(module: str):
+    """`import module` raises ImportError inside the block (the importer's optional path), unless it is
+    already loaded; afterwards it imports as usual."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        del sys.modules[module]
+
+
+with _hidden(UNUSED_IMPORT):
+    import deepspeed
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
 SAFE_GLOBALS = DEEPSPEED_GLOBALS
 
@@ -89,8 +113,9 @@ class DeepSpeedBackend:
             optimizer = build_optimizer(groups, cfg.optim)
             ds_config["zero_allow_untested_optimizer"] = True
         params = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                                    config=ds_config, dist_init_required=False)
+        with _hidden(UNUSED_AT_INIT):
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                                        config=ds_config, dist_init_required=False)
         if cfg.model.compile:  # after wrapping, so that the engine's hooks see the compiled graph's gradients
             self.engine.compile()
         self.env, self.zero_stage, self.precision = env, cfg.zero.stage, cfg.precision

@@ -17,19 +17,32 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
+def _mosaic(tiles: list[np.ndarray], cols: int, gap: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Equal-size RGB tiles (h, w, 3) in [0, 1] laid out `cols` per row on white, `gap` pixels apart; returns
+    (the mosaic, each tile's top-left (y, x)). One imshow of this draws in a fraction of the time of one
+    subplot per tile (these figures are drawn at every eval)."""
+    h, w, _ = tiles[0].shape
+    rows = max(1, -(-len(tiles) // cols))
+    mosaic = np.ones((rows * (h + gap) + gap, min(cols, len(tiles)) * (w + gap) + gap, 3))
+    corners = [(gap + (i // cols) * (h + gap), gap + (i % cols) * (w + gap)) for i in range(len(tiles))]
+    for tile, (y, x) in zip(tiles, corners, strict=True):
+        mosaic[y:y + h, x:x + w] = tile
+    return mosaic, corners
+
+
 def filters_figure(comps: torch.Tensor, ratio: torch.Tensor):
     """The principal components (n, C, P, P) as small RGB images, 7 per row, each scaled to [0, 1]."""
-    n = comps.shape[0]
+    n, channels, p, _ = comps.shape
     cols = 7
+    tiles = [_unit(c.transpose(1, 2, 0) if channels == 3 else np.repeat(c.mean(0)[..., None], 3, -1))
+             for c in comps.numpy()]  # (P, P, 3) each; gray when the input is not RGB
+    mosaic, corners = _mosaic(tiles, cols, gap=max(2, p // 3))
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25 + 0.4), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            c = comps[i].numpy()  # (C, P, P)
-            img = c.transpose(1, 2, 0) if c.shape[0] == 3 else c.mean(0)
-            ax.imshow(_unit(img), cmap=None if c.shape[0] == 3 else "gray", interpolation="nearest")
-            ax.set_title(f"{ratio[i]:.1%}", fontsize=6)
+    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.25 + 0.4))
+    ax.imshow(mosaic, interpolation="nearest")
+    for i, (y, x) in enumerate(corners):
+        ax.text(x + p / 2 - 0.5, y - 0.6, f"{ratio[i]:.1%}", fontsize=6, ha="center", va="bottom")
+    ax.axis("off")
     fig.suptitle("RGB embedding filters (first principal components)", fontsize=9)
     return fig
 
@@ -73,13 +86,12 @@ def rollout_figure(images: torch.Tensor, maps: torch.Tensor):
     b = images.shape[0]
     size = images.shape[-2:]
     up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, H, W)
-    fig, axes = plt.subplots(2, b, figsize=(1.6 * b, 3.4), squeeze=False)
-    for i in range(b):
-        img = images[i].permute(1, 2, 0).numpy()
-        axes[0, i].imshow(img)
-        axes[1, i].imshow(img)
-        axes[1, i].imshow(_unit(up[i].numpy()), cmap="jet", alpha=0.5)
-        axes[0, i].axis("off")
-        axes[1, i].axis("off")
+    rgb = [img.permute(1, 2, 0).numpy() / 255 for img in images]  # (H, W, 3) in [0, 1]
+    heat = [plt.get_cmap("jet")(_unit(m.numpy()))[..., :3] for m in up]
+    overlays = [0.5 * im + 0.5 * hm for im, hm in zip(rgb, heat, strict=True)]  # the map at alpha 0.5 over its image
+    mosaic, _ = _mosaic(rgb + overlays, cols=b, gap=max(1, size[0] // 16))
+    fig, ax = plt.subplots(figsize=(1.6 * b, 3.4))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle("Attention rollout (input, attention)", fontsize=9)
     return fig
