@@ -26,12 +26,10 @@ from runtime.progress import progress_bar
 from trainer.checkpoint import DEEPSPEED_GLOBALS, check_pickles
 from trainer.optim import build_optimizer, set_lr
 
-# Two imports DeepSpeed makes for features vitscale never uses, each seconds of every rank's start (measured in
-# docs/performance.md): its autotuner imports mlflow when installed (our `mlflow` tracker extra), and every
-# ZeRO engine init imports its Muon optimizer just to list it as supported, a module that runs torch.compile
-# (loading inductor) at import. Our optimizers (torch's AdamW and SGD) need neither.
+# `import deepspeed` imports mlflow when it is installed (our `mlflow` tracker extra, and `dev`), for an autotuner
+# we never run: seconds of every rank's start (docs/performance.md). Hidden while deepspeed imports; DeepSpeed
+# treats it as absent there, and the mlflow tracker imports it later as usual.
 UNUSED_IMPORT = "mlflow"
-UNUSED_AT_INIT = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
 @contextlib.contextmanager
@@ -113,9 +111,8 @@ class DeepSpeedBackend:
             optimizer = build_optimizer(groups, cfg.optim)
             ds_config["zero_allow_untested_optimizer"] = True
         params = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-        with _hidden(UNUSED_AT_INIT):
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                                        config=ds_config, dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                                    config=ds_config, dist_init_required=False)
         if cfg.model.compile:  # after wrapping, so that the engine's hooks see the compiled graph's gradients
             self.engine.compile()
         self.env, self.zero_stage, self.precision = env, cfg.zero.stage, cfg.precision
