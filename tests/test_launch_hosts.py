@@ -177,7 +177,7 @@ def test_slurm_sbatch_two_nodes_preempted_twice(tmp_path, slurm_cluster, digits_
     time limit (the launcher forwards it to the ranks, they checkpoint and exit 0, the launcher requeues), then
     `scontrol requeue` (SIGTERM to every task: checkpoint, exit 143, SLURM requeues). Each time it resumes from
     the step it saved; the job ends COMPLETED, with its output files and the same model on both ranks."""
-    run, steps = tmp_path / "run", 200
+    run, steps = tmp_path / "run", 80  # preempted after ~10 and ~25 steps: room to spare, not to wait out
     job = pretrain_job(digits_shards, run, f"train.steps={steps}", "checkpoint.every=0", "log.every=5",
                        "checkpoint.signal_check_every=1")
     job_id = _sbatch(slurm_cluster, tmp_path, job, ds_ops_env)
