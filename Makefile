@@ -52,9 +52,10 @@ test: install sysdeps
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # The in-process unit tests only (no torchrun, CLI, launcher or training run: tests/conftest.py marks those
-# `slow`), for the edit-run loop; `make test` still runs everything.
+# `slow`), for the edit-run loop; `make test` still runs everything. Two pytest workers, a test file each at a
+# time (module fixtures made once): in-process tests only, so nothing here is timing-sensitive to the load.
 test-quick: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -24,7 +24,9 @@ def _counted(cfg, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("variant,size", [("B/16", 224), ("L/16", 224), ("L/16", 384), ("H/14", 224)])
+@pytest.mark.parametrize("variant,size", [("B/16", 224), ("L/16", 224),  # the larger two: ~2 s of counting each
+                                          pytest.param("L/16", 384, marks=pytest.mark.slow),
+                                          pytest.param("H/14", 224, marks=pytest.mark.slow)])
 def test_train_flops_match_counter(variant: str, size: int) -> None:
     cfg = vit_config(variant, image_size=size)
     assert train_flops_per_image(cfg) == pytest.approx(_counted(cfg, backward=True), rel=0.02)

@@ -107,6 +107,7 @@ def wandb_history(records: list) -> dict[int, dict]:
     return rows
 
 
+@pytest.mark.slow  # wandb starts its service processes (wandb-core, wandb-symon), even offline
 def test_wandb_and_mlflow_get_what_tensorboard_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
