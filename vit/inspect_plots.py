@@ -87,7 +87,8 @@ def rollout_figure(images: torch.Tensor, maps: torch.Tensor):
     size = images.shape[-2:]
     up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, H, W)
     rgb = [img.permute(1, 2, 0).numpy() / 255 for img in images]  # (H, W, 3) in [0, 1]
-    heat = [plt.get_cmap("jet")(_unit(m.numpy()))[..., :3] for m in up]
+    jet = plt.get_cmap("jet")
+    heat = [jet(_unit(m.numpy()))[..., :3] for m in up]
     overlays = [0.5 * im + 0.5 * hm for im, hm in zip(rgb, heat, strict=True)]  # the map at alpha 0.5 over its image
     mosaic, _ = _mosaic(rgb + overlays, cols=b, gap=max(1, size[0] // 16))
     fig, ax = plt.subplots(figsize=(1.6 * b, 3.4))

@@ -114,8 +114,6 @@ class VisionTransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Init as in big_vision: trunc-normal embeddings, Xavier linears, zero head."""
-        if self.pos_embed.is_meta:  # shapes only (memory planning; weights assigned later): nothing to draw
-            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         fan_in = self.patch_embed.in_channels * self.patch_embed.kernel_size[0] ** 2
