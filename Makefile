@@ -47,15 +47,20 @@ sysdeps:
 
 # One BLAS thread per process: the multi-process tests run 2+ ranks on 2 cores, and their accuracy
 # thresholds were set with single-threaded (deterministic-order) numerics.
+# Two pytest workers (pytest-xdist): a job's process starts and waits (SLURM, timeouts) leave a core idle one
+# test at a time; tests/conftest.py keeps each test file (and the files sharing a session run) on one worker.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: install sysdeps
 	$(BIN)/ruff check .
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST)
 
 # The in-process unit tests only (no torchrun, CLI, launcher or training run: tests/conftest.py marks those
-# `slow`), for the edit-run loop; `make test` still runs everything. Two pytest workers, a test file each at a
-# time (module fixtures made once): in-process tests only, so nothing here is timing-sensitive to the load.
+# `slow`), for the edit-run loop; `make test` still runs everything. The same workers as `make test`.
 test-quick: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(XDIST)
 
 lint: install
 	$(BIN)/ruff check .

@@ -135,7 +135,28 @@ def _starts_process(func) -> bool:
     return found
 
 
+# `make test` runs two pytest workers (xdist `--dist loadgroup`), a test file to a worker, so module fixtures are
+# made once; the files whose tests read one of these session runs share a worker too, so the run is made once.
+SHARED_RUNS = ("zero2_digits_run",)
+
+
+def _worker_groups(items) -> None:
+    """Mark each test with its xdist group: its file's, or that of the shared session run its file reads."""
+    group: dict[str, str] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        shared = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+        if shared:
+            group[file] = shared
+        else:
+            group.setdefault(file, file)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
+    _worker_groups(items)
     for item in items:
         if item.get_closest_marker("slow") or not isinstance(item, pytest.Function):
             continue
