@@ -51,7 +51,7 @@ sysdeps:
 # test at a time; tests/conftest.py keeps each test file (and the files sharing a session run) on one worker.
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: install sysdeps
 	$(BIN)/ruff check .

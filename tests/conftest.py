@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -135,28 +136,34 @@ def _starts_process(func) -> bool:
     return found
 
 
-# `make test` runs two pytest workers (xdist `--dist loadgroup`), a test file to a worker, so module fixtures are
-# made once; the files whose tests read one of these session runs share a worker too, so the run is made once.
+# `make test` runs two pytest workers (xdist `--dist loadfile`): a test file to a worker, so its module fixtures are
+# made once. The files that read one of these session runs form one unit too, so the run is made once per suite.
 SHARED_RUNS = ("zero2_digits_run",)
 
 
-def _worker_groups(items) -> None:
-    """Mark each test with its xdist group: its file's, or that of the shared session run its file reads."""
-    group: dict[str, str] = {}
-    for item in items:
-        file = item.nodeid.split("::")[0]
-        shared = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
-        if shared:
-            group[file] = shared
-        else:
-            group.setdefault(file, file)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+@functools.cache
+def worker_unit(file: str) -> str:
+    """The unit of work a test file (`tests/x.py`) goes to a worker in: the shared run one of its tests or fixtures
+    takes, or the file itself."""
+    text = (ROOT / file).read_text(encoding="utf-8")
+    return next((name for name in SHARED_RUNS if re.search(rf"\bdef \w+\([^)]*\b{name}\b", text)), file)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's `loadfile` scheduling with worker_unit as the unit (its own `loadgroup` marks need the pytest
+    node-id attribute that pytest 9.2 no longer has)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_unit(super()._split_scope(nodeid))
+
+    return SharedRunScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    _worker_groups(items)
     for item in items:
         if item.get_closest_marker("slow") or not isinstance(item, pytest.Function):
             continue

@@ -1,40 +1,27 @@
-"""The xdist groups tests/conftest.py gives `make test`'s two workers: a file to a worker, and the files that
-read a shared session run together, so the run is made once per suite."""
+"""The units `make test`'s two workers take (tests/conftest.py): a test file each, and the files whose tests read
+a shared session run together, so the run is made once per suite."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-import pytest
-
-from tests.conftest import _worker_groups
-
-
-@dataclass
-class _Item:
-    nodeid: str
-    fixturenames: tuple[str, ...] = ()
-    marks: list = field(default_factory=list)
-
-    def add_marker(self, mark) -> None:
-        self.marks.append(mark)
-
-    def group(self) -> str:
-        (name,) = [m.args[0] for m in self.marks if m.name == "xdist_group"]
-        return name
+from tests import conftest
+from tests.conftest import worker_unit
 
 
-def test_files_reading_a_shared_run_share_a_worker_and_the_rest_go_by_file() -> None:
-    items = [_Item("tests/a.py::test_unit"),  # a file's first test need not use the run
-             _Item("tests/a.py::test_reads[x]", ("tmp_path", "zero2_digits_run")),
-             _Item("tests/b.py::test_reads", ("zero2_digits_run",)),
-             _Item("tests/c.py::test_one", ("digits_shards",)),
-             _Item("tests/c.py::test_two")]
-    _worker_groups(items)
-    assert [i.group() for i in items] == ["zero2_digits_run"] * 3 + ["tests/c.py"] * 2
+def test_files_reading_the_shared_run_are_one_unit_and_the_rest_go_by_file() -> None:
+    readers = ("tests/test_pretrain_train.py", "tests/test_fewshot.py", "tests/test_finetune_train.py")
+    assert {worker_unit(f) for f in readers} == {"zero2_digits_run"}
+    for f in ("tests/test_config.py", "tests/faults/test_training.py", "tests/test_worker_groups.py"):
+        assert worker_unit(f) == f  # this file names the run, but no test here takes it
 
 
-def test_this_suite_groups_the_shared_run_readers(request: pytest.FixtureRequest) -> None:
-    """The real collection: this file is its own group (it reads no shared run)."""
-    (mark,) = request.node.iter_markers("xdist_group")
-    assert mark.args == ("tests/test_worker_groups.py",)
+def test_xdist_schedules_by_those_units() -> None:
+    """The scheduler the conftest hook gives xdist for `--dist loadfile` maps node ids to worker_unit."""
+    opts = {"dist": "loadfile", "tx": ["2*popen"]}
+    config = SimpleNamespace(getoption=opts.get, getvalue=opts.get)
+    sched = conftest.pytest_xdist_make_scheduler(config, None)
+    assert sched._split_scope("tests/test_fewshot.py::test_a[x]") == "zero2_digits_run"
+    assert sched._split_scope("tests/test_pretrain_train.py::test_b") == "zero2_digits_run"
+    assert sched._split_scope("tests/test_stages.py::test_c[pretrain]") == "tests/test_stages.py"
+    assert conftest.pytest_xdist_make_scheduler(SimpleNamespace(getoption={"dist": "load"}.get), None) is None
