@@ -45,14 +45,14 @@ sysdeps:
 	echo "sysdeps: installing $$missing"; \
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
 
-# One BLAS thread per process: the multi-process tests run 2+ ranks on 2 cores, and their accuracy
-# thresholds were set with single-threaded (deterministic-order) numerics.
-# Two pytest workers (pytest-xdist): a job's process starts and waits (SLURM, timeouts) leave a core idle one
-# test at a time; tests/conftest.py keeps each test file (and the files sharing a session run) on one worker.
+# Two pytest workers (pytest-xdist): one test at a time leaves a core idle during process starts and waits
+# (SLURM, timeouts); tests/conftest.py keeps each test file (and the files sharing a session run) on one worker.
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
+# One BLAS thread per process: the multi-process tests run 2+ ranks on 2 cores, and their accuracy
+# thresholds were set with single-threaded (deterministic-order) numerics.
 test: install sysdeps
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST)

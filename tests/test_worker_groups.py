@@ -12,8 +12,9 @@ from tests.conftest import worker_unit
 def test_files_reading_the_shared_run_are_one_unit_and_the_rest_go_by_file() -> None:
     readers = ("tests/test_pretrain_train.py", "tests/test_fewshot.py", "tests/test_finetune_train.py")
     assert {worker_unit(f) for f in readers} == {"zero2_digits_run"}
+    # the last: this file names the run, but none of its tests takes it
     for f in ("tests/test_config.py", "tests/faults/test_training.py", "tests/test_worker_groups.py"):
-        assert worker_unit(f) == f  # this file names the run, but no test here takes it
+        assert worker_unit(f) == f
 
 
 def test_xdist_schedules_by_those_units() -> None:
