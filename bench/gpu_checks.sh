@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU check of docs/performance.md in one run on one H100/H200 (about 8 minutes), a table last.
-# The GPU machine has torch/timm/accelerate but no deepspeed or webdataset: build their wheels here first
-# (`bash ../shared/device/wheels.sh`, into the git-ignored .whl/) and carry .whl; this script installs them.
-#   bash bench/gpu_checks.sh            (results also under $OUT, default /tmp/gpu_checks)
+# Every GPU check of docs/performance.md on one H100/H200, a table last. The GPU machine has torch, timm and
+# accelerate but not deepspeed, webdataset or torchao: build their wheels HERE first (git-ignored .whl/):
+#   bash bench/gpu_checks.sh --wheels                 (on the development machine, once; needs ../shared/device)
+# then, on the GPU machine, carrying .whl:
+#   bash bench/gpu_checks.sh                          (every check, in the order below, within BUDGET_S seconds)
+#   CHECKS="finetune_L16_384 fp8" bash bench/gpu_checks.sh      (some of them: a second call for what the
+#                                                      budget skipped; the summary names those)
+# Results (one log per check + summary.txt) also go under $OUT, default /tmp/gpu_checks.
 set -uo pipefail
+if [[ ${1:-} == --wheels ]]; then
+  set -e
+  bash ../shared/device/wheels.sh .whl
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl "$(grep '^torchao==' constraints.txt | cut -d' ' -f1)"
+  exit 0
+fi
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
-if ! python3 -c "import deepspeed, webdataset" 2>/dev/null; then
+: >"$OUT/summary.txt"
+if ! python3 -c "import deepspeed, webdataset, torchao" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=$PWD:/tmp/site
@@ -14,23 +26,38 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's FusedAdam build misparses "9.0a"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 BUDGET=${BUDGET_S:-470}
+CHECKS=${CHECKS:-train_L16_recipe end_to_end loader_gpu train_H14_recipe finetune_L16_384 fp8}
 start=$SECONDS
 
-check() {  # check NAME SECONDS COMMAND...: runs unless the budget is spent; its log goes to $OUT/NAME.log
+check() {  # check NAME SECONDS COMMAND...: runs if CHECKS names it and the budget allows; log in $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  [[ " $CHECKS " == *" $name "* ]] || return 0
   local left=$((BUDGET - (SECONDS - start)))
-  if ((left < 30)); then echo "$name: skipped (budget spent)" >>"$OUT/summary.txt"; return; fi
+  if ((left < 60)); then echo "$name: skipped (budget spent; rerun with CHECKS=\"$name\")" >>"$OUT/summary.txt"; return; fi
   ((limit > left)) && limit=$left
   echo "=== $name ($*)"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^\[" | tail -n 6
-  echo "$name: rc=${PIPESTATUS[0]} | $(grep -E "ratio|img/s|^check " "$OUT/$name.log" | tail -n 5 | tr '\n' '|')" >>"$OUT/summary.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^\[" | tail -n 8
+  echo "$name: rc=${PIPESTATUS[0]} $((SECONDS - t0))s | $(grep -E "ratio|img/s|^check |verdict" "$OUT/$name.log" | tail -n 6 | tr '\n' '|')" >>"$OUT/summary.txt"
 }
 
-# the recipes' own settings (ZeRO auto, compile, buckets) at the accumulation of an 8-GPU node (4096 / (mb x 8))
+# the shards of the end-to-end check are written on the CPU beside the first check (which keeps the GPU busy)
+if [[ " $CHECKS " == *" end_to_end "* ]]; then
+  python3 -c "from pathlib import Path; from bench.end_to_end import make_shards; \
+make_shards(Path('/tmp/e2e_shards'), 8192, 1000, 4)" >"$OUT/e2e_shards.log" 2>&1 &
+  shards_pid=$!
+fi
+# pre-training at the recipes' own settings (ZeRO auto, compile, buckets) at the accumulation of an 8-GPU node
+# (4096 / (mb x 8)) vs a compiled timm loop with the same accumulation
 check train_L16_recipe 200 python3 bench/train_throughput.py --recipe vit_l16_in21k --accum 4
-check finetune_L16_384 150 python3 bench/finetune_throughput.py
+[[ -n ${shards_pid:-} ]] && wait "$shards_pid"
+# the trainer itself on real-photo JPEG shards, CPU decode (16 workers) and decode="gpu", vs synthetic batches
+check end_to_end 240 python3 bench/end_to_end.py --data /tmp/e2e_shards --workers 16
 # decode="gpu" vs torchvision's batched decode alone (ratio last), its agreement with decode="cpu", and the
 # data-wait share of a ViT-L/16 training loop fed by it
 check loader_gpu 90 python3 bench/loader.py --gpu-decode --images 4096 --batch 256 --workers 8
 check train_H14_recipe 200 python3 bench/train_throughput.py --recipe vit_h14_in21k --accum 8
-echo; echo "=== summary ($(cat "$OUT/gpu.txt"))"; cat "$OUT/summary.txt"
+check finetune_L16_384 150 python3 bench/finetune_throughput.py
+# torchao float8 vs bf16: L/16 rate + loss after 300 steps (2 bf16 seeds), H/14 rate; a verdict last
+check fp8 360 python3 bench/fp8_trial.py
+echo; echo "=== summary ($(cat "$OUT/gpu.txt"), $((SECONDS - start)) s)"; cat "$OUT/summary.txt"

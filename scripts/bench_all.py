@@ -30,9 +30,13 @@ SETTINGS = {
                      ["--variant", "L/16", "--micro-batch", "32", "--reps", "5"]),
     "finetune_throughput": (["--variant", "debug", "--image-size", "32", "--micro-batch", "8", "--steps", "4",
                              "--warmup", "1"], []),
+    "end_to_end": (["--recipe", "debug_cpu", "--steps", "8", "--log-every", "2", "--skip", "1", "--images", "96",
+                    "--classes", "10", "--workers", "2"], []),
+    "fp8_trial": (["--recipes", "debug_cpu", "--loss-steps", "40", "--rate-steps", "4", "--warmup", "2",
+                   "train.micro_batch=16"], []),
 }
 NOT_HERE = {"faults"}  # the fault suite is `make faults`: tens of minutes, a reliability table, not a ratio
-RATIO_LINE = re.compile(r"ratio|ours/|target", re.IGNORECASE)
+RATIO_LINE = re.compile(r"ratio|ours/|target|verdict", re.IGNORECASE)
 
 
 def run(name: str, args: list[str]) -> tuple[int, list[str], float]:
