@@ -22,6 +22,7 @@ from data_prep.stream import normalize
 from finetune.config import load_finetune_config
 from finetune.load import build_finetune_model, finetune_config
 from runtime.dist import detect
+from runtime.meters import matmul_tflops, mfu_text, peak_flops
 from trainer.backend_accelerate import AccelerateBackend
 from trainer.loss import classification_loss
 from trainer.optim import param_groups
@@ -129,6 +130,7 @@ def main() -> None:
     labels = torch.randint(0, 1000, (args.micro_batch,), device=dev)
     flops = train_flops_per_image(vit_config(args.variant, image_size=args.image_size, num_classes=1000))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    peak, measured = peak_flops(device), matmul_tflops()
     results = {}
     for name, fn in (("timm", bench_timm), ("vitscale_finetune", bench_ours)):
         t = fn(args, images, labels)
@@ -136,7 +138,8 @@ def main() -> None:
         print(json.dumps({"what": name, "variant": args.variant, "px": args.image_size, "micro_batch": args.micro_batch,
                           "optim": args.optim, "compile": args.compile, "device": device,
                           "step_s": round(t, 4), "img_per_s": round(results[name], 2),
-                          "achieved_tflops": round(results[name] * flops / 1e12, 2)}), flush=True)
+                          "achieved_tflops": round(results[name] * flops / 1e12, 2),
+                          "mfu": mfu_text(results[name], flops, peak, measured)}), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(f"ratio vitscale_finetune / timm: {results['vitscale_finetune'] / results['timm']:.2f}")

@@ -28,7 +28,7 @@ from pretrain.config import load_pretrain_config
 from pretrain.plan import gpu_memory_gib, resolve_zero
 from pretrain.train import model_config
 from runtime.dist import detect, init_distributed
-from runtime.meters import peak_flops
+from runtime.meters import matmul_tflops, mfu_text, peak_flops
 from trainer.backend_deepspeed import DeepSpeedBackend
 from trainer.loss import classification_loss
 from trainer.optim import lr_at, param_groups
@@ -51,22 +51,6 @@ def _time(step_fn, steps: int, warmup: int) -> float:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def matmul_tflops() -> float | None:
-    """The bf16 matrix rate this device reaches on 8192^3 (the ceiling MFU is also quoted against)."""
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    for _ in range(3):
-        a @ b
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    _sync()
-    return 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
 
 
 def ours(cfg, vcfg, batch, accum: int, args) -> float:
@@ -141,12 +125,10 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         ips = accum * mb / fn(cfg, vcfg, batch, accum, args)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-        mfu = f"{ips * flops / peak:.1%}" if peak else "n/a"
-        vs_mm = f"{ips * flops / (measured * 1e12):.1%}" if measured else "n/a"
         rates.append(ips)
         print(f"{label:<20} {args.recipe} ({cfg.model.variant} @{vcfg.image_hw[0]}) mb {mb} x accum {accum} "
-              f"compile {cfg.model.compile}: {ips:8.1f} img/s  MFU {mfu} of peak, {vs_mm} of measured matmul "
-              f"({measured or float('nan'):.0f} TFLOP/s)  peak {mem:.1f} GiB  ({name})", flush=True)
+              f"compile {cfg.model.compile}: {ips:8.1f} img/s  {mfu_text(ips, flops, peak, measured)}  "
+              f"peak {mem:.1f} GiB  ({name})", flush=True)
     print(f"ratio ours/timm: {rates[0] / rates[1]:.2f}")
 
 

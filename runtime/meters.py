@@ -37,6 +37,33 @@ def peak_flops(device_name: str, override_tflops: float | None = None) -> float 
     return None
 
 
+def matmul_tflops() -> float | None:
+    """The bf16 matrix rate this GPU reaches on 8192^3 products (TFLOP/s; None without a GPU): the same-run
+    ceiling the benchmarks quote MFU against beside the data-sheet peak."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def mfu_text(img_per_s: float, flops_per_image: float, peak: float | None, measured_tflops: float | None) -> str:
+    """"MFU x% of peak, y% of measured matmul (z TFLOP/s)", with n/a where a figure is unknown."""
+    achieved = img_per_s * flops_per_image
+    of_peak = f"{achieved / peak:.1%}" if peak else "n/a"
+    of_mm = f"{achieved / (measured_tflops * 1e12):.1%}" if measured_tflops else "n/a"
+    return f"MFU {of_peak} of peak, {of_mm} of measured matmul ({measured_tflops or float('nan'):.0f} TFLOP/s)"
+
+
 class ThroughputMeter:
     """Images/s (total and per device), MFU and data-wait share over a window of steps."""
 
