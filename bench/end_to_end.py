@@ -103,7 +103,7 @@ def run_one(args) -> None:
 
     def recorded(self, reset: bool = True):
         out = summary(self, reset)
-        if reset:  # a log window (the monitor's call); the meter's other callers peek without reset
+        if reset:  # a log window: the monitor reads (and resets) the meter once per `log.every` steps
             windows.append(out)
         return out
 
