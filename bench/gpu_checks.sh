@@ -46,6 +46,7 @@ if [[ " $CHECKS " == *" end_to_end "* ]]; then
   python3 -c "from pathlib import Path; from bench.end_to_end import make_shards; \
 make_shards(Path('/tmp/e2e_shards'), 8192, 1000, 4)" >"$OUT/e2e_shards.log" 2>&1 &
   shards_pid=$!
+  trap 'kill "$shards_pid" 2>/dev/null' EXIT  # ended with the script on every way out (a timeout, ^C)
 fi
 # pre-training at the recipes' own settings (ZeRO auto, compile, buckets) at the accumulation of an 8-GPU node
 # (4096 / (mb x 8)) vs a compiled timm loop with the same accumulation
