@@ -18,24 +18,27 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from data_prep import write_shards
 from data_prep.examples import photo_crops
+from data_prep.pool import worker_pool
 
 MODES = ("synthetic", "cpu", "gpu")
 
 
-def _write_images(folder: Path, start: int, count: int, classes: int) -> list[tuple[str, str]]:
-    """`count` photo crops (3 of 4 landscape 500x375, 1 of 4 portrait) as JPEGs; returns (path, label) rows."""
+def _write_images(job: tuple[Path, int, int, int]) -> list[tuple[str, str]]:
+    """(folder, start, count, classes): `count` photo crops (3 of 4 landscape 500x375, 1 of 4 portrait) as JPEGs;
+    returns their (path, label) rows."""
+    folder, start, count, classes = job
     landscape, portrait = photo_crops(count, size=(500, 375), seed=start), photo_crops(count, (375, 500), start + 1)
     rows = []
     for k in range(start, start + count):
@@ -54,14 +57,13 @@ def make_shards(out: Path, images: int, classes: int, workers: int) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         chunk = -(-images // workers)
-        with ProcessPoolExecutor(workers) as pool:
-            parts = pool.map(_write_images, [Path(tmp)] * workers, range(0, images, chunk),
-                             [min(chunk, images - s) for s in range(0, images, chunk)], [classes] * workers)
-            rows = [r for part in parts for r in part]
+        jobs = [(Path(tmp), s, min(chunk, images - s), classes) for s in range(0, images, chunk)]
+        with worker_pool(workers) as (imap, _):
+            rows = [r for part in imap(_write_images, jobs) for r in part]
         with open(Path(tmp) / "list.csv", "w", newline="") as f:
             csv.writer(f).writerows([("path", "label"), *rows])
-        # four shards per loader worker: every reader needs shards of its own
-        write_shards(Path(tmp) / "list.csv", out, samples_per_shard=max(1, images // (4 * workers)), workers=workers)
+        # 64 shards, whoever writes them: every loader reader (up to 64) needs shards of its own
+        write_shards(Path(tmp) / "list.csv", out, samples_per_shard=max(1, images // 64), workers=workers)
     return manifest
 
 
@@ -117,8 +119,9 @@ def run_one(args) -> None:
                  f"data.workers={args.workers}", f"run.dir={args.run_dir}/{args.one}", f"train.steps={args.steps}",
                  "train.epochs=null", f"log.every={args.log_every}", "log.trackers=[]",
                  *([f"train.micro_batch={args.micro_batch}"] if args.micro_batch else []), *args.overrides]
-    mb = load_pretrain_config(args.recipe, overrides).train.micro_batch
-    cfg = load_pretrain_config(args.recipe, [*overrides, f"train.global_batch={mb * args.accum}"])
+    cfg = load_pretrain_config(args.recipe, overrides)
+    steps = dataclasses.replace(cfg.train, global_batch=cfg.train.micro_batch * args.accum)
+    cfg = dataclasses.replace(cfg, train=steps)
     train(cfg)
     timed = windows[args.skip:]
     if not timed:
