@@ -18,11 +18,12 @@ import torch
 import torch.distributed as torch_dist
 
 from runtime.dist import barrier, detect, init_distributed, shutdown
+from runtime.io import say
 
 
 def hold(seconds: float, rank: int) -> None:
     """Meet the other ranks at a barrier every second for `seconds`; a lost rank fails a barrier."""
-    print(json.dumps({"rank": rank, "holding_s": seconds}), flush=True)
+    say(json.dumps({"rank": rank, "holding_s": seconds}))
     deadline = time.monotonic() + seconds
     step = 0
     while time.monotonic() < deadline:
@@ -30,8 +31,7 @@ def hold(seconds: float, rank: int) -> None:
         try:
             barrier()
         except Exception as e:  # a peer died or the link dropped: say so, then fail the job
-            print(f"dist-check: rank {rank} lost a peer at barrier {step}: {type(e).__name__}: {e}",
-                  file=sys.stderr, flush=True)
+            say(f"dist-check: rank {rank} lost a peer at barrier {step}: {type(e).__name__}: {e}", sys.stderr)
             raise SystemExit(1) from None
         step += 1
 

@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
 
-A reader (or a crash) never sees a half-written file: it sees the old one or the new one.
+A reader (or a crash) never sees a half-written file: it sees the old one or the new one. The same holds for a
+console line that several ranks share (`say`).
 """
 
 from __future__ import annotations
@@ -8,8 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
+
+
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Print one line in one write. The ranks share the console and run unbuffered (`python -u`), where
+    `print` writes the text and its newline separately: two ranks' lines could then run together into one."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Meters, rank-0 logging/TensorBoard and atomic writes."""
+"""Meters, rank-0 logging/TensorBoard, atomic writes and one-write console lines."""
 
 from __future__ import annotations
 
@@ -80,3 +80,25 @@ def test_logging_and_tensorboard_on_rank_zero_only(tmp_path: Path, capsys) -> No
     off = TBWriter(tmp_path / "tb_off", enabled=False)
     off.log_scalars(0, {"x": 1.0})
     assert not off.enabled and not (tmp_path / "tb_off").exists()
+
+
+def test_ranks_error_lines_never_run_together() -> None:
+    """Every rank prints its error line to one shared, unbuffered console (the launcher runs `python -u`):
+    each line must reach it whole, or a two-rank stop reads as one garbled line."""
+    import os
+    import subprocess
+    import sys
+
+    prog = ("from trainer.cli import run_verb\nfrom trainer.errors import CheckpointError\n"
+            "def stop():\n    raise CheckpointError('checkpoint global_step20 could not be written (rank {r}: "
+            + "ENOSPC " * 60 + ")')\nfor _ in range(400):\n    run_verb(stop)\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", prog.format(r=r)], stdout=write, stderr=write, env=env)
+             for r in range(2)]
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        lines = pipe.read().splitlines()
+    assert [p.wait() for p in procs] == [0, 0]
+    assert len(lines) == 800
+    assert all(x.startswith("error: checkpoint global_step20") and x.count("error:") == 1 for x in lines)

@@ -18,15 +18,16 @@ EXIT_BAD_INPUT, EXIT_STOPPED = 2, 1
 
 def run_verb(fn: Callable[[], object]) -> int:
     """Run one verb under the error contract; returns the process exit code."""
+    from runtime.io import say
     from trainer.errors import CheckpointError, NonFiniteLoss
 
     try:
         fn()
     except (ConfigError, FileNotFoundError) as err:  # FileNotFoundError: a path that vanished since preflight
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        say(f"error: {err}", sys.stderr)
         return EXIT_BAD_INPUT
     except (NonFiniteLoss, CheckpointError) as err:  # a clear stop, not a traceback: say why and what to do
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        say(f"error: {err}", sys.stderr)
         return EXIT_STOPPED
     return 0
 
