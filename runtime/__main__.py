@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the group up this long (a barrier each second) before the check")
     args = p.parse_args(argv)
     report = dist_check(args.timeout, args.hold)
-    # One write per line: ranks share the console pipe, and a single short write is never interleaved.
-    sys.stdout.write(json.dumps(report) + "\n")
-    sys.stdout.flush()
+    say(json.dumps(report))  # one write: the ranks share the console pipe
     expected = report["world_size"] * (report["world_size"] - 1) // 2
     return 0 if report["rank_sum"] == expected else 1
 
