@@ -14,9 +14,11 @@ from trainer.cli import stage_main
 
 def _train(recipe: str, overrides: list[str], allow_changed: bool = False) -> dict:
     from finetune.config import load_finetune_config
+
+    cfg = load_finetune_config(recipe, overrides)  # a bad key or value fails before torch loads
     from finetune.train import train
 
-    return train(load_finetune_config(recipe, overrides), allow_changed)
+    return train(cfg, allow_changed)
 
 
 def _config():

@@ -15,9 +15,11 @@ from trainer.cli import stage_main
 
 def _train(recipe: str, overrides: list[str], allow_changed: bool = False) -> dict:
     from pretrain.config import load_pretrain_config
+
+    cfg = load_pretrain_config(recipe, overrides)  # a bad key or value fails before torch loads
     from pretrain.train import train
 
-    return train(load_pretrain_config(recipe, overrides), allow_changed)
+    return train(cfg, allow_changed)
 
 
 def _config():

@@ -205,6 +205,20 @@ def test_config_verb_yaml_loads_back_as_the_same_config_and_a_typo_is_exit_2(sta
     assert "did you mean 'optim.lr'" in err
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_train_refuses_a_bad_config_before_torch_loads(stage: str) -> None:
+    """A typo in `train`'s overrides is answered in a fraction of a second, not after every rank imports torch."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from {stage}.__main__ import main; rc = main(['train', 'debug_cpu', 'optim.lrr=1']); "
+            "assert rc == 2 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: unknown config key 'optim.lrr'"), proc.stderr[-2000:]
+
+
 # ---- resume: the changed keys ---------------------------------------------------------------------------------
 
 def test_resume_names_changed_keys_and_refuses_those_that_break_exact_resume(tmp_path: Path) -> None:

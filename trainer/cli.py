@@ -126,9 +126,9 @@ def stage_main(prog: str, doc: str, recipes: str, train: Callable[[str, list[str
         elif args.verb == "config":
             show_config(*config(), args.recipe, args.overrides, args.yaml)
         elif args.verb == "train":
-            from runtime.dist import detect
-
             report = train(args.recipe, args.overrides, args.allow_changed)
+            from runtime.dist import detect  # after: a bad config fails before torch loads
+
             if detect().is_main:  # one summary line per job, not per rank
                 best = report["best"]
                 print(json.dumps({"steps": report["steps"], "best_top1": best and best["top1"]}))
