@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -99,9 +98,9 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None, tim
                      single: bool = False) -> DistEnv:
     """Start the default process group for `env` (detected if None).
 
-    A single process gets no group unless `single=True` (DeepSpeed needs one even then; it is made on a
-    private file store, so no port is taken). `timeout_s` bounds every collective: when a peer dies, the
-    others fail within it instead of hanging.
+    A single process gets no group unless `single=True` (DeepSpeed needs one even then; it is made on an
+    in-memory store, so no port is taken and no file is left). `timeout_s` bounds every collective: when a
+    peer dies, the others fail within it instead of hanging.
     """
     env = env or detect()
     if torch_dist.is_initialized() or not (env.is_distributed or single):
@@ -114,17 +113,14 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None, tim
         os.environ.setdefault(name, str(getattr(env, name.lower())))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    if env.is_distributed:
-        init_method = f"tcp://{env.master_addr}:{env.master_port}"
-    else:
-        fd, path = tempfile.mkstemp(prefix="vitscale-pg-")
-        os.close(fd)
-        os.unlink(path)  # the store creates it
-        init_method = f"file://{path}"
+    # One process rendezvous with itself in memory: no port taken, no store file left behind (a file store's
+    # file outlived every run that ended without tearing the group down).
+    where = ({"init_method": f"tcp://{env.master_addr}:{env.master_port}"} if env.is_distributed
+             else {"store": torch_dist.HashStore()})
     timeout = datetime.timedelta(seconds=timeout_s)
     torch_dist.init_process_group(
         backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-        init_method=init_method,
+        **where,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -111,3 +114,28 @@ def test_groups_made_later_keep_the_timeout(tmp_path) -> None:
     # 3 s timeout (a few more on a loaded machine); a group on torch's 30-minute default would only fail when
     # rank 1 gives up waiting, after 120 s
     assert float(result[0].split()[3]) < 30, result
+
+
+SINGLE = """
+import os, torch, torch.distributed as d
+from runtime.dist import init_distributed
+env = init_distributed(single=True)
+group = d.new_group(ranks=[0])  # as DeepSpeed makes its groups
+t = torch.ones(2)
+d.all_reduce(t, group=group)
+print("RESULT", env.rank, d.get_world_size(), t.tolist(), "MASTER_PORT" in os.environ, flush=True)
+os._exit(0)  # leave as a failed run does: no teardown
+"""
+
+
+def test_one_process_group_leaves_no_file_and_takes_no_port(tmp_path) -> None:
+    """Every single-process run (debug_cpu, one-GPU fine-tunes) makes a group; it must not leave files in $TMPDIR,
+    even when the process ends without tearing the group down."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_", "LOCAL_"))}
+    out = subprocess.run([sys.executable, "-c", SINGLE], capture_output=True, text=True, timeout=120,
+                         env={**env, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT 0 1 [1.0, 1.0] False" in out.stdout, out.stdout
+    assert sorted(p.name for p in tmp.iterdir()) == []
