@@ -23,6 +23,7 @@ import numpy as np
 from webdataset import TarWriter
 
 from data_prep.images import MIN_SIZE, Encoded, ImageOptions, Reject, encode_image
+from data_prep.lists import load_class_names, load_exclude_hashes
 from data_prep.manifest import (
     ManifestError,
     finalize,
@@ -38,7 +39,6 @@ from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
 from data_prep.readers import read_locs
 from data_prep.sources import Listing, list_source, no_output_if_unusable
-from data_prep.verify import iter_samples
 from runtime.io import atomic_write_json
 from runtime.progress import progress_bar
 
@@ -209,50 +209,6 @@ def resolve_nodes(num_nodes: int | None, node_rank: int | None, env=os.environ) 
     return node_rank, num_nodes
 
 
-def load_exclude_hashes(path: str | os.PathLike) -> set[bytes]:
-    """sha256 digests to keep out: a text file (one hex digest a line) or another dataset's dataset.json
-    (or its folder), whose samples' source and stored hashes are read from its shards."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "dataset.json"
-    if not path.exists():
-        raise FileNotFoundError(f"--exclude-hashes {path} does not exist")
-    if path.suffix == ".json":
-        manifest, hashes = load_json(path), set()
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                for _, sample in iter_samples(path.parent / shard["name"]):
-                    meta = json.loads(sample["json"])
-                    hashes.update(bytes.fromhex(meta[k]) for k in ("sha256", "src_sha256") if k in meta)
-        return hashes
-    hashes = set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.split("#")[0].strip()
-        if line:
-            try:
-                hashes.add(bytes.fromhex(line))
-            except ValueError:
-                raise ValueError(f"{path}:{n}: not a hex sha256 digest: {line[:80]}") from None
-    return hashes
-
-
-def load_class_names(path: str | os.PathLike) -> dict[str, str]:
-    """Class id -> human name from a text file of `id<whitespace>name` lines (ImageNet's `words.txt`,
-    `LOC_synset_mapping.txt`)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise FileNotFoundError(f"--class-names {path}: {e.strerror or e}") from None
-    names = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            parts = line.strip().split(None, 1)
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected `class_id name`, got {line.strip()[:80]!r}")
-            names[parts[0]] = parts[1].strip()
-    return names
-
-
 def _check_plan(out: Path, plan: Plan, options: dict, class_names: dict[str, str] | None = None) -> None:
     """Save the plan; refuse to mix shards of a different plan into the same folder."""
     path = parts_dir(out) / "plan.json"
@@ -400,5 +356,5 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     return manifest
 
 
-__all__ = ["DiskFullError", "ManifestError", "ShardJob", "load_exclude_hashes", "resolve_nodes", "write_shard",
+__all__ = ["DiskFullError", "ManifestError", "ShardJob", "resolve_nodes", "write_shard",
            "write_shards"]

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout: import t
 
 from finetune import config as finetune_config  # noqa: E402
 from pretrain import config as pretrain_config  # noqa: E402
-from runtime.config import ConfigError, config_fields  # noqa: E402
+from runtime.config import ConfigError  # noqa: E402
+from runtime.config_schema import config_fields  # noqa: E402
 
 DOC = ROOT / "docs" / "configuration.md"
 HEADER = """# Configuration

@@ -168,7 +168,7 @@ def _stage_main(stage: str):
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_config_verb_prints_every_key_value_type_and_default(stage: str, capsys) -> None:
-    from runtime.config import config_fields
+    from runtime.config_schema import config_fields
 
     code = _stage_main(stage)(["config", "debug_cpu", "optim.lr=0.5", "run.dir=runs/${optim.name}"])
     out, err = capsys.readouterr()
@@ -224,7 +224,7 @@ def test_train_refuses_a_bad_config_before_torch_loads(stage: str) -> None:
 def test_resume_names_changed_keys_and_refuses_those_that_break_exact_resume(tmp_path: Path) -> None:
     from finetune.config import FinetuneConfig
     from pretrain.config import RECIPES_DIR, PretrainConfig
-    from runtime.config import config_fields
+    from runtime.config_schema import config_fields
     from trainer.checkpoint import EXACT_RESUME_KEYS, check_changes, resume_changes
 
     ckpt_dir = tmp_path / "checkpoints"

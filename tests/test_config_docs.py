@@ -30,7 +30,7 @@ def test_committed_page_equals_the_generator_output() -> None:
 def test_every_key_has_its_default_and_a_meaning() -> None:
     from finetune.config import FinetuneConfig
     from pretrain.config import PretrainConfig
-    from runtime.config import config_fields
+    from runtime.config_schema import config_fields
 
     page = _render()
     for cls in (PretrainConfig, FinetuneConfig):
@@ -63,7 +63,7 @@ class Derived(Inner):
 
 
 def test_a_field_comment_and_metadata_help_are_read() -> None:
-    from runtime.config import config_fields
+    from runtime.config_schema import config_fields
 
     derived = {r["key"]: r["help"] for r in config_fields(Derived)}
     assert derived == {"rate": "how often: a # inside the comment is kept", "mode": "from metadata",

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.config import ConfigError, config_fields, flatten, load_config, resolved_yaml, to_dict, yaml_text
+from runtime.config import ConfigError, flatten, load_config, resolved_yaml, to_dict, yaml_text
+from runtime.config_schema import config_fields
 
 EXIT_BAD_INPUT, EXIT_STOPPED = 2, 1
 

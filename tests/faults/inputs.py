@@ -96,11 +96,9 @@ def _weights(sandbox: Path, marker: Path) -> dict[str, Path]:
     return {"wide": wide, "pth": pth, "good": good}
 
 
-def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
-    """The table of bad inputs, their files written into `sandbox`."""
-    data = f"data.path={digits}"
-    evil = _evil_run_dir(sandbox, digits, marker)
-    w = _weights(sandbox, marker)
+def _bad_files(sandbox: Path, digits: Path, marker: Path) -> tuple[Path, Path]:
+    """Recipes and host files carrying a payload, a `latest` naming no checkpoint, a dataset of a newer format:
+    returns (the dangling run's checkpoints folder, the newer dataset.json)."""
     (sandbox / "evil.yaml").write_text(f"optim: {{lr: {PAYLOAD_TAG} ['touch {marker}']}}\n")
     (sandbox / "evil_ft.yaml").write_text(f"init: {PAYLOAD_TAG} ['touch {marker}']\n")
     (sandbox / "hosts").write_text(f"node1 slots=1\nnode2;touch${{IFS}}{marker} slots=1\n")
@@ -111,6 +109,15 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
     v2 = sandbox / "v2" / "dataset.json"
     v2.parent.mkdir()
     v2.write_text(json.dumps({**json.loads(digits.read_text()), "format": "vitscale-shards/2"}))
+    return dangling, v2
+
+
+def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
+    """The table of bad inputs, their files written into `sandbox`."""
+    data = f"data.path={digits}"
+    evil = _evil_run_dir(sandbox, digits, marker)
+    w = _weights(sandbox, marker)
+    dangling, v2 = _bad_files(sandbox, digits, marker)
     pt = ["pretrain", "train", "debug_cpu", data]
 
     def pre(name: str, *over: str, expect: str) -> Case:
