@@ -284,6 +284,14 @@ def _write_todo(imap_unordered: Callable, tasks: Iterator, todo: list, spool: st
     return processed
 
 
+def _list_again(out: Path, relist: Callable[[], Listing]) -> Listing:
+    """A listing an earlier run made whose spool is gone: its cached units are dropped and the source streamed
+    again."""
+    for p in (parts_dir(out) / "list").glob("unit-*.npz"):
+        p.unlink()
+    return relist()
+
+
 def _node_report(out: Path, node_rank: int, num_nodes: int, mine: list[str], written: int,
                  log: Callable[[str], None] | None) -> dict:
     """What one node of a multi-node write returns (the manifest waits for `merge`)."""
@@ -341,10 +349,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
         if own is not None:
             own += [s.name for s in todo]
         remove_temp_files(out, own)  # what a killed earlier run left behind
-        if todo and not spool_ready(listing):  # listed by an earlier run whose spool is gone: stream it again
-            for p in (parts_dir(out) / "list").glob("unit-*.npz"):
-                p.unlink()
-            listing = relist()
+        if todo and not spool_ready(listing):
+            listing = _list_again(out, relist)
         processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
                                 progress)
     if num_nodes > 1:

@@ -228,7 +228,7 @@ def test_big_vision_npz_stacked_or_not_and_timm_reads_it(tmp_path: Path) -> None
         torch.testing.assert_close(t(x), plain(x), **TOL)
 
 
-def _one_line(path: Path, *fragments: str, build: bool = False) -> None:
+def assert_one_line(path: Path, *fragments: str, build: bool = False) -> None:
     with pytest.raises(ConfigError) as info:
         sd, src, _ = read_checkpoint(path, heads=12)
         if build:
@@ -244,28 +244,28 @@ def test_bad_files_are_one_line_config_errors(tmp_path: Path) -> None:
     arrays = to_big_vision(model.state_dict(), model.cfg)
     gap = {k: v for k, v in arrays.items() if k != "cls"}
     np.savez(tmp_path / "gap.npz", **gap)
-    _one_line(tmp_path / "gap.npz", "without a class token (pool_type 'gap')", "avg-pool", "pool_type 'tok'")
+    assert_one_line(tmp_path / "gap.npz", "without a class token (pool_type 'gap')", "avg-pool", "pool_type 'tok'")
     short = {k: v for k, v in arrays.items() if "encoderblock_1/MlpBlock_3/Dense_1" not in k}
     np.savez(tmp_path / "short.npz", **short)
-    _one_line(tmp_path / "short.npz", "big_vision/AugReg ViT .npz", "lacks Transformer/encoderblock_1/MlpBlock_3")
+    assert_one_line(tmp_path / "short.npz", "big_vision/AugReg ViT .npz", "lacks Transformer/encoderblock_1/MlpBlock_3")
     np.savez(tmp_path / "extra.npz", **arrays, **{"Transformer/encoderblock_0/LayerScale_0/scale": np.ones(768)})
-    _one_line(tmp_path / "extra.npz", "parameters vitscale's ViT lacks: Transformer/encoderblock_0/LayerScale_0")
+    assert_one_line(tmp_path / "extra.npz", "parameters vitscale's ViT lacks: Transformer/encoderblock_0/LayerScale_0")
     np.savez(tmp_path / "objects.npz", **arrays, extra=np.array([{"a": 1}], dtype=object))  # pickled member
-    _one_line(tmp_path / "objects.npz", "cannot be read", "allow_pickle")
+    assert_one_line(tmp_path / "objects.npz", "cannot be read", "allow_pickle")
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     sd["blocks.1.attn.qkv.weight"] = sd["blocks.1.attn.qkv.weight"][:-3]  # wrong shape
     save_file(sd, str(tmp_path / "shape.safetensors"))
-    _one_line(tmp_path / "shape.safetensors", "shapes do not fit the model: blocks.1.attn.qkv.weight", build=True)
+    assert_one_line(tmp_path / "shape.safetensors", "shapes do not fit the model: blocks.1.attn.qkv.weight", build=True)
     del sd["blocks.1.attn.qkv.weight"]  # a missing key: the contract names it
     save_file(sd, str(tmp_path / "missing.safetensors"))
-    _one_line(tmp_path / "missing.safetensors", "loading contract broken: missing ['blocks.1.attn.qkv.weight']",
+    assert_one_line(tmp_path / "missing.safetensors", "loading contract broken: missing ['blocks.1.attn.qkv.weight']",
               build=True)
     folder = save_hf(tmp_path / "deit", model.state_dict(), model.cfg)
     (folder / "config.json").write_text(json.dumps({"model_type": "deit"}))
-    _one_line(folder, "model_type 'deit', not 'vit'")
+    assert_one_line(folder, "model_type 'deit', not 'vit'")
     hf = load_file(str(folder / "model.safetensors"))
     save_file({**hf, "vit.embeddings.mask_token": torch.zeros(1, 1, 768)}, str(tmp_path / "mim.safetensors"))
-    _one_line(tmp_path / "mim.safetensors", "vit.embeddings.mask_token has no place")
+    assert_one_line(tmp_path / "mim.safetensors", "vit.embeddings.mask_token has no place")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
-    _one_line(folder, "pytorch_model.bin): a pickle", "save_pretrained")
+    assert_one_line(folder, "pytorch_model.bin): a pickle", "save_pretrained")

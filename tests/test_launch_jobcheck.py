@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT, free_port
 from tests.launch_fixtures import counted_dataset
 
+
 def _main(capsys, argv: list[str]) -> tuple[int, str, str]:
     """`python -m launch ARGV` in this process: (exit code, stdout, stderr); it must start no process."""
     import psutil

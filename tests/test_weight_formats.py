@@ -41,7 +41,7 @@ def _timm_file(path: Path, **kwargs) -> Path:
     return path
 
 
-def _refused(path: Path, *fragments: str) -> str:
+def assert_refused(path: Path, *fragments: str) -> str:
     """read_checkpoint(path) must raise one ConfigError line starting with the path and holding `fragments`."""
     with pytest.raises(ConfigError) as info:
         read_checkpoint(path)
@@ -55,7 +55,7 @@ def _refused(path: Path, *fragments: str) -> str:
 def test_plain_timm_vit_loads_and_its_variants_are_named(tmp_path: Path) -> None:
     sd, cfg, _ = read_checkpoint(_timm_file(tmp_path / "plain.safetensors"), heads=3)  # the positive control
     assert (cfg.width, cfg.depth, cfg.patch_size, cfg.grid) == (192, 1, 16, (2, 2)) and "patch_embed.weight" in sd
-    _refused(_timm_file(tmp_path / "avg.safetensors", global_pool="avg", fc_norm=True),
+    assert_refused(_timm_file(tmp_path / "avg.safetensors", global_pool="avg", fc_norm=True),
              "avg-pool head with fc_norm: not a cls-token ViT", "global_pool='token'")
     for kwargs, part in [(dict(init_values=1e-5), "layer-scale (blocks.*.ls1/ls2"),
                          (dict(reg_tokens=2), "register tokens (reg_token)"),
@@ -64,7 +64,7 @@ def test_plain_timm_vit_loads_and_its_variants_are_named(tmp_path: Path) -> None
                          (dict(pre_norm=True), "(norm_pre"),
                          (dict(class_token=False, global_pool="avg", fc_norm=False), "without a class token")]:
         name = "_".join(f"{k}{v}" for k, v in kwargs.items())
-        _refused(_timm_file(tmp_path / f"{name}.safetensors", **kwargs), part)
+        assert_refused(_timm_file(tmp_path / f"{name}.safetensors", **kwargs), part)
 
 
 def test_hugging_face_files_and_folders_that_do_not_load(tmp_path: Path) -> None:
@@ -74,45 +74,46 @@ def test_hugging_face_files_and_folders_that_do_not_load(tmp_path: Path) -> None
             "vit.encoder.layer.0.attention.attention.query.weight", "classifier.weight"]
     path = tmp_path / "hf.safetensors"
     save_file({k: torch.zeros(2) for k in keys}, str(path))
-    _refused(path, "is a Hugging Face transformers ViT state dict, but", "lacks one of query/key/value")
+    assert_refused(path, "is a Hugging Face transformers ViT state dict, but", "lacks one of query/key/value")
     deit = tmp_path / "deit.safetensors"
     save_file({k.replace("vit.", "deit.") if k.startswith("vit.") else k: torch.zeros(2) for k in keys}, str(deit))
-    _refused(deit, "Hugging Face transformers deit model (keys like deit.embeddings.", "not a plain ViT",
+    assert_refused(deit, "Hugging Face transformers deit model (keys like deit.embeddings.", "not a plain ViT",
              "model_type 'vit'")
     folder = tmp_path / "hf_model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 2}))
     save_file({k: torch.zeros(2) for k in keys}, str(folder / "model.safetensors"))
-    _refused(folder, "Hugging Face transformers model folder (config.json + model.safetensors), but")
+    assert_refused(folder, "Hugging Face transformers model folder (config.json + model.safetensors), but")
     (folder / "config.json").write_text(json.dumps({"model_type": "beit"}))
-    _refused(folder, "of model_type 'beit', not 'vit'")
+    assert_refused(folder, "of model_type 'beit', not 'vit'")
     # A timm Hub folder holds a loadable file: the fix points at it.
     hub = tmp_path / "timm_hub"
     hub.mkdir()
     (hub / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
     _timm_file(hub / "model.safetensors")
-    _refused(hub, "timm Hugging Face Hub folder (vit_tiny_patch16_224)", f"pass its weight file, {hub}/model.")
+    assert_refused(hub, "timm Hugging Face Hub folder (vit_tiny_patch16_224)", f"pass its weight file, {hub}/model.")
 
 
 def test_no_vit_keys_names_what_it_saw(tmp_path: Path) -> None:
     resnet = {"conv1.weight": torch.zeros(4, 3, 3, 3), "bn1.weight": torch.ones(4), "bn1.running_mean": torch.zeros(4),
               "layer1.0.conv1.weight": torch.zeros(4, 4, 3, 3), "fc.weight": torch.zeros(2, 4)}
     save_file(resnet, str(tmp_path / "resnet.safetensors"))
-    msg = _refused(tmp_path / "resnet.safetensors", "has no ViT keys (saw e.g. ", "conv1.weight")
+    msg = assert_refused(tmp_path / "resnet.safetensors", "has no ViT keys (saw e.g. ", "conv1.weight")
     assert "running_mean" not in msg  # weights named before buffers
     save_file({}, str(tmp_path / "none.safetensors"))
-    _refused(tmp_path / "none.safetensors", "without tensors")
+    assert_refused(tmp_path / "none.safetensors", "without tensors")
 
 
 def test_npz_without_a_vit_is_named(tmp_path: Path) -> None:
     """big_vision/AugReg ViT .npz files load (tests/test_interop.py); other archives are named."""
     bv = tmp_path / "partial.npz"
     np.savez(bv, **{"Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel": np.zeros(2), "cls": np.zeros(2)})
-    _refused(bv, "a NumPy .npz archive without ViT parameters (saw Transformer/encoderblock_0/", "embedding/kernel")
+    assert_refused(bv, "a NumPy .npz archive without ViT parameters (saw Transformer/encoderblock_0/",
+                   "embedding/kernel")
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
-    _refused(tmp_path / "other.npz", "a NumPy .npz archive without ViT parameters (saw a)")
+    assert_refused(tmp_path / "other.npz", "a NumPy .npz archive without ViT parameters (saw a)")
     np.savez(tmp_path / "map.npz", **{"embedding/kernel": np.zeros(2), "MAPHead_0/probe": np.zeros(2)})
-    _refused(tmp_path / "map.npz", "without a class token (pool_type 'map')")
+    assert_refused(tmp_path / "map.npz", "without a class token (pool_type 'map')")
 
 
 @pytest.mark.parametrize("how", ["zip", "legacy", "protocol0"])
@@ -124,28 +125,28 @@ def test_pickles_are_refused_without_unpickling(tmp_path: Path, how: str) -> Non
         path.write_bytes(pickle.dumps({"x": Payload(marker)}, protocol=0))
     else:
         torch.save(obj, path, _use_new_zipfile_serialization=how == "zip")
-    _refused(path, "is not a safetensors file but a pickled", "refused: unpickling can run code",
+    assert_refused(path, "is not a safetensors file but a pickled", "refused: unpickling can run code",
              "safetensors.torch.save_file")
     assert not marker.exists()
 
 
 def test_missing_empty_garbage_folder_and_run_dir(tmp_path: Path) -> None:
-    _refused(tmp_path / "nope.safetensors", "does not exist", "pass the path of a .safetensors weight file")
+    assert_refused(tmp_path / "nope.safetensors", "does not exist", "pass the path of a .safetensors weight file")
     (tmp_path / "empty.safetensors").touch()
-    _refused(tmp_path / "empty.safetensors", "is empty (0 bytes)")
+    assert_refused(tmp_path / "empty.safetensors", "is empty (0 bytes)")
     (tmp_path / "notes.safetensors").write_text("hello, not weights")
-    _refused(tmp_path / "notes.safetensors", "is not a safetensors file (")
+    assert_refused(tmp_path / "notes.safetensors", "is not a safetensors file (")
     folder = tmp_path / "stuff"
     folder.mkdir()
     (folder / "readme.txt").write_text("x")
-    _refused(folder, "folder without a known layout (holds readme.txt)", "pass a .safetensors file")
+    assert_refused(folder, "folder without a known layout (holds readme.txt)", "pass a .safetensors file")
     _timm_file(folder / "w.safetensors")
-    _refused(folder, "folder without a known layout", f"pass the weight file inside ({folder}/w.safetensors)")
+    assert_refused(folder, "folder without a known layout", f"pass the weight file inside ({folder}/w.safetensors)")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("{}")
     assert describe_init(run).kind == "run-dir" and identify_weights(run).kind == "folder"
-    _refused(run, "holds no complete checkpoint", "train first")  # a run dir without a checkpoint yet
+    assert_refused(run, "holds no complete checkpoint", "train first")  # a run dir without a checkpoint yet
 
 
 def test_run_dir_is_consolidated_in_process(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_run_dir_is_consolidated_in_process(tmp_path: Path) -> None:
     assert all(torch.equal(got[k], sd[k]) for k in sd)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written into the run dir
     (run / "checkpoints" / "latest").write_text("global_step9")  # `latest` names a tag that is not there
-    _refused(run, "names 'global_step9' but", "trainer_state.json is missing")
+    assert_refused(run, "names 'global_step9' but", "trainer_state.json is missing")
 
 
 def test_damaged_files_of_known_formats(tmp_path: Path) -> None:
@@ -177,10 +178,10 @@ def test_damaged_files_of_known_formats(tmp_path: Path) -> None:
     good = save_weights(tmp_path / "m.safetensors", VisionTransformer(cfg).state_dict(), cfg)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-100])  # a download that stopped early
-    _refused(cut, "is not a safetensors file (")
+    assert_refused(cut, "is not a safetensors file (")
     bad_meta = tmp_path / "bad_meta.safetensors"
     save_file({"w": torch.zeros(2)}, str(bad_meta), metadata={"format": "vitscale-vit/1", "config": "{not json"})
-    _refused(bad_meta, "is a vitscale weight file but cannot be read", "re-export")
+    assert_refused(bad_meta, "is a vitscale weight file but cannot be read", "re-export")
 
 
 def test_describe_state_dict_is_the_one_classifier() -> None:

@@ -13,6 +13,7 @@ is its own process running the module's `__main__` with its argv, cwd and a fres
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -120,15 +121,10 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
     dangling, v2 = _bad_files(sandbox, digits, marker)
     pt = ["pretrain", "train", "debug_cpu", data]
 
-    def pre(name: str, *over: str, expect: str) -> Case:
-        return Case(name, [*pt, f"run.dir=run-{name}", *over], expect, 2, f"run-{name}")
+    def train(stage: str, name: str, *over: str, expect: str) -> Case:  # both stages: exit 2, no run dir made
+        return Case(name, [stage, "train", "debug_cpu", data, f"run.dir=run-{name}", *over], expect, 2, f"run-{name}")
 
-    ft = ["finetune", "train", "debug_cpu", data]
-
-    def fin(name: str, *over: str, expect: str) -> Case:  # the same contract as pre-training: no run dir made
-        return Case(name, [*ft, *over, f"run.dir=run-{name}"], expect, 2, f"run-{name}")
-
-    good = f"init={w['good']}"
+    pre, fin, good = functools.partial(train, "pretrain"), functools.partial(train, "finetune"), f"init={w['good']}"
 
     return [
         pre("negative-lr", "optim.lr=-0.1", expect="optim.lr must be >= 0"),
