@@ -362,5 +362,4 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     return manifest
 
 
-__all__ = ["DiskFullError", "ManifestError", "ShardJob", "resolve_nodes", "write_shard",
-           "write_shards"]
+__all__ = ["DiskFullError", "ManifestError", "ShardJob", "resolve_nodes", "write_shard", "write_shards"]
