@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import os
 import re
 import socket
@@ -26,9 +27,47 @@ def torch_extensions_dir() -> Path:
 os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_dir())
 
 
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (the ports it hands to `bind(0)` and to clients)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_PORT_SPAN = 12000  # how many ports below the ephemeral range the tests draw from
+_picks = itertools.count()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:  # no SO_REUSEADDR: a port still in TIME_WAIT counts as taken
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (for MASTER_PORT)."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on (for MASTER_PORT, sshd, SLURM's daemons), from below the ephemeral range.
+
+    A port the kernel picked (`bind(0)`) and we let go is one it may give to the next socket that needs one (gloo's
+    connections between ranks, any client) before our job binds it: torchrun failed with EADDRINUSE that way in
+    a CI run. Ports below the ephemeral range are only taken by whoever asks for them by number. Each pytest-xdist
+    worker draws from its own slice, from an offset of its process id, 7 apart, so neither two workers nor a
+    worker and a helper process it started pick the same port.
+    """
+    low = ephemeral_low()
+    start = max(1024, low - _PORT_SPAN)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = (low - start) // max(1, workers)
+    base, offset = start + worker % max(1, workers) * span, os.getpid() * 7919
+    for _ in range(span // 7 if span >= 700 else 0):
+        port = base + (offset + 7 * next(_picks)) % span
+        if _bindable(port):
+            return port
+    with socket.socket() as s:  # a machine whose ephemeral range starts too low for the above: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

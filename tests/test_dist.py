@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from runtime.dist import DistEnv, accumulation_steps, detect, first_host
-from tests.conftest import ROOT, free_port, run_torchrun
+from tests.conftest import ROOT, ephemeral_low, free_port, run_torchrun
 
 
 def test_plain_python_is_rank_zero_of_one() -> None:
@@ -139,3 +139,17 @@ def test_one_process_group_leaves_no_file_and_takes_no_port(tmp_path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RESULT 0 1 [1.0, 1.0] False" in out.stdout, out.stdout
     assert sorted(p.name for p in tmp.iterdir()) == []
+
+
+def test_test_ports_come_from_below_the_ephemeral_range(monkeypatch) -> None:
+    """The suite's MASTER_PORTs: never one the kernel may hand to another socket meanwhile, never the same twice in
+    a row of jobs, and the two workers' slices apart."""
+    low = ephemeral_low()
+    picks = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+        picks[worker] = [free_port() for _ in range(50)]
+    every = picks["gw0"] + picks["gw1"]
+    assert len(set(every)) == 100 and all(1024 <= p < low for p in every), every
+    assert max(picks["gw0"]) < min(picks["gw1"])
