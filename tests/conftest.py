@@ -39,15 +39,6 @@ _PORT_SPAN = 12000  # how many ports below the ephemeral range the tests draw fr
 _picks = itertools.count()
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:  # no SO_REUSEADDR: a port still in TIME_WAIT counts as taken
-        try:
-            s.bind(("", port))
-            return True
-        except OSError:
-            return False
-
-
 def free_port() -> int:
     """A TCP port nobody listens on (for MASTER_PORT, sshd, SLURM's daemons), from below the ephemeral range.
 
@@ -57,15 +48,17 @@ def free_port() -> int:
     worker draws from its own slice, from an offset of its process id, 7 apart, so neither two workers nor a
     worker and a helper process it started pick the same port.
     """
+    from launch.preflight import port_free
+
     low = ephemeral_low()
     start = max(1024, low - _PORT_SPAN)
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    span = (low - start) // max(1, workers)
-    base, offset = start + worker % max(1, workers) * span, os.getpid() * 7919
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+    span = (low - start) // workers
+    base, offset = start + worker * span, os.getpid() * 7919
     for _ in range(span // 7 if span >= 700 else 0):
         port = base + (offset + 7 * next(_picks)) % span
-        if _bindable(port):
+        if port_free("", port):
             return port
     with socket.socket() as s:  # a machine whose ephemeral range starts too low for the above: the kernel's pick
         s.bind(("127.0.0.1", 0))

@@ -119,7 +119,6 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
     evil = _evil_run_dir(sandbox, digits, marker)
     w = _weights(sandbox, marker)
     dangling, v2 = _bad_files(sandbox, digits, marker)
-    pt = ["pretrain", "train", "debug_cpu", data]
 
     def train(stage: str, name: str, *over: str, expect: str) -> Case:  # both stages: exit 2, no run dir made
         return Case(name, [stage, "train", "debug_cpu", data, f"run.dir=run-{name}", *over], expect, 2, f"run-{name}")
@@ -146,7 +145,8 @@ def build_cases(sandbox: Path, digits: Path, marker: Path) -> list[Case]:
              "no recipe 'debug_cpuu': did you mean debug_cpu", run_dir="run-r"),
         Case("resume-pickle-payload", ["pretrain", "train", "debug_cpu", data, f"run.dir={evil}"],
              "posix.system"),
-        Case("latest-names-missing-checkpoint", [*pt, f"run.dir={dangling.parent}"], "delete `latest` or point it"),
+        Case("latest-names-missing-checkpoint", ["pretrain", "train", "debug_cpu", data, f"run.dir={dangling.parent}"],
+             "delete `latest` or point it"),
         Case("export-pickle-payload", ["pretrain", "export", str(evil), "--out", "out/model.safetensors"],
              "posix.system", run_dir="out"),
         fin("finetune-from-pickle-run-dir", f"init={evil}", expect="posix.system"),
