@@ -38,6 +38,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import dataclasses
 import itertools
 import math
 import multiprocessing.util  # noqa: F401 (imported before the exit hook below is registered: see _LIVE)
@@ -290,7 +291,9 @@ def _plan(src: Source, *, train: bool, global_batch: int | None, micro_batch: in
                          "these shards), or pass the dataset.json written by data_prep")
     steps = samples // global_batch
     if steps < 1:
-        raise ValueError(f"samples_per_epoch {samples} is less than one global batch ({global_batch})")
+        what = "samples_per_epoch" if samples_per_epoch is not None else "the split's samples"
+        raise ValueError(f"{what} ({samples}) is less than one global batch ({global_batch}): lower the global "
+                         "batch, or train on more samples")
     if not resampled and len(src.shards) < world * readers:
         raise ValueError(f"{len(src.shards)} shards for {world} ranks x {readers} workers = {world * readers} "
                          "readers: every reader needs a shard of its own. Write more (smaller) shards, use fewer "
@@ -317,6 +320,37 @@ def _check_args(data: DataCfg, *, train: bool, micro_batch: int, global_batch: i
         raise ValueError(f"num_classes must be >= 1 or None (from dataset.json), got {data.num_classes}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoaderPlan:
+    """What `plan_loader` found: the source, readers (workers) per rank, and the epoch's arithmetic."""
+
+    source: Source
+    readers: int
+    resampled: bool
+    samples: int  # per epoch
+    steps: int  # optimizer steps per epoch (training), eval batches per rank (eval)
+    batches: int  # micro-batches per rank per epoch
+
+
+def plan_loader(data: DataCfg, split: str, *, train: bool, micro_batch: int, world: int,
+                global_batch: int | None = None) -> LoaderPlan:
+    """Every check `build_loader` makes before it starts a worker: the arguments, the source (dataset.json,
+    split, shards present), the classes, and the epoch (at least one global batch of samples; a shard per
+    reader unless resampled). Raises ValueError / FileNotFoundError naming the fix. The trainer's preflight
+    calls it, so that data its loaders cannot read is refused before any run dir exists."""
+    _check_args(data, train=train, micro_batch=micro_batch, global_batch=global_batch)
+    src = resolve_source(data.path, split, data.shard_root)
+    if data.num_classes is not None and src.classes and data.num_classes < len(src.classes):
+        raise ValueError(f"num_classes {data.num_classes} is less than the {len(src.classes)} classes of "
+                         f"{data.path}: raise it, or leave it unset to take the dataset's")
+    readers = max(1, data.workers)
+    resampled = data.resampled and train  # eval reads the split in written order, whatever the config says
+    samples, steps, batches = _plan(src, train=train, global_batch=global_batch, micro_batch=micro_batch,
+                                    world=world, readers=readers,
+                                    samples_per_epoch=data.samples_per_epoch if train else None, resampled=resampled)
+    return LoaderPlan(src, readers, resampled, samples, steps, batches)
+
+
 def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, image_size: int | tuple[int, int],
                  micro_batch: int, seed: int, global_batch: int | None = None,
                  device: torch.device | str | None = None, with_keys: bool = False) -> StreamLoader:
@@ -330,25 +364,17 @@ def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, i
     (data_prep/gpu_decode.py). with_keys: yield
     (images, labels, keys). data.num_classes, if set, bounds the labels (others count as bad_label).
     """
-    _check_args(data, train=train, micro_batch=micro_batch, global_batch=global_batch)
-    src = resolve_source(data.path, split, data.shard_root)
-    if data.num_classes is not None and src.classes and data.num_classes < len(src.classes):
-        raise ValueError(f"num_classes {data.num_classes} is less than the {len(src.classes)} classes of "
-                         f"{data.path}: raise it, or leave it unset to take the dataset's")
-    readers = max(1, data.workers)
-    resampled = data.resampled and train  # eval reads the split in written order, whatever the config says
-    samples, steps, batches = _plan(src, train=train, global_batch=global_batch, micro_batch=micro_batch,
-                                    world=dist_env.world_size, readers=readers,
-                                    samples_per_epoch=data.samples_per_epoch if train else None, resampled=resampled)
+    plan = plan_loader(data, split, train=train, micro_batch=micro_batch, global_batch=global_batch,
+                       world=dist_env.world_size)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = StreamConfig(source=src, split=split, train=train, size=to_hw(image_size), micro_batch=micro_batch,
-                       batches=batches, rank=dist_env.rank, world_size=dist_env.world_size, workers=readers, seed=seed,
-                       samples_per_epoch=samples, resampled=resampled, decode=data.decode, crop_pct=data.crop_pct,
-                       scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip,
-                       randaugment=data.randaugment, shuffle_buffer=data.shuffle_buffer, min_size=data.min_size,
-                       num_classes=data.num_classes)
+    cfg = StreamConfig(source=plan.source, split=split, train=train, size=to_hw(image_size), micro_batch=micro_batch,
+                       batches=plan.batches, rank=dist_env.rank, world_size=dist_env.world_size,
+                       workers=plan.readers, seed=seed, samples_per_epoch=plan.samples, resampled=plan.resampled,
+                       decode=data.decode, crop_pct=data.crop_pct, scale=tuple(data.scale), ratio=tuple(data.ratio),
+                       hflip=data.hflip, randaugment=data.randaugment, shuffle_buffer=data.shuffle_buffer,
+                       min_size=data.min_size, num_classes=data.num_classes)
     # pinned batches: uint8 images copy to the GPU asynchronously, and so do decode="gpu"'s encoded bytes
     pin = dev.type == "cuda" and torch.cuda.is_available()
-    return StreamLoader(ShardStream(cfg), workers=data.workers, steps_per_epoch=steps, global_batch=global_batch,
-                        device=dev, pin_memory=pin, prefetch=data.prefetch, timeout_s=data.timeout_s,
-                        with_keys=with_keys)
+    return StreamLoader(ShardStream(cfg), workers=data.workers, steps_per_epoch=plan.steps,
+                        global_batch=global_batch, device=dev, pin_memory=pin, prefetch=data.prefetch,
+                        timeout_s=data.timeout_s, with_keys=with_keys)

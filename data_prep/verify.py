@@ -203,6 +203,8 @@ def preview(out: str | os.PathLike, dest: str | os.PathLike, n: int = 64, split:
                 break
         if len(tiles) >= n:
             break
+    if not tiles:
+        raise ValueError(f"split {split!r} of {out}/dataset.json has no samples to preview (see `data_prep stats`)")
     cols = max(1, math.ceil(math.sqrt(len(tiles))))
     rows, caption = max(1, math.ceil(len(tiles) / cols)), 14
     grid = Image.new("RGB", (cols * cell, rows * (cell + caption)), (255, 255, 255))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -169,3 +170,26 @@ class CliServer:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+# ---- bad inputs for tests/test_stages.py's one-line-error cases --------------------------------------------
+
+def bad_init_safetensors(tmp: Path) -> list[str]:
+    from safetensors.torch import save_file
+
+    resnet = {"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(10, 4)}
+    save_file(resnet, str(tmp / "resnet.safetensors"))
+    return [f"init={tmp / 'resnet.safetensors'}"]
+
+
+def bad_init_pth(tmp: Path) -> list[str]:
+    from vit import VisionTransformer, vit_config
+
+    torch.save(VisionTransformer(vit_config("debug", image_size=16, num_classes=10)).state_dict(), tmp / "vit.pth")
+    return [f"init={tmp / 'vit.pth'}"]
+
+
+def missing_shards(tmp: Path, data: Path) -> list[str]:
+    copy = Path(shutil.copytree(data.parent, tmp / "shards"))
+    next(copy.glob("train*.tar")).unlink()
+    return [f"data.path={copy / data.name}"]

@@ -176,6 +176,9 @@ def test_cli_write_stats_preview_and_nothing_usable(source, written, tmp_path, c
     assert "no usable image" in capsys.readouterr().err
     assert [json.loads(x)["reason"] for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()] == [
         "empty", "not_an_image"]
+    # the manifest of nothing is refused by preview (exit 2, one line), not drawn as an empty grid
+    assert main(["preview", str(tmp_path / "o"), "--out", str(tmp_path / "empty.png")]) == 2
+    assert "has no samples to preview" in capsys.readouterr().err and not (tmp_path / "empty.png").exists()
 
 
 def test_rerun_with_other_options_is_refused(source, written):

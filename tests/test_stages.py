@@ -36,10 +36,13 @@ from tests.stage_fixtures import (
     STAGES,
     STEPS,
     CliServer,
+    bad_init_pth,
+    bad_init_safetensors,
     cli,
     files,
     keys,
     max_diff,
+    missing_shards,
     report,
     train,
     train_args,
@@ -106,27 +109,6 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 # ---- 1. bad input: one line, exit 2, nothing written ----------------------------------------------------------
 
-def _bad_init_safetensors(tmp: Path) -> list[str]:
-    from safetensors.torch import save_file
-
-    resnet = {"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(10, 4)}
-    save_file(resnet, str(tmp / "resnet.safetensors"))
-    return [f"init={tmp / 'resnet.safetensors'}"]
-
-
-def _bad_init_pth(tmp: Path) -> list[str]:
-    from vit import VisionTransformer, vit_config
-
-    torch.save(VisionTransformer(vit_config("debug", image_size=16, num_classes=10)).state_dict(), tmp / "vit.pth")
-    return [f"init={tmp / 'vit.pth'}"]
-
-
-def _missing_shards(tmp: Path, data: Path) -> list[str]:
-    copy = Path(shutil.copytree(data.parent, tmp / "shards"))
-    next(copy.glob("train*.tar")).unlink()
-    return [f"data.path={copy / data.name}"]
-
-
 # name -> (stages, overrides or a function of (tmp, data) giving them, what the error line must name)
 BAD = {
     "data_path_missing": (STAGES, ["data.path=/nope"], "/nope does not exist"),
@@ -136,9 +118,12 @@ BAD = {
     "unknown_section": (STAGES, ["nosuch.key=1"], "'nosuch'"),
     "recipe_unknown": (STAGES, ["RECIPE=no_such_recipe"], "no_such_recipe"),
     "no_data_path": (STAGES, ["DATA=none"], "data.path is required"),
-    "shards_missing": (STAGES, _missing_shards, "missing"),
-    "init_not_vit_safetensors": (("finetune",), lambda tmp, data: _bad_init_safetensors(tmp), "no ViT keys"),
-    "init_pickle_pth": (("finetune",), lambda tmp, data: _bad_init_pth(tmp), "pickled"),
+    "shards_missing": (STAGES, missing_shards, "missing"),
+    # what the loaders check, refused up front (the digits' train split: 1438 samples in 15 shards)
+    "less_than_a_global_batch": (STAGES, ["train.global_batch=2048"], "(1438) is less than one global batch (2048)"),
+    "more_workers_than_shards": (STAGES, ["data.workers=64"], "every reader needs a shard of its own"),
+    "init_not_vit_safetensors": (("finetune",), lambda tmp, data: bad_init_safetensors(tmp), "no ViT keys"),
+    "init_pickle_pth": (("finetune",), lambda tmp, data: bad_init_pth(tmp), "pickled"),
     "init_missing": (("finetune",), ["init=/nope/model.safetensors"], "does not exist"),
 }
 BAD_CASES = [(stage, name) for name, (stages, *_) in BAD.items() for stage in stages]

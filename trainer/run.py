@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.stream import build_loader
+from data_prep.stream import build_loader, plan_loader
 from data_prep.stream_source import resolve_source
 from runtime.config import ConfigError, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, shutdown
@@ -62,8 +62,9 @@ def class_names(data: DataCfg) -> list[str]:
 
 def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
-    anything is written: trackers installed, batch arithmetic, dataset (format, splits, shards) and the checkpoint
-    to resume (and the config changes since it: those that break exact resume need `allow_changed`)."""
+    anything is written: trackers installed, batch arithmetic, what the loaders check (dataset format, splits and
+    shards; a global batch per epoch, a shard per loader worker) and the checkpoint to resume (and the config
+    changes since it: those that break exact resume need `allow_changed`)."""
     if missing := missing_trackers(cfg.log.trackers):
         raise ConfigError("; ".join(missing))
     d = cfg.data
@@ -72,10 +73,13 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
                           "and pass OUT/dataset.json")
     try:
         accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
-        if is_local(d.path):
-            resolve_source(d.path, d.train_split)  # format version, split, shards present
-            if d.val_split:
-                resolve_source(d.path, d.val_split)
+        # what the loaders will check, here on every rank before anything exists: the dataset's format, splits
+        # and shards, at least a global batch per epoch, a shard per loader worker
+        plan_loader(d, d.train_split, train=True, micro_batch=cfg.train.micro_batch,
+                    global_batch=cfg.train.global_batch, world=env.world_size)
+        if d.val_split:
+            plan_loader(d, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch,
+                        world=env.world_size)
         fs = cfg.eval.fewshot
         if missing := missing_datasets(fs):
             raise ConfigError("; ".join(missing))
