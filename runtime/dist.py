@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +138,17 @@ def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
+
+
+def main_decides(fn: Callable[[], str | None], env: DistEnv) -> str | None:
+    """`fn()` on rank 0 (an error message, or None when all is well), returned on every rank (a broadcast when
+    distributed): what only rank 0 can check then stops every rank alike, none left waiting on a peer that left."""
+    result = fn() if env.is_main else None
+    if torch_dist.is_available() and torch_dist.is_initialized() and env.world_size > 1:
+        box = [result]
+        torch_dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
 
 
 def shutdown() -> None:

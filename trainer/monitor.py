@@ -16,7 +16,7 @@ import torch.distributed as torch_dist
 import torchvision
 
 from runtime.config import ConfigError
-from runtime.dist import DistEnv
+from runtime.dist import DistEnv, main_decides
 from runtime.logs import get_logger
 from runtime.meters import ThroughputMeter, peak_flops
 from runtime.progress import format_eta
@@ -153,16 +153,15 @@ class Monitor:
 def _start(log_cfg, run_dir: Path, env: DistEnv) -> list[Tracker]:
     """Rank 0 starts the trackers; every rank learns whether that failed (a collective), so that all stop with
     the same one-line error (exit 2) rather than the other ranks waiting on a lost peer."""
-    trackers, error = [], None
-    if env.is_main:
+    trackers: list[Tracker] = []
+
+    def start() -> str | None:
         try:
-            trackers = start_trackers(log_cfg, run_dir)
+            trackers.extend(start_trackers(log_cfg, run_dir))
         except RuntimeError as err:
-            error = str(err)
-    if torch_dist.is_initialized() and env.world_size > 1:
-        box = [error]
-        torch_dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
+            return str(err)
+        return None
+
+    if error := main_decides(start, env):
         raise ConfigError(error)
     return trackers

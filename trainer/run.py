@@ -19,8 +19,9 @@ from torch import nn
 from data_prep.stream import build_loader, plan_loader
 from data_prep.stream_source import resolve_source
 from runtime.config import ConfigError, save_config, to_dict
-from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, shutdown
+from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, main_decides, shutdown
 from runtime.io import atomic_write_json
+from runtime.lock import DirLock
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
 from trainer.config import DataCfg, TrainerConfig, is_local, missing_datasets, total_steps
@@ -118,9 +119,33 @@ def train(cfg: TrainerConfig, stage: Stage, allow_changed: bool = False) -> dict
     except ValueError as err:  # a model the config or the init weights cannot make (contract broken, bad size)
         raise ConfigError(" ".join(str(err).split())) from err
     env = init_distributed(env, timeout_s=cfg.dist.timeout, single=True)
+    lock = claim_run_dir(Path(cfg.run.dir), env)
+    try:
+        return _run(cfg, stage, env, (model, vcfg, note), names, lock)
+    finally:
+        lock.release()
+
+
+def claim_run_dir(run_dir: Path, env: DistEnv) -> DirLock:
+    """Rank 0 locks the run dir for this job (runtime/lock.py); if another job holds it, every rank stops with
+    one line, exit 2, having written nothing, and no process group left."""
+    lock = DirLock(run_dir)
+    if holder := main_decides(lock.acquire, env):
+        shutdown()
+        raise ConfigError(f"run.dir {run_dir} is in use by another job ({holder}); wait for that job to end, or pass "
+                          "another run.dir")
+    return lock
+
+
+def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: tuple[nn.Module, ViTConfig, str], names: list[str],
+         lock: DirLock) -> dict:
+    """`train` once the run dir is this job's: logging, streams, backend, resume, loop, report."""
+    model, vcfg, note = built
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)
     log.info(note)
+    if not lock.supported:
+        log.warning(f"run.dir {run_dir} is on a filesystem without file locks: a second job into it is not refused")
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     loader, val_loader = _loaders(cfg, env, vcfg, device)
     loop = None
