@@ -2,11 +2,13 @@
 
 Bad input (a config, path, checkpoint or weight file that cannot be used) is one line on stderr naming the
 problem and the fix, exit 2, raised before any process group or run directory is made. A run that stops
-for a reason it explains (non-finite steps, a failed checkpoint write) is one line too, exit 1.
+for a reason it explains (non-finite steps, a failed checkpoint write) is one line too, exit 1; so is Ctrl-C
+outside the training loop (or a second one in it), exit 130.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,13 @@ def run_verb(fn: Callable[[], object]) -> int:
     except (NonFiniteLoss, CheckpointError) as err:  # a clear stop, not a traceback: say why and what to do
         say(f"error: {err}", sys.stderr)
         return EXIT_STOPPED
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one in it (the first one stops the
+        # loop after a checkpoint: trainer/preempt.py)
+        from trainer.preempt import EXIT_AFTER_SIGNAL
+
+        say("interrupted (Ctrl-C); a training run resumes from its last checkpoint when the same command is rerun",
+            sys.stderr)
+        return EXIT_AFTER_SIGNAL[signal.SIGINT]
     return 0
 
 

@@ -103,7 +103,7 @@ class LogCfg:
 class CheckpointCfg:
     every: int = 0  # optimizer steps between checkpoints; 0 = at every epoch end (always at the end too)
     keep: int = 2  # newest checkpoints kept
-    signal_check_every: int = 10  # steps between the ranks agreeing on a SIGTERM/SIGUSR1 (preemption)
+    signal_check_every: int = 10  # steps between the ranks agreeing on a SIGTERM/SIGUSR1/SIGINT (preemption, Ctrl-C)
 
 
 @dataclass

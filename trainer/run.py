@@ -174,6 +174,7 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: tuple[nn.Module,
     finally:
         if loop is not None:  # after an error or a signal: the trackers end their run as failed (a no-op after close)
             loop.monitor.close(None)
+            loop.preempt.restore()
         # Stop the loader workers here, on every way out. They ignore SIGTERM (preemption is the trainer's to
         # handle), so after an error (a peer lost, a collective timed out) they must not outlive the rank.
         for stream in (loader, val_loader):
