@@ -219,6 +219,27 @@ def test_train_refuses_a_bad_config_before_torch_loads(stage: str) -> None:
     assert proc.stderr.startswith("error: unknown config key 'optim.lrr'"), proc.stderr[-2000:]
 
 
+# values that would run but not as meant: 0 steps, never acting on a preemption signal, a zero timeout...
+BAD_VALUES = {"train.steps=-3": "train.steps must be > 0", "train.steps=0": "train.steps must be > 0",
+              "checkpoint.every=-5": "checkpoint.every must be >= 0", "eval.every=-1": "eval.every must be >= 0",
+              "checkpoint.signal_check_every=0": "checkpoint.signal_check_every must be >= 1",
+              "log.progress_every_s=-1": "log.progress_every_s must be >= 0",
+              "dist.timeout=0": "dist.timeout must be > 0", "eval.micro_batch=0": "eval.micro_batch must be >= 1"}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_values_that_would_not_run_as_meant_are_refused(stage: str) -> None:
+    from finetune.config import load_finetune_config
+    from pretrain.config import load_pretrain_config
+
+    load = {"pretrain": load_pretrain_config, "finetune": load_finetune_config}[stage]
+    required = ["data.path=d.json", "run.dir=r", *(["init=m.safetensors"] if stage == "finetune" else [])]
+    load("debug_cpu", required)  # the recipe itself is fine
+    for override, named in BAD_VALUES.items():
+        with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+            load("debug_cpu", [*required, override])
+
+
 # ---- resume: the changed keys ---------------------------------------------------------------------------------
 
 def test_resume_names_changed_keys_and_refuses_those_that_break_exact_resume(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""One job per run dir (runtime/lock.py): a second `train` into a dir in use is refused, on every rank, with one
-line naming the holder; the lock is its process's alone and ends with it (kill -9 included, forked children
-aside), so a resumed job never meets a stale lock."""
+"""The run dir. One job at a time (runtime/lock.py): a second `train` into a dir in use is refused, on every rank,
+with one line naming the holder; the lock is its process's alone and ends with it (kill -9 included, forked
+children aside), so a resumed job never meets a stale lock. And a run.dir that cannot be a folder this process
+writes in is refused before anything starts."""
 
 from __future__ import annotations
 
@@ -97,3 +98,17 @@ def test_every_rank_learns_the_dir_is_in_use(digits_shards: Path, tmp_path: Path
     refused = [x for x in out.splitlines() if "is in use by another job" in x]
     assert rc != 0 and len(refused) == 2 and all(x.startswith("error: run.dir") for x in refused), out[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME], "the refused job wrote into the dir"
+
+
+def test_a_run_dir_that_cannot_be_a_writable_folder_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from runtime.config import ConfigError
+    from trainer.run import check_run_dir
+
+    (tmp_path / "a.txt").write_text("x")
+    check_run_dir(tmp_path / "new" / "run")  # made later, under a folder we can write
+    for bad, named in ((tmp_path / "a.txt", "a.txt is a file"), (tmp_path / "a.txt" / "run", "a.txt is a file")):
+        with pytest.raises(ConfigError, match=f"run.dir {bad}: .*{named}, not a folder"):
+            check_run_dir(bad)
+    monkeypatch.setattr("trainer.run.os.access", lambda path, mode: False)  # as a user without write permission
+    with pytest.raises(ConfigError, match=f"no permission to write in {tmp_path}"):
+        check_run_dir(tmp_path / "run")

@@ -109,6 +109,11 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 # ---- 1. bad input: one line, exit 2, nothing written ----------------------------------------------------------
 
+def _under_a_file(tmp: Path) -> list[str]:
+    (tmp / "notes.txt").write_text("not a folder")
+    return [f"run.dir={tmp / 'notes.txt' / 'run'}"]
+
+
 # name -> (stages, overrides or a function of (tmp, data) giving them, what the error line must name)
 BAD = {
     "data_path_missing": (STAGES, ["data.path=/nope"], "/nope does not exist"),
@@ -122,6 +127,7 @@ BAD = {
     # what the loaders check, refused up front (the digits' train split: 1438 samples in 15 shards)
     "less_than_a_global_batch": (STAGES, ["train.global_batch=2048"], "(1438) is less than one global batch (2048)"),
     "more_workers_than_shards": (STAGES, ["data.workers=64"], "every reader needs a shard of its own"),
+    "run_dir_under_a_file": (STAGES, lambda tmp, data: _under_a_file(tmp), "is a file, not a folder"),
     "init_not_vit_safetensors": (("finetune",), lambda tmp, data: bad_init_safetensors(tmp), "no ViT keys"),
     "init_pickle_pth": (("finetune",), lambda tmp, data: bad_init_pth(tmp), "pickled"),
     "init_missing": (("finetune",), ["init=/nope/model.safetensors"], "does not exist"),

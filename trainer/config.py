@@ -146,9 +146,12 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
     durations = [k for k in ("steps", "epochs", "samples") if getattr(cfg.train, k) is not None]
     if len(durations) != 1:
         problems.append(f"give exactly one of train.steps, train.epochs, train.samples (got {durations or 'none'})")
+    problems += [f"train.{k} must be > 0, got {getattr(cfg.train, k)}" for k in durations if getattr(cfg.train, k) <= 0]
     for key, value in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay),
                        ("optim.warmup_steps", cfg.optim.warmup_steps), ("optim.clip", cfg.optim.clip),
-                       ("train.mixup", cfg.train.mixup), ("train.cutmix", cfg.train.cutmix)):
+                       ("train.mixup", cfg.train.mixup), ("train.cutmix", cfg.train.cutmix),
+                       ("checkpoint.every", cfg.checkpoint.every), ("eval.every", cfg.eval.every),
+                       ("log.progress_every_s", cfg.log.progress_every_s)):
         if value < 0:
             problems.append(f"{key} must be >= 0, got {value}")
     if not 0 < cfg.optim.layer_decay <= 1:
@@ -160,9 +163,13 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
     if cfg.train.max_bad_steps < 1:
         problems.append(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
     problems += validate_fewshot(cfg.eval.fewshot)
-    for key, value in (("log.every", cfg.log.every), ("checkpoint.keep", cfg.checkpoint.keep)):
+    for key, value in (("log.every", cfg.log.every), ("checkpoint.keep", cfg.checkpoint.keep),
+                       ("checkpoint.signal_check_every", cfg.checkpoint.signal_check_every),  # 0: never acted on
+                       ("eval.micro_batch", 1 if cfg.eval.micro_batch is None else cfg.eval.micro_batch)):
         if value < 1:
             problems.append(f"{key} must be >= 1, got {value}")
+    if cfg.dist.timeout <= 0:
+        problems.append(f"dist.timeout must be > 0 seconds, got {cfg.dist.timeout}")
     return problems
 
 

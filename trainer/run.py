@@ -9,6 +9,7 @@ one line, exit 2; see trainer/cli.py and docs/architecture.md).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +65,8 @@ def class_names(data: DataCfg) -> list[str]:
 def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
     """Checks that must fail on every rank alike, before any collective could wait on a failed peer and before
     anything is written: trackers installed, batch arithmetic, what the loaders check (dataset format, splits and
-    shards; a global batch per epoch, a shard per loader worker) and the checkpoint to resume (and the config
-    changes since it: those that break exact resume need `allow_changed`)."""
+    shards; a global batch per epoch, a shard per loader worker), a run dir it can write, and the checkpoint to
+    resume (and the config changes since it: those that break exact resume need `allow_changed`)."""
     if missing := missing_trackers(cfg.log.trackers):
         raise ConfigError("; ".join(missing))
     d = cfg.data
@@ -89,11 +90,21 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
             resolve_source(path, fs.val_split)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
+    check_run_dir(Path(cfg.run.dir))
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):
         state = ckpt.check_resumable(ckpt_dir, tag, backend)
         ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)  # a backend would unpickle it: refuse one unsafe
         ckpt.check_changes(ckpt_dir, tag, state, cfg, allow_changed)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A ConfigError unless `run_dir` is a folder, or can be made one, that this process may write in."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise ConfigError(f"run.dir {run_dir}: {existing} is a file, not a folder; pass another run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir {run_dir}: no permission to write in {existing}; pass a run.dir you can write")
 
 
 def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):
