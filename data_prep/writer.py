@@ -249,10 +249,14 @@ def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterat
 
 def _check_args(src, out, samples_per_shard: int, val_fraction: float, workers: int, max_shard_bytes: int | None,
                 min_per_class: int) -> None:
-    if samples_per_shard < 1 or not 0 <= val_fraction < 1 or workers < 1 or (max_shard_bytes or 1) < 1 \
-            or min_per_class < 0:
-        raise ValueError("need --samples-per-shard >= 1, 0 <= --val-fraction < 1, --workers >= 1, "
-                         "--max-shard-bytes >= 1, --min-per-class >= 0")
+    bad = [f"{name} {rule}, got {value}" for name, value, ok, rule in (
+        ("--samples-per-shard", samples_per_shard, samples_per_shard >= 1, "must be >= 1"),
+        ("--val-fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)"),
+        ("--workers", workers, workers >= 1, "must be >= 1"),
+        ("--max-shard-bytes", max_shard_bytes, (max_shard_bytes or 1) >= 1, "must be >= 1"),
+        ("--min-per-class", min_per_class, min_per_class >= 0, "must be >= 0")) if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
     if Path(src).is_dir() and Path(out).resolve().is_relative_to(Path(src).resolve()):
         raise ValueError(f"output folder {out} is inside the source tree {src}: its shards would be listed as "
                          "images of a class; write somewhere else")

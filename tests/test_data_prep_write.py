@@ -200,3 +200,11 @@ def test_exclude_hashes_from_another_datasets_manifest(source, tmp_path):
     rejects = [json.loads(x) for x in (tmp_path / "train" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in rejects if r["reason"] == "excluded") == photos[:5]
     assert m["rejects"]["by_reason"]["excluded"] == 5
+
+
+def test_bad_write_options_are_each_named_with_their_value(source, tmp_path, capsys):
+    args = ["write", str(source[0]), str(tmp_path / "out"), "--no-progress"]
+    assert main([*args, "--val-fraction", "1.5", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: --val-fraction must be in [0, 1), got 1.5; --workers must be >= 1, got 0"]
+    assert not (tmp_path / "out").exists()

@@ -179,6 +179,15 @@ def test_zero_stage_2_is_refused_where_deepspeed_cannot_run(tmp_path: Path, cli_
     assert not run.exists()
 
 
+@pytest.mark.parametrize("verb", ["pretrain eval", "finetune eval", "finetune fewshot", "finetune linear-probe"])
+def test_a_split_the_data_lacks_is_one_line_for_the_eval_verbs(verb: str, digits: dict, cli_server) -> None:
+    stage, name = verb.split()
+    key = {"eval": "data.split", "fewshot": "data.train_split", "linear-probe": "data.val_split"}[name]
+    proc = cli_server.run(stage, name, str(digits["init"]), f"data.path={digits['data']}", f"{key}=nosuch")
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and "no split 'nosuch'; it has ['pretrain', 'train', 'val']" in proc.stderr
+
+
 def _losses(run: Path) -> list[float]:
     return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", (run / "log.txt").read_text())]
 

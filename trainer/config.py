@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Literal
 
 from data_prep.stream_config import DataCfg, url_source_problems
+from runtime.config import ConfigError
 
 __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
            "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "missing_datasets",
-           "is_local", "total_steps"]
+           "is_local", "check_split", "total_steps"]
 
 
 @dataclass
@@ -200,6 +201,19 @@ def missing_datasets(f: FewShotCfg, key: str = "eval.fewshot.datasets") -> list[
             problems.append(f"{key}: {path} is not a dataset.json (or its folder); write one with "
                             "`python -m data_prep write SRC OUT`")
     return problems
+
+
+def check_split(data: DataCfg, split: str, *, train: bool, micro_batch: int, world: int,
+                global_batch: int | None = None) -> None:
+    """What the loaders will check of `split` (data_prep.stream.plan_loader: the dataset's format, the split and
+    its shards; a global batch per epoch and a shard per loader worker when training), as a one-line ConfigError
+    before anything starts."""
+    from data_prep.stream import plan_loader  # torch: only once a verb runs
+
+    try:
+        plan_loader(data, split, train=train, micro_batch=micro_batch, world=world, global_batch=global_batch)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
 
 
 def total_steps(train: TrainCfg, steps_per_epoch: int) -> int:

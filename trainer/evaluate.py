@@ -21,6 +21,7 @@ from data_prep.stream import DataCfg, build_loader, normalize
 from runtime.config import ConfigError, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.progress import progress_bar
+from trainer.config import check_split
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -108,7 +109,9 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     model, settings = load_eval_model(path, o["model.image_size"], o["model.pos_interp"])
     precision = o["eval.precision"] or settings.precision
     data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
-    env = init_distributed(detect())
+    env = detect()
+    check_split(data, o["data.split"], train=False, micro_batch=o["eval.micro_batch"], world=env.world_size)
+    env = init_distributed(env)
     dev = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     amp = precision.startswith("amp_")
     dtype = DTYPES[precision.removeprefix("amp_")]

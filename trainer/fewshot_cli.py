@@ -21,7 +21,7 @@ from runtime.config import ConfigError, from_dict, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.io import atomic_write_json
 from runtime.progress import progress_bar
-from trainer.config import DataCfg, FewShotCfg, missing_datasets, validate_fewshot
+from trainer.config import DataCfg, FewShotCfg, check_split, missing_datasets, validate_fewshot
 from trainer.evaluate import DTYPES
 from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
 
@@ -67,7 +67,10 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
     model, settings = load_eval_model(weights, o["model.image_size"])
     precision = o["eval.precision"] or settings.precision
     data = dataclasses.replace(data, crop_pct=settings.crop_pct)
-    env = init_distributed(detect())
+    env = detect()
+    for split in (fs.train_split, fs.val_split):
+        check_split(data, split, train=False, micro_batch=o["eval.micro_batch"], world=env.world_size)
+    env = init_distributed(env)
     dev = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     amp = precision.startswith("amp_")
     dtype = DTYPES[precision.removeprefix("amp_")]

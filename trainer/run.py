@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.stream import build_loader, plan_loader
+from data_prep.stream import build_loader
 from data_prep.stream_source import resolve_source
 from runtime.config import ConfigError, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, main_decides, shutdown
@@ -25,7 +25,7 @@ from runtime.io import atomic_write_json
 from runtime.lock import DirLock
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
-from trainer.config import DataCfg, TrainerConfig, is_local, missing_datasets, total_steps
+from trainer.config import DataCfg, TrainerConfig, check_split, is_local, missing_datasets, total_steps
 from trainer.loop import Loop
 from trainer.optim import param_groups
 from trainer.trackers import missing_trackers
@@ -75,12 +75,11 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
                           "and pass OUT/dataset.json")
     try:
         accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
-        # what the loaders will check, here on every rank before anything exists: the dataset's format, splits
-        # and shards, at least a global batch per epoch, a shard per loader worker
-        plan_loader(d, d.train_split, train=True, micro_batch=cfg.train.micro_batch,
+        # what the loaders will check, here on every rank before anything exists
+        check_split(d, d.train_split, train=True, micro_batch=cfg.train.micro_batch,
                     global_batch=cfg.train.global_batch, world=env.world_size)
         if d.val_split:
-            plan_loader(d, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch,
+            check_split(d, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch,
                         world=env.world_size)
         fs = cfg.eval.fewshot
         if missing := missing_datasets(fs):
