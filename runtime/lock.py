@@ -40,12 +40,13 @@ class DirLock:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.read(fd, 512).decode(errors="replace").strip() if err.errno in _HELD else None
-            os.close(fd)
-            if err.errno in _HELD:
-                return holder or "another process"
-            self.supported = False  # ENOLCK, EOPNOTSUPP...: nothing to hold, nothing refused
-            return None
+            try:
+                if err.errno in _HELD:
+                    return os.read(fd, 512).decode(errors="replace").strip() or "another process"
+                self.supported = False  # ENOLCK, EOPNOTSUPP...: nothing to hold, nothing refused
+                return None
+            finally:
+                os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
