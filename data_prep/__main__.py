@@ -23,6 +23,7 @@ from data_prep.sources import FORMATS as SOURCE_FORMATS
 from data_prep.sources import SourceError
 from data_prep.verify import preview, stats_table, verify
 from data_prep.writer import DiskFullError, write_shards
+from runtime.argtypes import count
 
 
 def _write_parser(sub) -> None:
@@ -92,21 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check shards against dataset.json (exit 1 on any problem)")
     v.add_argument("out", help="the shard folder written by `write`")
     v.add_argument("--decode", action="store_true", help="also decode every image")
-    v.add_argument("--workers", type=int, default=1, help="worker processes")
+    v.add_argument("--workers", type=count, default=1, help="worker processes")
     v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     s = sub.add_parser("stats", help="the manifest as a readable table")
     s.add_argument("out", help="the shard folder written by `write`")
-    s.add_argument("--max-classes", type=int, default=40, help="rows of the label histogram")
+    s.add_argument("--max-classes", type=count, default=40, help="rows of the label histogram")
     pv = sub.add_parser("preview", help="a PNG grid of samples with their labels")
     pv.add_argument("out", help="the shard folder written by `write`")
     pv.add_argument("--out", dest="dest", required=True, help="PNG file to write")
-    pv.add_argument("--n", type=int, default=64, help="samples shown")
+    pv.add_argument("--n", type=count, default=64, help="samples shown")
     pv.add_argument("--split", default="train", help="the split they come from")
     e = sub.add_parser("example", help="write real example images as an ImageFolder tree")
     e.add_argument("out", help="folder of the ImageFolder tree")
     e.add_argument("--dataset", choices=DATASETS, default="digits", help="which images")
-    e.add_argument("--size", type=int, default=32, help="digits: pixels per side")
-    e.add_argument("--per-class", type=int, default=None, help="images per class (default: all there are)")
+    e.add_argument("--size", type=count, default=32, help="digits: pixels per side")
+    e.add_argument("--per-class", type=count, default=None, help="images per class (default: all there are)")
     for verb in sub.choices.values():  # every verb's --help shows its defaults
         verb.formatter_class = _DefaultsShown
     return p

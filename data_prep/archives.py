@@ -259,9 +259,9 @@ def shard_files(spec: str) -> tuple[list[str], list[str] | None, dict[str, str]]
     if p.is_dir() and (p / "dataset.json").exists():
         p = p / "dataset.json"
     if p.suffix == ".json":
-        from data_prep.manifest import load_json
+        from data_prep.manifest import read_manifest
 
-        m = load_json(p)
+        m = read_manifest(p)
         split_of = {s["name"]: split for split, info in m["splits"].items() for s in info["shards"]}
         return [str((p.parent / n).resolve()) for n in split_of], m.get("classes"), split_of
     if p.is_dir():

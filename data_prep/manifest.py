@@ -21,8 +21,9 @@ PARTS = ".parts"
 SIZE_BINS = (0, 32, 64, 128, 256, 384, 512, 1024, 2048)  # shorter-side histogram bin edges, pixels
 
 
-class ManifestError(RuntimeError):
-    """The output folder cannot be turned into a manifest yet (missing shards or plan)."""
+class ManifestError(ValueError):
+    """A shard folder's manifest is missing, unreadable or not in the contract's shape, or cannot be built yet
+    (missing shards or plan)."""
 
 
 def parts_dir(out: str | os.PathLike) -> Path:
@@ -38,6 +39,25 @@ def load_json(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def check_format(meta: object, path: str | os.PathLike) -> dict:
+    """`meta`, a parsed dataset.json, if it has the contract's format and the shape its readers index (splits of
+    shards with names and sample counts, a class list); else a ManifestError naming what is wrong and the fix."""
+    got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if got != FORMAT:
+        raise ManifestError(f"{path}: format {got!r} is not {FORMAT!r}: not a dataset.json written by data_prep; "
+                            "write the shards with `python -m data_prep write SRC OUT`")
+    splits = meta.get("splits")
+    shaped = isinstance(splits, dict) and isinstance(meta.get("classes", []), list) and all(
+        isinstance(info, dict) and isinstance(info.get("shards"), list)
+        and all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("samples"), int)
+                for s in info["shards"]) for info in splits.values())
+    if not shaped:
+        raise ManifestError(f"{path}: `splits` or `classes` is not in the shape data_prep writes (split -> "
+                            "{samples, shards: [{name, samples}]}; a list of class names): the file was edited; "
+                            "rerun the `python -m data_prep write` command to write it again")
+    return meta
+
+
 def load_manifest(out: str | os.PathLike) -> dict:
     """OUT/dataset.json for the verbs that read a shard folder back (verify, stats, preview).
 
@@ -49,7 +69,7 @@ def load_manifest(out: str | os.PathLike) -> dict:
         raise ManifestError(f"{folder} is a file: give the shard folder that holds dataset.json "
                             f"({folder.parent if folder.name == 'dataset.json' else 'the OUT of `write`'})")
     try:
-        return load_json(path)
+        return read_manifest(path)
     except FileNotFoundError:
         if (parts_dir(folder) / "plan.json").exists():
             raise ManifestError(f"{folder} has no dataset.json yet: its write did not finish; rerun the same "
@@ -62,9 +82,18 @@ def load_manifest(out: str | os.PathLike) -> dict:
                             "first") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot be read ({e.strerror or e}): check its permissions") from None
-    except ValueError as e:
-        raise ManifestError(f"{path} is not valid JSON ({e}): rerun `python -m data_prep merge {folder}` "
-                            "to write it again") from None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """A dataset.json file, parsed and checked (check_format): what every reader of the contract loads. A file
+    that is not JSON is a ManifestError; a missing one FileNotFoundError, as open() raises it."""
+    try:
+        meta = load_json(path)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ManifestError(f"{path} is not valid JSON ({e}): rerun the `python -m data_prep write` command (or "
+                            f"`python -m data_prep merge {Path(path).parent}` after a multi-node write) to write it "
+                            "again") from None
+    return check_format(meta, path)
 
 
 def load_receipt(out: str | os.PathLike, name: str, fingerprint: str) -> dict | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import json
 import random
 import shlex
 import tarfile
@@ -22,7 +21,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys
 
-SHARDS_FORMAT = "vitscale-shards/1"
+from data_prep.manifest import read_manifest
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEPT_MEMBERS = {*IMAGE_EXTS, "cls"}
 MAX_SHARD_NAMES = 100  # shards named in the stats, at most
@@ -64,10 +64,8 @@ def _shard_url(root: str | None, folder: Path, name: str) -> str:
 
 
 def _from_manifest(path: Path, split: str, shard_root: str | None) -> Source:
-    meta = json.loads(path.read_text())
-    if meta.get("format") != SHARDS_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {SHARDS_FORMAT!r}; write it with data_prep")
-    if split not in meta.get("splits", {}):
+    meta = read_manifest(path)
+    if split not in meta["splits"]:
         raise ValueError(f"{path}: no split {split!r}; it has {sorted(meta.get('splits', {}))}")
     shards = tuple(Shard(_shard_url(shard_root, path.parent, s["name"]), int(s["samples"]))
                    for s in meta["splits"][split]["shards"] if int(s["samples"]) > 0)

@@ -29,6 +29,7 @@ from launch.jobcheck import JobFacts, job_facts, load_job_config
 from launch.launchers import LAUNCHERS, build_runs
 from launch.node import exec_payload, run_node
 from launch.runner import run_all
+from runtime.argtypes import count, index, port, seconds
 
 # torch (via preflight and runtime) is imported only by the verbs that need it: `node` and `exec` run once
 # per node and per rank, and should start in a fraction of a second.
@@ -38,12 +39,12 @@ def _hosts_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostfile", help="DeepSpeed-style hostfile: one 'HOST slots=N' per line")
     p.add_argument("--include", default="", help="only these hosts (comma or @ separated)")
     p.add_argument("--exclude", default="", help="all hosts but these")
-    p.add_argument("--nproc-per-node", type=int, help="processes per node (default: the hostfile's slots)")
+    p.add_argument("--nproc-per-node", type=count, help="processes per node (default: the hostfile's slots)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun")
     p.add_argument("--master-addr", help="rendezvous host (default: the first host)")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-port", type=port, default=29500)
     p.add_argument("--ssh-config", help="ssh client config file (passed as ssh -F; also to pdsh)")
-    p.add_argument("--ssh-port", type=int, help="ssh port of the nodes")
+    p.add_argument("--ssh-port", type=port, help="ssh port of the nodes")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -51,9 +52,9 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                              "pretrain|finetune train` job; a flag overrides it)")
     g.add_argument("--dataset", help="dataset.json (or its folder): shards >= nodes x GPUs x workers")
     g.add_argument("--split", help="the split trained on (default data.train_split, else train)")
-    g.add_argument("--workers", type=int, help="DataLoader workers per rank (default data.workers, else 1)")
-    g.add_argument("--global-batch", type=int, help="must divide by micro-batch x world size")
-    g.add_argument("--micro-batch", type=int)
+    g.add_argument("--workers", type=index, help="DataLoader workers per rank (default data.workers, else 1)")
+    g.add_argument("--global-batch", type=count, help="must divide by micro-batch x world size")
+    g.add_argument("--micro-batch", type=count)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     _job_args(r)
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set on every node")
     r.add_argument("--run-dir", help="logs/node-{i}.log and the hostfile go here (default runs/launch-TIME)")
-    r.add_argument("--node-rank", type=int, help="start only this node's command (nossh/ssh/torchrun)")
-    r.add_argument("--grace", type=float, default=300.0,
+    r.add_argument("--node-rank", type=index, help="start only this node's command (nossh/ssh/torchrun)")
+    r.add_argument("--grace", type=seconds, default=300.0,
                    help="after a node fails, seconds the others get to stop on their own (>= dist timeout)")
     r.add_argument("--no-check", action="store_true", help="skip preflight")
     r.add_argument("--dry-run", action="store_true", help="print each node's command, run nothing")
@@ -75,18 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     _hosts_args(c)
     _job_args(c)
     s = sub.add_parser("sbatch", help="write a SLURM batch script (command after --)")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--gpus-per-node", type=int, default=8, help="0 on a CPU partition")
-    s.add_argument("--nproc-per-node", type=int, help="default: GPUs per node (1 without GPUs)")
+    s.add_argument("--nodes", type=count, required=True)
+    s.add_argument("--gpus-per-node", type=index, default=8, help="0 on a CPU partition")
+    s.add_argument("--nproc-per-node", type=count, help="default: GPUs per node (1 without GPUs)")
     for opt in ("--time", "--partition", "--account"):
         s.add_argument(opt)
     s.add_argument("--job-name", default="vitscale")
-    s.add_argument("--cpus-per-task", type=int)
+    s.add_argument("--cpus-per-task", type=count)
     s.add_argument("--run-dir", required=True)
-    s.add_argument("--master-port", type=int, default=29500)
+    s.add_argument("--master-port", type=port, default=29500)
     s.add_argument("--no-requeue", action="store_true", help="no --requeue / SIGUSR1 checkpoint-and-requeue")
-    s.add_argument("--signal-grace", type=int, default=300, help="SIGUSR1 this many seconds before the limit")
-    s.add_argument("--grace", type=float, default=300.0)
+    s.add_argument("--signal-grace", type=index, default=300, help="SIGUSR1 this many seconds before the limit")
+    s.add_argument("--grace", type=seconds, default=300.0)
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="--OPT=VALUE", help="extra #SBATCH line")
     s.add_argument("--no-check", action="store_true", help="skip the dataset and batch checks")
@@ -99,15 +100,15 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--mixed-precision", default="bf16", choices=["no", "fp16", "bf16"])
     a.add_argument("--cpu", action="store_true", help="CPU nodes (tests)")
     pr = sub.add_parser("probe", help="print this node's facts as JSON")
-    pr.add_argument("--port", type=int)
+    pr.add_argument("--port", type=port)
     pr.add_argument("--port-addr")
     n = sub.add_parser("node", help="supervise this node's command (command after --)")
     n.add_argument("--watch-stdin", action="store_true")
     n.add_argument("--log")
     n.add_argument("--slurm-torchrun", action="store_true", help="build torchrun from SLURM_* (under srun)")
-    n.add_argument("--nproc-per-node", type=int, default=1)
+    n.add_argument("--nproc-per-node", type=count, default=1)
     n.add_argument("--master-addr")
-    n.add_argument("--master-port", type=int, default=29500)
+    n.add_argument("--master-port", type=port, default=29500)
     e = sub.add_parser("exec", help="run a job payload (DeepSpeed/pdsh path)")
     e.add_argument("payload")
     return p

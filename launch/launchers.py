@@ -62,6 +62,13 @@ def build_runs(plan: Plan, launcher: str, ssh_config: str | None = None, ssh_por
                node_rank: int | None = None, slurm_nproc: int = 1, dry_run: bool = False) -> list[NodeRun]:
     """The processes to start for `launcher` (see the module table). `dry_run`: only to be printed, so every
     node of the per-node launchers gets its own command, reachable from here or not."""
+    if node_rank is not None and launcher not in ("torchrun", "ssh", "nossh"):
+        raise LaunchError(f"--node-rank is for the per-node launchers (torchrun, ssh, nossh); --launcher {launcher} "
+                          "starts every node itself: drop --node-rank")
+    if node_rank is not None and not 0 <= node_rank < len(plan.hosts):
+        n = len(plan.hosts)
+        raise LaunchError(f"--node-rank {node_rank} is not a node of this job, which has {n}: "
+                          + ("node rank 0" if n == 1 else f"node ranks 0-{n - 1}"))
     if launcher == "torchrun":
         return _per_node(plan, torchrun_node, True, ssh_config, ssh_port, node_rank, dry_run)
     if launcher in ("ssh", "nossh"):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from runtime.argtypes import count, number
 from runtime.config import ConfigError
 from trainer.cli import stage_main
 
@@ -33,9 +34,9 @@ def _plan_verb(sub) -> dict:
     v = sub.add_parser("plan", help="memory and traffic per GPU of each ZeRO stage, and the one auto would choose")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*", help="key.sub=value (data.path and run.dir are not needed)")
-    v.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
-    v.add_argument("--nodes", type=int, default=1)
-    v.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    v.add_argument("--gpus", type=count, default=8, help="GPUs per node (default 8)")
+    v.add_argument("--nodes", type=count, default=1)
+    v.add_argument("--gpu-mem", type=number(0, strict=True), default=80.0, help="GiB per GPU (default 80)")
     return {"plan": _plan}
 
 

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as torch_dist
 
+from runtime.argtypes import number, seconds
 from runtime.dist import barrier, detect, init_distributed, shutdown
 from runtime.io import say
 
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
     c = sub.add_parser("dist-check", help="init the process group, all-reduce, barrier, teardown")
-    c.add_argument("--timeout", type=float, default=60.0, help="collective timeout, seconds")
-    c.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+    c.add_argument("--timeout", type=number(0, strict=True), default=60.0, help="collective timeout, seconds")
+    c.add_argument("--hold", type=seconds, default=0.0, metavar="SECONDS",
                    help="keep the group up this long (a barrier each second) before the check")
     args = p.parse_args(argv)
     report = dist_check(args.timeout, args.hold)

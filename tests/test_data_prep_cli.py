@@ -103,6 +103,32 @@ def test_an_unfinished_write_points_at_rerun_or_merge(tmp_path, capsys):
     assert "did not finish" in err and f"python -m data_prep merge {tmp_path}" in err, err
 
 
+BROKEN_MANIFESTS = {  # dataset.json text -> what the one line must say
+    "{}": "format None is not 'vitscale-shards/1'",
+    "[1, 2]": "format 'list' is not 'vitscale-shards/1'",
+    '{"format": "vitscale-shards/1", "splits": 3}': "`splits` or `classes` is not in the shape data_prep writes",
+    '{"format": "vitscale-shards/1", "splits": {"train": {"shards": [{"name": 1}]}}}': "is not in the shape",
+    "nojson": "is not valid JSON",
+}
+
+
+@pytest.mark.parametrize("text", BROKEN_MANIFESTS, ids=["empty", "list", "splits_int", "shard_name", "not_json"])
+def test_a_foreign_or_edited_dataset_json_is_one_line_for_every_reader(text, tmp_path, capsys):
+    """stats, preview, write from shards (exit 2) and verify (the one problem, exit 1) name the file and the fix;
+    they raised KeyError/TypeError tracebacks (a JSON file that is not the shard contract)."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text(text)
+    want = BROKEN_MANIFESTS[text]
+    for argv, code in [(["stats", "ds"], 2), (["preview", "ds", "--out", "g.png"], 2), (["verify", "ds"], 1),
+                       (["write", "ds/dataset.json", "out"], 2)]:
+        args = [str(tmp_path / a) if a in ("ds", "ds/dataset.json", "out", "g.png") else a for a in argv]
+        assert main(args) == code, argv
+        captured = capsys.readouterr()
+        line = (captured.err + captured.out).strip().splitlines()[0]
+        assert want in line and "dataset.json" in line and "python -m data_prep" in line, (argv, line)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "g.png").exists()
+
+
 def test_every_option_shows_its_default():
     sub = next(a for a in build_parser()._actions if a.choices and "write" in a.choices).choices
     for verb, parser in sub.items():

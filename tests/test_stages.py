@@ -114,6 +114,11 @@ def _under_a_file(tmp: Path) -> list[str]:
     return [f"run.dir={tmp / 'notes.txt' / 'run'}"]
 
 
+def _edited_manifest(tmp: Path) -> list[str]:
+    (tmp / "dataset.json").write_text('{"format": "vitscale-shards/1", "splits": {"train": 1438}}')
+    return [f"data.path={tmp / 'dataset.json'}"]
+
+
 # name -> (stages, overrides or a function of (tmp, data) giving them, what the error line must name)
 BAD = {
     "data_path_missing": (STAGES, ["data.path=/nope"], "/nope does not exist"),
@@ -124,6 +129,7 @@ BAD = {
     "recipe_unknown": (STAGES, ["RECIPE=no_such_recipe"], "no_such_recipe"),
     "no_data_path": (STAGES, ["DATA=none"], "data.path is required"),
     "shards_missing": (STAGES, missing_shards, "missing"),
+    "dataset_json_edited": (STAGES, lambda tmp, data: _edited_manifest(tmp), "not in the shape data_prep writes"),
     # what the loaders check, refused up front (the digits' train split: 1438 samples in 15 shards)
     "less_than_a_global_batch": (STAGES, ["train.global_batch=2048"], "(1438) is less than one global batch (2048)"),
     "more_workers_than_shards": (STAGES, ["data.workers=64"], "every reader needs a shard of its own"),

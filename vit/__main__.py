@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.argtypes import count, index
 from vit.config import variant_names, vit_config
 from vit.flops import inference_flops_per_image, train_flops_per_image
 from vit.model import VisionTransformer
@@ -108,18 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="verb", required=True)
     i = sub.add_parser("info", help="parameters and FLOPs per image")
     i.add_argument("variants", nargs="*", default=[v for v in variant_names() if v != "debug"])
-    i.add_argument("--image-size", type=int, default=224)
-    i.add_argument("--num-classes", type=int, default=1000)
+    i.add_argument("--image-size", type=count, default=224)
+    i.add_argument("--num-classes", type=index, default=1000, help="0: no head")
     s = sub.add_parser("inspect", help="figures of a weight file: embedding filters, pos-embed similarity, "
                        "attention distance and rollout (PNG + inspect.json)")
     s.add_argument("weights")
     s.add_argument("--images", default=None, help="a folder of images or a dataset.json (the attention figures "
                    "need images; without, only the filters and position embeddings are drawn)")
     s.add_argument("--out", default="inspect", help="output folder (default ./inspect)")
-    s.add_argument("--n", type=int, default=8, help="images used (at most 8 are drawn)")
+    s.add_argument("--n", type=count, default=8, help="images used (at most 8 are drawn)")
     args = p.parse_args(argv)
     if args.verb == "info":
-        print(info(args.variants, args.image_size, args.num_classes))
+        try:
+            print(info(args.variants, args.image_size, args.num_classes))
+        except ValueError as err:  # an unknown variant, or a size the patches do not tile: one usage line, exit 2
+            i.error(str(err))
         return 0
     from trainer.cli import run_verb
 
