@@ -23,6 +23,18 @@ def say(text: str, stream: TextIO | None = None) -> None:
     stream.flush()
 
 
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be written in (made first if it does not exist), or None if it can: the first part of
+    it that exists is a file, or this process may not write there."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on normal exit rename it onto `path`, else delete it."""

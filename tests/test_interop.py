@@ -107,12 +107,13 @@ def test_pre_logits_model_keeps_its_layer_but_is_refused_as_timm(tmp_path: Path,
     sd, meta = load_weights(export(run))
     _same(sd, model.state_dict())  # head.pre_logits.fc.* on disk, pre_logits.fc.* read back
     for fmt in ("timm", "hf"):
-        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        out = tmp_path / (f"{fmt}.safetensors" if fmt == "timm" else fmt)
+        assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "tanh pre-logits layer (representation_size=32)" in err
         assert "fine-tune it first" in err
-        assert not (tmp_path / fmt).exists()
-    assert main(["export", str(run), "--timm", "--out", str(tmp_path / "a")]) == 2  # the old flag, same check
+        assert not out.exists()
+    assert main(["export", str(run), "--timm", "--out", str(tmp_path / "a.safetensors")]) == 2  # the old flag
 
 
 def test_hf_export_loads_in_transformers_and_comes_back(tmp_path: Path) -> None:

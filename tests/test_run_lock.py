@@ -109,6 +109,6 @@ def test_a_run_dir_that_cannot_be_a_writable_folder_is_refused(tmp_path: Path, m
     for bad, named in ((tmp_path / "a.txt", "a.txt is a file"), (tmp_path / "a.txt" / "run", "a.txt is a file")):
         with pytest.raises(ConfigError, match=f"run.dir {bad}: .*{named}, not a folder"):
             check_run_dir(bad)
-    monkeypatch.setattr("trainer.run.os.access", lambda path, mode: False)  # as a user without write permission
+    monkeypatch.setattr("runtime.io.os.access", lambda path, mode: False)  # as a user without write permission
     with pytest.raises(ConfigError, match=f"no permission to write in {tmp_path}"):
         check_run_dir(tmp_path / "run")

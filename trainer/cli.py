@@ -90,7 +90,8 @@ def _parser(prog: str, doc: str, recipes: str, with_config: bool):
     e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
     e.add_argument("run_dir")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    e.add_argument("--out", default=None, help="default: RUN_DIR/export/model.safetensors (hf: RUN_DIR/export/hf/)")
+    e.add_argument("--out", default=None, help="a .safetensors file, default RUN_DIR/export/model.safetensors (hf: a "
+                   "folder, default RUN_DIR/export/hf/)")
     e.add_argument("--ema", action="store_true", help="export the EMA weights")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--format", dest="fmt", choices=["vitscale", "timm", "hf"], default="vitscale",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ConfigError
+from runtime.io import unwritable
 from runtime.progress import progress_bar
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
@@ -29,10 +30,13 @@ def _checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, str, dict]:
     ckpt_dir = run_dir / "checkpoints"
     if not run_dir.is_dir():
         raise ConfigError(f"run dir {run_dir} does not exist; pass a training run's run.dir")
+    complete = sorted((p.parent.name for p in ckpt_dir.glob(f"*/{ckpt.STATE_FILE}")), key=lambda n: (len(n), n))
+    if tag and tag not in complete:  # a tag given by hand: name the ones there are
+        raise ConfigError(f"{ckpt_dir} has no complete checkpoint {tag}; it has "
+                          f"{', '.join(complete) if complete else 'none'}: pass one of those to --tag")
     tag = tag or ckpt.latest_tag(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag / ckpt.STATE_FILE).is_file():
-        raise ConfigError(f"{ckpt_dir} holds no complete checkpoint{f' {tag}' if tag else ''} (no `latest`); "
-                          "train first, or pass a weight file")
+    if tag is None or tag not in complete:
+        raise ConfigError(f"{ckpt_dir} holds no complete checkpoint (no `latest`); train first, or pass a weight file")
     state = ckpt.read_state(ckpt_dir, tag)
     return ckpt_dir, tag, ckpt.check_resumable(ckpt_dir, tag, state.get("backend", "?"))
 
@@ -66,6 +70,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     fmt = "timm" if timm else fmt
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    dest = Path(out) if out else Path(run_dir) / "export" / ("hf" if fmt == "hf" else "model.safetensors")
+    check_destination(dest, folder=fmt == "hf")  # before minutes of consolidating
     with progress_bar(total=3, desc="export", unit="phase") as bar:  # a big checkpoint takes minutes per phase
         bar.set_postfix_str("consolidating the checkpoint")
         sd, vcfg, state = consolidate(run_dir, tag, ema)
@@ -80,14 +86,27 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         bar.update(1)
         bar.set_postfix_str("writing")
         if fmt == "hf":
-            written = save_hf(Path(out) if out else Path(run_dir) / "export" / "hf", sd, vcfg, state["class_names"],
-                              settings)
+            written = save_hf(dest, sd, vcfg, state["class_names"], settings)
         else:
-            written = save_weights(Path(out) if out else Path(run_dir) / "export" / "model.safetensors", sd, vcfg,
-                                   state["class_names"], state["step"], eval_settings=settings)
+            written = save_weights(dest, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
         bar.set_postfix_str("done", refresh=False)
         bar.update(1)
     return written
+
+
+def check_destination(dest: Path, folder: bool) -> None:
+    """A ConfigError unless `dest` can take the export: a `.safetensors` file name (timm and our loaders tell the
+    format by the suffix), or for `folder` (hf) a folder; either where this process can write."""
+    if folder and dest.exists() and not dest.is_dir():
+        raise ConfigError(f"--out {dest} is a file; the hf format writes a folder (config.json + model.safetensors): "
+                          "pass a folder")
+    if not folder and dest.is_dir():
+        raise ConfigError(f"--out {dest} is a folder; pass a file name, e.g. {dest / 'model.safetensors'}")
+    if not folder and dest.suffix != ".safetensors":
+        raise ConfigError(f"--out {dest}: the file is safetensors, and timm and vitscale tell the format by the "
+                          f"suffix; name it {dest.with_suffix('.safetensors').name}")
+    if why := unwritable(dest if folder else dest.parent):
+        raise ConfigError(f"--out {dest}: {why}; pass another --out")
 
 
 def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") -> tuple[VisionTransformer,

@@ -9,7 +9,6 @@ one line, exit 2; see trainer/cli.py and docs/architecture.md).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from data_prep.stream import build_loader
 from data_prep.stream_source import resolve_source
 from runtime.config import ConfigError, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, main_decides, shutdown
-from runtime.io import atomic_write_json
+from runtime.io import atomic_write_json, unwritable
 from runtime.lock import DirLock
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
@@ -99,11 +98,8 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
 
 def check_run_dir(run_dir: Path) -> None:
     """A ConfigError unless `run_dir` is a folder, or can be made one, that this process may write in."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # "." or "/" at the latest
-    if not existing.is_dir():
-        raise ConfigError(f"run.dir {run_dir}: {existing} is a file, not a folder; pass another run.dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run.dir {run_dir}: no permission to write in {existing}; pass a run.dir you can write")
+    if why := unwritable(run_dir):
+        raise ConfigError(f"run.dir {run_dir}: {why}; pass another run.dir")
 
 
 def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runtime.io import atomic_path, atomic_write
 from vit import convert
 from vit.config import ViTConfig
 from vit.weights import EvalSettings, identify_weights, load_weights
@@ -133,17 +134,15 @@ def save_hf(out_dir: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTCon
     if eval_settings is not None:
         meta["eval"] = eval_settings.to_json()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in convert.to_hf(sd).items()}
-    tmp = out / (HF_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out / HF_WEIGHTS)
-    (out / HF_CONFIG).write_text(json.dumps(convert.hf_config(cfg, class_names), indent=2) + "\n")
+    with atomic_path(out / HF_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    atomic_write(out / HF_CONFIG, json.dumps(convert.hf_config(cfg, class_names), indent=2) + "\n")
     return out
 
 
 def save_npz(path: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTConfig, layout: str = "augreg") -> Path:
     """Write a big_vision/AugReg `.npz` (see vit.convert.to_big_vision for the two layouts)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:  # a file object: numpy would append .npz to a name without it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy would append .npz to a name
         np.savez(f, **convert.to_big_vision(sd, cfg, layout))
     return path

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runtime.io import atomic_path
 from vit.config import ViTConfig
 from vit.convert import FC_NORM, TIMM_PARTS, bv_prefix, from_timm, to_timm
 from vit.model import VisionTransformer
@@ -117,10 +118,8 @@ def save_weights(
         meta["eval"] = eval_settings.to_json()
     # timm's names on disk: the file is a timm state dict too (vit.convert.to_timm; idempotent)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_timm(state_dict).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # removed if the write fails (a full disk): no half file, old one kept
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
