@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from data_prep.manifest import load_json
+from data_prep.manifest import read_manifest
+from data_prep.sources import open_text
 from data_prep.verify import iter_samples
 
 
@@ -19,7 +20,7 @@ def load_exclude_hashes(path: str | os.PathLike) -> set[bytes]:
     if not path.exists():
         raise FileNotFoundError(f"--exclude-hashes {path} does not exist")
     if path.suffix == ".json":
-        manifest, hashes = load_json(path), set()
+        manifest, hashes = read_manifest(path), set()
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 for _, sample in iter_samples(path.parent / shard["name"]):
@@ -27,13 +28,14 @@ def load_exclude_hashes(path: str | os.PathLike) -> set[bytes]:
                     hashes.update(bytes.fromhex(meta[k]) for k in ("sha256", "src_sha256") if k in meta)
         return hashes
     hashes = set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.split("#")[0].strip()
-        if line:
-            try:
-                hashes.add(bytes.fromhex(line))
-            except ValueError:
-                raise ValueError(f"{path}:{n}: not a hex sha256 digest: {line[:80]}") from None
+    with open_text(path, "--exclude-hashes") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#")[0].strip()
+            if line:
+                try:
+                    hashes.add(bytes.fromhex(line))
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: not a hex sha256 digest: {line[:80]}") from None
     return hashes
 
 
@@ -41,7 +43,8 @@ def load_class_names(path: str | os.PathLike) -> dict[str, str]:
     """Class id -> human name from a text file of `id<whitespace>name` lines (ImageNet's `words.txt`,
     `LOC_synset_mapping.txt`)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open_text(path, "--class-names") as f:
+            text = f.read()
     except OSError as e:
         raise FileNotFoundError(f"--class-names {path}: {e.strerror or e}") from None
     names = {}

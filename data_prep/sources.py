@@ -124,8 +124,20 @@ def list_image_folder(root: Path, map_fn: Callable = map) -> Listing:
     return Listing(root=root, paths=paths, labels=labels, classes=classes)
 
 
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike, what: str = "") -> Iterator:
+    """A text file the user wrote (a list, labels, class names, digests), read as UTF-8 with or without the byte
+    order mark spreadsheet programs put first; bytes that are not UTF-8 are a SourceError naming the file."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{what}{' ' if what else ''}{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                          f"offset {e.start}); save it as UTF-8") from None
+
+
 def _csv_rows(path: Path) -> Iterable[tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open_text(path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -143,7 +155,7 @@ def _csv_rows(path: Path) -> Iterable[tuple[int, dict]]:
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -70,6 +70,33 @@ def test_bad_lists_name_file_and_line(tmp_path, name, text, match):
         list_source(tmp_path / name)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_lists_saved_by_spreadsheets_read_like_plain_ones(tmp_path, suffix):
+    """A UTF-8 byte order mark (Excel's "CSV UTF-8") and CRLF line ends list the same images; the mark made the
+    header `\ufeffpath` and the list was refused."""
+    rows = ([{"path": "imgs/é 1,x.jpg", "label": "dög"}, {"path": "imgs/b.jpg", "label": "cat"}])
+    text = ("path,label\n" + "".join(f'"{r["path"]}",{r["label"]}\n' for r in rows) if suffix == ".csv"
+            else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (tmp_path / f"plain{suffix}").write_text(text, encoding="utf-8")
+    (tmp_path / f"excel{suffix}").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    plain, excel = list_source(tmp_path / f"plain{suffix}"), list_source(tmp_path / f"excel{suffix}")
+    assert excel.paths == plain.paths == ["imgs/é 1,x.jpg", "imgs/b.jpg"]
+    assert excel.classes == plain.classes and excel.labels.tolist() == plain.labels.tolist()
+
+
+def test_a_list_that_is_not_utf8_names_the_file_and_the_fix(tmp_path, capsys):
+    (tmp_path / "latin1.csv").write_bytes("path,label\nimgs/été.jpg,1\n".encode("latin-1"))
+    with pytest.raises(SourceError, match=r"latin1\.csv: not UTF-8 text \(byte 0xe9 at offset 16\); save it as UTF-8"):
+        list_source(tmp_path / "latin1.csv")
+    (tmp_path / "names.txt").write_bytes("n01 chien\nn02 cha\xeet\n".encode("latin-1"))
+    (tmp_path / "cls" / "n01").mkdir(parents=True)
+    assert main(["write", str(tmp_path / "cls"), str(tmp_path / "out"), "--class-names", str(tmp_path / "names.txt"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--class-names {tmp_path / 'names.txt'}: not UTF-8 text" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unusable_sources(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         list_source(tmp_path / "nope")
