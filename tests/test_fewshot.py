@@ -142,3 +142,21 @@ def test_bad_input_is_one_line(digits_shards: Path, tmp_path: Path, capsys: pyte
     assert pretrain_main(["train", "debug_cpu", f"data.path={digits_shards}", f"run.dir={tmp_path / 'r'}",
                           "eval.fewshot.datasets=[/nowhere/dataset.json]"]) == 2
     assert "eval.fewshot.datasets: /nowhere/dataset.json is not a dataset.json" in capsys.readouterr().err
+
+
+def test_more_shots_than_a_class_has_is_refused_up_front(digits_shards: Path, tmp_path: Path, capsys) -> None:
+    """A k-shot fit needs k train images of every class: the smallest digit class has 139, so 1000 shots would
+    have fitted on every image there is and been reported as "1000-shot". Both the verb and a training run's
+    few-shot eval refuse it before any feature is extracted; 139 is still taken."""
+    from finetune.__main__ import main as finetune_main
+    from pretrain.__main__ import main as pretrain_main
+    from trainer.config import FewShotCfg, fewshot_dataset_problems
+
+    want = f"class '8' of {digits_shards} has 139 train images; ask for at most 139 shots"
+    assert finetune_main(["fewshot", str(tmp_path), f"data.path={digits_shards}", "shots=1,1000"]) == 2
+    assert capsys.readouterr().err == f"error: shots 1000: {want}\n"
+    assert pretrain_main(["train", "debug_cpu", f"data.path={digits_shards}", f"run.dir={tmp_path / 'r'}",
+                          f"eval.fewshot.datasets=[{digits_shards}]", "eval.fewshot.shots=[5,140]"]) == 2
+    assert f"eval.fewshot.shots 140: class '8' of {digits_shards} has 139" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert fewshot_dataset_problems(FewShotCfg(datasets=[str(digits_shards)], shots=[1, 139])) == []

@@ -16,7 +16,7 @@ from data_prep.stream_config import DataCfg, url_source_problems
 from runtime.config import ConfigError
 
 __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
-           "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "missing_datasets",
+           "DebugCfg", "ModelCfg", "TrainerConfig", "validate_common", "validate_fewshot", "fewshot_dataset_problems",
            "is_local", "check_split", "total_steps"]
 
 
@@ -191,15 +191,33 @@ def is_local(path: str) -> bool:
     return "://" not in path and not path.startswith("pipe:") and "{" not in path
 
 
-def missing_datasets(f: FewShotCfg, key: str = "eval.fewshot.datasets") -> list[str]:
-    """The few-shot datasets that are not a dataset.json on this machine (checked at preflight, not in the
-    config: a recipe names paths of the machine it runs on)."""
+def fewshot_dataset_problems(f: FewShotCfg, key: str = "eval.fewshot.datasets", prefix: str = "eval.fewshot."
+                             ) -> list[str]:
+    """What is wrong with the few-shot datasets on this machine (checked at preflight, not in the config: a recipe
+    names paths of the machine it runs on): not a dataset.json, or a class with fewer train images than the most
+    shots asked (a 1000-shot fit of a class of 139 would be reported as 1000-shot). Their splits and shards are
+    the loaders' checks (check_split, resolve_source)."""
+    from data_prep.manifest import ManifestError, read_manifest
+
     problems = []
     for path in f.datasets:
         p = Path(path)
-        if not (p / "dataset.json" if p.is_dir() else p).is_file():
+        manifest = p / "dataset.json" if p.is_dir() else p
+        if not manifest.is_file():
             problems.append(f"{key}: {path} is not a dataset.json (or its folder); write one with "
                             "`python -m data_prep write SRC OUT`")
+            continue
+        try:
+            m = read_manifest(manifest)
+        except ManifestError as err:
+            problems.append(f"{key}: {err}")
+            continue
+        per_class = m.get("label_counts", {}).get(f.train_split, [])  # none: a manifest that does not count them
+        counts = [(n, c) for n, c in zip(per_class, m["classes"], strict=False) if n]
+        if counts and max(f.shots) > min(counts)[0]:
+            n, name = min(counts)
+            problems.append(f"{prefix}shots {max(f.shots)}: class {name!r} of {path} has {n} {f.train_split} "
+                            f"images; ask for at most {n} shots")
     return problems
 
 

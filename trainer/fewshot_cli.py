@@ -21,7 +21,7 @@ from runtime.config import ConfigError, from_dict, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.io import atomic_write_json
 from runtime.progress import progress_bar
-from trainer.config import DataCfg, FewShotCfg, check_split, missing_datasets, validate_fewshot
+from trainer.config import DataCfg, FewShotCfg, check_split, fewshot_dataset_problems, validate_fewshot
 from trainer.evaluate import DTYPES
 from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
 
@@ -53,7 +53,7 @@ def _options(overrides: list[str]) -> tuple[DataCfg, FewShotCfg, dict]:
                                     "val_split": data.get("val_split") or "val"}, "fewshot")
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad few-shot option: {err}") from err
-    if problems := validate_fewshot(fs, prefix="") + missing_datasets(fs, key="data.path"):
+    if problems := validate_fewshot(fs, prefix="") + fewshot_dataset_problems(fs, key="data.path", prefix=""):
         raise ConfigError("; ".join(problems))
     for k in ("shots", "seeds", "holdout", "l2"):
         opts.pop(k, None)

@@ -24,7 +24,7 @@ from runtime.io import atomic_write_json, unwritable
 from runtime.lock import DirLock
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
-from trainer.config import DataCfg, TrainerConfig, check_split, is_local, missing_datasets, total_steps
+from trainer.config import DataCfg, TrainerConfig, check_split, fewshot_dataset_problems, is_local, total_steps
 from trainer.loop import Loop
 from trainer.optim import param_groups
 from trainer.trackers import missing_trackers
@@ -81,7 +81,7 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
             check_split(d, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch,
                         world=env.world_size)
         fs = cfg.eval.fewshot
-        if missing := missing_datasets(fs):
+        if missing := fewshot_dataset_problems(fs):
             raise ConfigError("; ".join(missing))
         for path in fs.datasets:  # their splits, before the first few-shot eval (step 0) could fail mid-run
             resolve_source(path, fs.train_split)
