@@ -23,6 +23,23 @@ COMMON = (f"train.steps={STEPS}", "checkpoint.every=4", "eval.every=6", "log.eve
 MIXED = ("train.mixup=0.8", "train.cutmix=1.0", "debug.record_keys=true")
 
 
+def accelerate_run_dir(run: Path, sd: dict[str, torch.Tensor], cfg, class_names: list[str], step: int = 7) -> Path:
+    """A run dir whose latest checkpoint holds `sd` in the Accelerate backend's layout with the core's trainer
+    state (trainer/checkpoint.py), written without a training run: what the readers of run dirs take."""
+    from safetensors.torch import save_file
+
+    tag = run / "checkpoints" / f"global_step{step}"
+    tag.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tag / "model.safetensors"))
+    (tag / "trainer_state.json").write_text(json.dumps({
+        "step": step, "applied": step, "skipped": 0, "evals": [], "best_top1": -1.0, "stream": {}, "ema_updates": 0,
+        "backend": "accelerate", "world_size": 1, "vit_config": cfg.to_json(), "class_names": class_names,
+        "eval_settings": {"image_size": list(cfg.image_hw)}}))
+    (run / "checkpoints" / "latest").write_text(tag.name)
+    return run
+
+
 def write_init(path: Path) -> Path:
     """A debug ViT (patch 8) at 16 px as a vitscale weight file: fine-tuning's `init=`, resampled to 32 px."""
     from vit import VisionTransformer, vit_config

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.stage_fixtures import accelerate_run_dir
 from vit import VisionTransformer, vit_config
 from vit.inspect import (
     attention_maps,
@@ -120,3 +121,34 @@ def test_inspect_with_images_writes_every_figure(digits_shards: Path, tmp_path: 
         maps = torch.tensor(numbers["attention_rollout"]["maps"])
         assert maps.shape[1:] == (4, 6) and maps.shape[0] == (8 if source == digits_shards else 3)
         assert torch.allclose(maps.sum((1, 2)), torch.ones(()), atol=1e-5)
+
+
+def test_unreadable_files_are_skipped_and_named_and_a_run_dir_is_read(tmp_path: Path, capsys) -> None:
+    """A folder of images with broken files among them draws the readable ones and names the others (it was a
+    traceback); a folder of nothing readable is one line; a run dir is read as eval reads it (its latest
+    checkpoint), where it was "a folder without a known layout"."""
+    from PIL import Image
+
+    from vit.__main__ import main
+
+    cfg = vit_config("debug", image_size=32, num_classes=3)
+    weights = save_weights(tmp_path / "w.safetensors", VisionTransformer(cfg).state_dict(), cfg, ["a", "b", "c"])
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (80 * i, 20, 200)).save(folder / f"{i}.jpg")
+    (folder / "1b.jpg").write_bytes(b"not a jpeg")
+    (folder / "2b.png").write_bytes(b"GIF89a")  # a header of another format, then nothing
+    assert main(["inspect", str(weights), "--images", str(folder), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: skipped 2 file(s) that are not readable images: {folder / '1b.jpg'}, {folder / '2b.png'}" in err
+    maps = json.loads((tmp_path / "out" / "inspect.json").read_text())["attention_rollout"]["maps"]
+    assert len(maps) == 3
+    for f in ("0.jpg", "1.jpg", "2.jpg"):
+        (folder / f).unlink()
+    assert main(["inspect", str(weights), "--images", str(folder), "--out", str(tmp_path / "out2")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: --images {folder} holds no readable image (.jpg, "
+                                                       ".png, .webp) or labelled sample")
+    run = accelerate_run_dir(tmp_path / "run", VisionTransformer(cfg).state_dict(), cfg, ["a", "b", "c"])
+    assert main(["inspect", str(run), "--out", str(tmp_path / "out3")]) == 0
+    assert json.loads((tmp_path / "out3" / "inspect.json").read_text())["pos_embed_similarity"]

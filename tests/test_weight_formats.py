@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from finetune.load import describe_init, read_checkpoint
 from runtime.config import ConfigError
+from tests.stage_fixtures import accelerate_run_dir
 from vit import VisionTransformer, vit_config
 from vit.weights import describe_state_dict, identify_weights, save_weights
 
@@ -154,16 +155,7 @@ def test_run_dir_is_consolidated_in_process(tmp_path: Path) -> None:
     cfg = vit_config("debug", image_size=32, num_classes=3)
     torch.manual_seed(0)
     sd = VisionTransformer(cfg).state_dict()
-    run = tmp_path / "run"
-    tag = run / "checkpoints" / "global_step7"
-    tag.mkdir(parents=True)
-    (run / "config.yaml").write_text("{}")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tag / "model.safetensors"))  # the Accelerate layout
-    (tag / "trainer_state.json").write_text(json.dumps({
-        "step": 7, "applied": 7, "skipped": 0, "evals": [], "best_top1": -1.0, "stream": {}, "ema_updates": 0,
-        "backend": "accelerate", "world_size": 1, "vit_config": cfg.to_json(), "class_names": ["a", "b", "c"],
-        "eval_settings": {"image_size": [32, 32]}}))  # the core's trainer state (trainer/checkpoint.py)
-    (run / "checkpoints" / "latest").write_text("global_step7")
+    run = accelerate_run_dir(tmp_path / "run", sd, cfg, ["a", "b", "c"], step=7)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     got, got_cfg, names = read_checkpoint(run)
     assert got_cfg == cfg and names == ["a", "b", "c"] and got.keys() == sd.keys()

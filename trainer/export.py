@@ -114,18 +114,7 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     """The model with its own head from a weight file or a run dir (its latest checkpoint), at `image_size`
     (position embeddings resampled when it differs), with the eval settings it was saved with."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"no weight file or run dir at {path}")
-    if path.is_dir() and identify_weights(path).kind != "hf-folder":
-        sd, src, state = consolidate(path, ema=bool(state_ema(path)))
-        settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
-    else:  # any weight file or folder vit.interop reads; foreign ones without our metadata get default settings
-        try:
-            ckpt = read_any(path)
-        except ValueError as e:
-            raise ConfigError(f"{e} (eval takes a weight file or a run dir)") from e
-        sd, src = ckpt.state_dict, ckpt.config
-        settings = ckpt.eval_settings or EvalSettings(image_size=src.image_hw)
+    sd, src, settings = read_weights(path)
     if src.num_classes <= 0 or "head.weight" not in sd:
         raise ConfigError(f"{path} has no classification head to evaluate")
     dst = src.replace(image_size=image_size) if image_size else src
@@ -134,6 +123,23 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     if image_size:
         settings = settings.replace(image_size=dst.image_hw)
     return model, settings
+
+
+def read_weights(path: str | Path, verb: str = "eval") -> tuple[dict[str, torch.Tensor], ViTConfig, EvalSettings]:
+    """(state dict, config, eval settings) of a weight file or folder (any format vit.interop reads; foreign ones
+    without our metadata get the default settings) or of a run dir (its latest checkpoint, the EMA weights where
+    those were evaluated)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no weight file or run dir at {path}")
+    if path.is_dir() and identify_weights(path).kind != "hf-folder":
+        sd, cfg, state = consolidate(path, ema=bool(state_ema(path)))
+        return sd, cfg, EvalSettings.from_json(json.dumps(state["eval_settings"]))
+    try:
+        ckpt = read_any(path)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({verb} takes a weight file or a run dir)") from e
+    return ckpt.state_dict, ckpt.config, ckpt.eval_settings or EvalSettings(image_size=ckpt.config.image_hw)
 
 
 def state_ema(run_dir: Path) -> bool:

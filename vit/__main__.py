@@ -1,12 +1,13 @@
 """`python -m vit info|inspect`: parameters and FLOPs of the ViT variants; figures of what a model learned.
 
     python -m vit info [VARIANT ...] [--image-size S]
-    python -m vit inspect WEIGHTS [--images DIR_OR_SHARDS] [--out DIR]     (see vit/inspect.py)
+    python -m vit inspect WEIGHTS_OR_RUN_DIR [--images DIR_OR_SHARDS] [--out DIR]     (see vit/inspect.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def _folder_images(folder: Path, hw: tuple[int, int], crop_pct: float, n: int) -> torch.Tensor:
-    """Up to n images of a folder (sorted, recursive): resized to hw / crop_pct, centre-cropped; uint8."""
-    from PIL import Image
+    """The first n readable images of a folder (sorted, recursive): resized to hw / crop_pct, centre-cropped;
+    uint8. A file that does not decode is skipped, and named on stderr."""
+    from PIL import Image, UnidentifiedImageError
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
-    out = []
-    for f in files:
-        with Image.open(f) as img:
-            img = img.convert("RGB")
-            scale = max(hw[0] / img.height, hw[1] / img.width) / crop_pct
-            img = img.resize((max(hw[1], round(img.width * scale)), max(hw[0], round(img.height * scale))),
-                             Image.BICUBIC)
-            top, left = (img.height - hw[0]) // 2, (img.width - hw[1]) // 2
-            arr = np.asarray(img.crop((left, top, left + hw[1], top + hw[0])))  # (H, W, 3)
+    out, skipped = [], []
+    for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        if len(out) == n:
+            break
+        try:
+            with Image.open(f) as img:
+                img = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError):  # truncated, not an image, a decompression bomb
+            skipped.append(str(f))
+            continue
+        scale = max(hw[0] / img.height, hw[1] / img.width) / crop_pct
+        img = img.resize((max(hw[1], round(img.width * scale)), max(hw[0], round(img.height * scale))),
+                         Image.BICUBIC)
+        top, left = (img.height - hw[0]) // 2, (img.width - hw[1]) // 2
+        arr = np.asarray(img.crop((left, top, left + hw[1], top + hw[0])))  # (H, W, 3)
         out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    if skipped:
+        print(f"note: skipped {len(skipped)} file(s) that are not readable images: {', '.join(skipped[:3])}"
+              f"{', ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     return torch.stack(out) if out else torch.zeros(0, 3, *hw, dtype=torch.uint8)
 
 
@@ -73,23 +83,16 @@ def _shard_images(path: Path, hw: tuple[int, int], crop_pct: float, n: int) -> t
 
 
 def inspect_verb(weights: str, images: str | None, out: str, n: int = 8) -> list[Path]:
-    """`inspect`: the figures and numbers of a weight file (any format vit.interop reads) into `out`."""
+    """`inspect`: the figures and numbers of a weight file (any format vit.interop reads) or a run dir into `out`."""
     from runtime.config import ConfigError
+    from trainer.export import read_weights
     from vit.inspect import inspect_model, write_inspection
-    from vit.interop import read_any
-    from vit.weights import EvalSettings
 
-    if not Path(weights).exists():
-        raise ConfigError(f"{weights} does not exist; pass a weight file (vitscale, timm, transformers, .npz)")
-    try:
-        ckpt = read_any(weights)
-    except ValueError as err:
-        raise ConfigError(f"{err} (inspect takes a weight file)") from err
-    model = VisionTransformer(ckpt.config)
-    missing = [k for k in model.load_state_dict(ckpt.state_dict, strict=False).missing_keys if "head" not in k]
+    sd, cfg, settings = read_weights(weights, "inspect")
+    model = VisionTransformer(cfg)
+    missing = [k for k in model.load_state_dict(sd, strict=False).missing_keys if "head" not in k]
     if missing:
         raise ConfigError(f"{weights} lacks {', '.join(missing[:3])}; pass a whole ViT's weights")
-    settings = ckpt.eval_settings or EvalSettings(image_size=ckpt.config.image_hw)
     batch = None
     if images:
         src = Path(images)
@@ -99,7 +102,7 @@ def inspect_verb(weights: str, images: str | None, out: str, n: int = 8) -> list
         read = _shard_images if shards else _folder_images
         batch = read(src, model.cfg.image_hw, settings.crop_pct, n)
         if not len(batch):
-            raise ConfigError(f"--images {images} holds no image (.jpg, .png, .webp) or labelled sample")
+            raise ConfigError(f"--images {images} holds no readable image (.jpg, .png, .webp) or labelled sample")
     numbers, figures = inspect_model(model, batch, (settings.mean, settings.std))
     return write_inspection(out, numbers, figures)
 
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--num-classes", type=index, default=1000, help="0: no head")
     s = sub.add_parser("inspect", help="figures of a weight file: embedding filters, pos-embed similarity, "
                        "attention distance and rollout (PNG + inspect.json)")
-    s.add_argument("weights")
+    s.add_argument("weights", help="a weight file (vitscale, timm, transformers, .npz) or a run dir (its latest "
+                   "checkpoint)")
     s.add_argument("--images", default=None, help="a folder of images or a dataset.json (the attention figures "
                    "need images; without, only the filters and position embeddings are drawn)")
     s.add_argument("--out", default="inspect", help="output folder (default ./inspect)")
