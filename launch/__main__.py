@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", type=count, required=True)
     s.add_argument("--gpus-per-node", type=index, default=8, help="0 on a CPU partition")
     s.add_argument("--nproc-per-node", type=count, help="default: GPUs per node (1 without GPUs)")
-    for opt in ("--time", "--partition", "--account"):
+    s.add_argument("--time", type=slurm.time_limit, help="the job's time limit (sbatch --time)")
+    for opt in ("--partition", "--account"):
         s.add_argument(opt)
     s.add_argument("--job-name", default="vitscale")
     s.add_argument("--cpus-per-task", type=count)
@@ -208,6 +209,13 @@ def cmd_sbatch(args: argparse.Namespace, job_argv: list[str]) -> int:
 
     _, facts = _job(args, job_argv)  # fail now, not on the cluster
     nproc = args.nproc_per_node or args.gpus_per_node or 1
+    spec = slurm.SbatchSpec(
+        nodes=args.nodes, job=job_argv, run_dir=Path(args.run_dir), gpus_per_node=args.gpus_per_node,
+        nproc_per_node=args.nproc_per_node, time=args.time, partition=args.partition, account=args.account,
+        job_name=args.job_name, cpus_per_task=args.cpus_per_task, master_port=args.master_port,
+        requeue=not args.no_requeue, signal_grace_s=args.signal_grace, grace_s=args.grace,
+        env=propagated_env(parse_env(args.env)), extra=args.sbatch_arg)
+    text = slurm.sbatch_script(spec)  # every option checked before preflight says "ok"
     if facts.describe() and not args.no_check:  # the dataset as this (login) node sees the shared filesystem
         from launch.preflight import job_checks
 
@@ -216,14 +224,8 @@ def cmd_sbatch(args: argparse.Namespace, job_argv: list[str]) -> int:
             print("launch: preflight failed; no batch script was written (fix the lines above, or --no-check)",
                   flush=True)
             return 2
-    spec = slurm.SbatchSpec(
-        nodes=args.nodes, job=job_argv, run_dir=Path(args.run_dir), gpus_per_node=args.gpus_per_node,
-        nproc_per_node=args.nproc_per_node, time=args.time, partition=args.partition, account=args.account,
-        job_name=args.job_name, cpus_per_task=args.cpus_per_task, master_port=args.master_port,
-        requeue=not args.no_requeue, signal_grace_s=args.signal_grace, grace_s=args.grace,
-        env=propagated_env(parse_env(args.env)), extra=args.sbatch_arg)
     script = Path(args.run_dir) / "sbatch.sh"
-    atomic_write(script, slurm.sbatch_script(spec))
+    atomic_write(script, text)
     (Path(args.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
     print(f"launch: wrote {script}", flush=True)
     if not args.submit:

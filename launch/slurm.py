@@ -26,6 +26,18 @@ from launch.hostfile import Host, check_host
 
 # Values that go into `#SBATCH` lines: one token, no spaces or newlines.
 _SBATCH_VALUE = re.compile(r"[\w.,:@%+=/-]+")
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
+_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|unlimited|infinite", re.IGNORECASE)
+
+
+def time_limit(text: str) -> str:
+    """`--time` as sbatch takes it (argparse type): a typo is refused here, not by sbatch on the cluster."""
+    if not _TIME.fullmatch(text):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SLURM time limit: use MINUTES, HH:MM:SS or "
+                                         "D-HH[:MM[:SS]] (e.g. 24:00:00 or 2-00:00:00)")
+    return text
 
 
 def _scontrol(*args: str) -> str:

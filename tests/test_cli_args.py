@@ -11,6 +11,7 @@ import pytest
 from data_prep.__main__ import main as data_prep_main
 from data_prep.verify import stats_table
 from launch.__main__ import main as launch_main
+from launch.slurm import time_limit
 from pretrain.__main__ import main as pretrain_main
 from runtime.__main__ import main as runtime_main
 from runtime.argtypes import at_least, number, port
@@ -54,6 +55,12 @@ BAD = [
     ("launch", "run --hostfile HOSTS --launcher pdsh --node-rank 0 --dry-run --run-dir RUN", "--node-rank is for "
      "the per-node launchers"),
     ("launch", "check --hostfile HOSTS --ssh-port 65536", "argument --ssh-port: must be a TCP port"),
+    ("launch", "sbatch --nodes 1 --time 1-00:00:00x --run-dir RUN", "argument --time: '1-00:00:00x' is not a SLURM "
+     "time limit"),
+    ("launch", "sbatch --nodes 1 --time 1:2:3:4 --run-dir RUN", "is not a SLURM time limit"),
+    # the script's options are checked before the dataset (here: missing) is looked at
+    ("launch", "sbatch --nodes 1 --env FOO --run-dir RUN", "--env 'FOO': expected NAME=VALUE"),
+    ("launch", "sbatch --nodes 1 --sbatch-arg=nodash --run-dir RUN", "--sbatch-arg 'nodash': expected --option=value"),
 ]
 
 
@@ -77,6 +84,8 @@ def test_the_types_accept_their_boundaries_and_refuse_just_past_them():
     assert at_least(1)("1") == 1 and at_least(0)("0") == 0
     assert number(0)("0") == 0.0 and number(0, strict=True)("0.5") == 0.5
     assert port("1") == 1 and port("65535") == 65535
+    for limit in ("90", "90:30", "24:00:00", "2-12", "2-12:30", "1-00:00:00", "UNLIMITED", "infinite"):
+        assert time_limit(limit) == limit  # every form sbatch --time takes
     for parse, text in [(at_least(1), "0"), (at_least(0), "-1"), (at_least(1), "1.5"), (number(0), "-0.1"),
                         (number(0, strict=True), "0"), (number(0), "inf"), (port, "65536"), (port, "http")]:
         with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
