@@ -210,3 +210,20 @@ def missing_shards(tmp: Path, data: Path) -> list[str]:
     copy = Path(shutil.copytree(data.parent, tmp / "shards"))
     next(copy.glob("train*.tar")).unlink()
     return [f"data.path={copy / data.name}"]
+
+
+def under_a_file(tmp: Path) -> list[str]:
+    (tmp / "notes.txt").write_text("not a folder")
+    return [f"run.dir={tmp / 'notes.txt' / 'run'}"]
+
+
+def fresh_over_a_run(tmp: Path) -> list[str]:
+    (tmp / "old" / "checkpoints" / "global_step4").mkdir(parents=True)
+    (tmp / "old" / "checkpoints" / "global_step4" / "trainer_state.json").write_text("{}")
+    (tmp / "old" / "checkpoints" / "latest").write_text("global_step4")
+    return [f"run.dir={tmp / 'old'}", "run.resume=false"]
+
+
+def edited_manifest(tmp: Path) -> list[str]:
+    (tmp / "dataset.json").write_text('{"format": "vitscale-shards/1", "splits": {"train": 1438}}')
+    return [f"data.path={tmp / 'dataset.json'}"]

@@ -39,13 +39,16 @@ from tests.stage_fixtures import (
     bad_init_pth,
     bad_init_safetensors,
     cli,
+    edited_manifest,
     files,
+    fresh_over_a_run,
     keys,
     max_diff,
     missing_shards,
     report,
     train,
     train_args,
+    under_a_file,
     weights,
     write_init,
 )
@@ -109,16 +112,6 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 # ---- 1. bad input: one line, exit 2, nothing written ----------------------------------------------------------
 
-def _under_a_file(tmp: Path) -> list[str]:
-    (tmp / "notes.txt").write_text("not a folder")
-    return [f"run.dir={tmp / 'notes.txt' / 'run'}"]
-
-
-def _edited_manifest(tmp: Path) -> list[str]:
-    (tmp / "dataset.json").write_text('{"format": "vitscale-shards/1", "splits": {"train": 1438}}')
-    return [f"data.path={tmp / 'dataset.json'}"]
-
-
 # name -> (stages, overrides or a function of (tmp, data) giving them, what the error line must name)
 BAD = {
     "data_path_missing": (STAGES, ["data.path=/nope"], "/nope does not exist"),
@@ -129,11 +122,13 @@ BAD = {
     "recipe_unknown": (STAGES, ["RECIPE=no_such_recipe"], "no_such_recipe"),
     "no_data_path": (STAGES, ["DATA=none"], "data.path is required"),
     "shards_missing": (STAGES, missing_shards, "missing"),
-    "dataset_json_edited": (STAGES, lambda tmp, data: _edited_manifest(tmp), "not in the shape data_prep writes"),
+    "dataset_json_edited": (STAGES, lambda tmp, data: edited_manifest(tmp), "not in the shape data_prep writes"),
     # what the loaders check, refused up front (the digits' train split: 1438 samples in 15 shards)
     "less_than_a_global_batch": (STAGES, ["train.global_batch=2048"], "(1438) is less than one global batch (2048)"),
     "more_workers_than_shards": (STAGES, ["data.workers=64"], "every reader needs a shard of its own"),
-    "run_dir_under_a_file": (STAGES, lambda tmp, data: _under_a_file(tmp), "is a file, not a folder"),
+    "run_dir_under_a_file": (STAGES, lambda tmp, data: under_a_file(tmp), "is a file, not a folder"),
+    "fresh_run_over_checkpoints": (STAGES, lambda tmp, data: fresh_over_a_run(tmp), "latest global_step4), "
+                                   "which a fresh run would overwrite"),
     "init_not_vit_safetensors": (("finetune",), lambda tmp, data: bad_init_safetensors(tmp), "no ViT keys"),
     "init_pickle_pth": (("finetune",), lambda tmp, data: bad_init_pth(tmp), "pickled"),
     "init_missing": (("finetune",), ["init=/nope/model.safetensors"], "does not exist"),

@@ -24,7 +24,7 @@ __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg",
 class RunCfg:
     dir: str = ""  # run dir: config.yaml, checkpoints/, tb/, log.txt, report.json, weight files
     seed: int = 0  # seeds the initial weights, the data order and the augmentations (mixup included)
-    resume: bool = True  # continue from run.dir/checkpoints/latest when it exists
+    resume: bool = True  # continue from run.dir/checkpoints/latest when it exists (false: a run dir without one)
 
 
 @dataclass

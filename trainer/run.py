@@ -90,6 +90,10 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
         raise ConfigError(str(err).splitlines()[0]) from err
     check_run_dir(Path(cfg.run.dir))
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    if not cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):  # a fresh run would write over its checkpoints
+        raise ConfigError(f"run.resume=false, but run.dir {cfg.run.dir} holds another run's checkpoints (latest "
+                          f"{tag}), which a fresh run would overwrite and mix with its own: pass a new run.dir, or "
+                          f"delete {ckpt_dir} to start over there")
     if cfg.run.resume and (tag := ckpt.latest_tag(ckpt_dir)):
         state = ckpt.check_resumable(ckpt_dir, tag, backend)
         ckpt.check_pickles(ckpt_dir / tag, ckpt.DEEPSPEED_GLOBALS)  # a backend would unpickle it: refuse one unsafe
