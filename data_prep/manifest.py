@@ -8,12 +8,15 @@ nodes (`merge`) and a resumed run all produce the same bytes. `dataset.json` is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.io import atomic_write, atomic_write_json
+from runtime.lock import DirLock
 from runtime.progress import progress_bar
 
 FORMAT = "vitscale-shards/1"
@@ -94,6 +97,27 @@ def read_manifest(path: str | os.PathLike) -> dict:
                             f"`python -m data_prep merge {Path(path).parent}` after a multi-node write) to write it "
                             "again") from None
     return check_format(meta, path)
+
+
+@contextlib.contextmanager
+def claim_output(out: str | os.PathLike, node_rank: int = 0, num_nodes: int = 1) -> Iterator[None]:
+    """Hold OUT for a write (runtime/lock.py, files in OUT/.parts) until the block ends: a single-node write or
+    `merge` alone; node i of a multi-node write together with the other nodes, and its rank alone. Another job
+    holding what this one needs is a ManifestError naming it: two writers would delete each other's temporary
+    files and race on the plan."""
+    parts = parts_dir(out)
+    locks = [DirLock(parts, shared=num_nodes > 1)] + ([DirLock(parts, f".lock-node-{node_rank}")] if num_nodes > 1
+                                                        else [])
+    try:
+        for lock in locks:
+            if holder := lock.acquire():
+                what = f"node {node_rank} of {out}" if lock is not locks[0] else str(out)
+                raise ManifestError(f"{what} is being written by another data_prep job ({holder}); wait for it to "
+                                    "end, or write to another folder")
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def load_receipt(out: str | os.PathLike, name: str, fingerprint: str) -> dict | None:
@@ -222,7 +246,10 @@ def finalize(out: str | os.PathLike, progress: bool = False) -> dict:
 
 def merge(out: str | os.PathLike, progress: bool = False) -> dict:
     """`python -m data_prep merge OUT`: the final manifest once every node has written its shards."""
-    return finalize(out, progress)
+    if not (parts_dir(out) / "plan.json").is_file():
+        return finalize(out, progress)  # its one-line error, with nothing created
+    with claim_output(out):
+        return finalize(out, progress)
 
 
 def human_bytes(n: float) -> str:

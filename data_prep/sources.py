@@ -35,16 +35,17 @@ class SourceError(ValueError):
 
 @contextlib.contextmanager
 def no_output_if_unusable(out: Path, owned: bool = True) -> Iterator[None]:
-    """Listing inside this block: a source found missing, empty or malformed (`SourceError`) leaves no output
-    folder behind when this write created it (an archive's listing cache or the --exclude-near index may have
-    written into it). `owned=False` (a node of a multi-node write) never removes what other nodes share."""
+    """Listing inside this block: a source found missing, empty or malformed (`SourceError`, or any bad input:
+    a ValueError) leaves no output folder behind when this write created it (its lock, an archive's listing
+    cache or the --exclude-near index may have written into it). `owned=False` (a node of a multi-node write)
+    never removes what other nodes share."""
     top = Path(out).absolute()
     existed = top.exists()
     while not top.parent.exists():  # the first folder of the output path that this write would create
         top = top.parent
     try:
         yield
-    except SourceError:
+    except ValueError:
         if owned and not existed:
             shutil.rmtree(top, ignore_errors=True)
         raise

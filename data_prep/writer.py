@@ -26,6 +26,7 @@ from data_prep.images import MIN_SIZE, Encoded, ImageOptions, Reject, encode_ima
 from data_prep.lists import load_class_names, load_exclude_hashes
 from data_prep.manifest import (
     ManifestError,
+    claim_output,
     finalize,
     load_json,
     load_receipt,
@@ -333,37 +334,39 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                "image_column": image_column, "label_column": label_column, "min_per_class": min_per_class}
     # a single-node write owns its folder; a node of several may only clean up after its own shards
     own: list[str] | None = None if num_nodes == 1 else []
-    with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
-        relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
-                                     image_column=image_column, label_column=label_column,
-                                     cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
-        with no_output_if_unusable(out, owned=own is None):  # the folder is made once the source is known good
-            near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
-            listing = relist()
-        out.mkdir(parents=True, exist_ok=True)
-        index = listing.index
-        if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
-            with progress_bar(total=len(listing), desc="index", unit="file", enabled=progress) as bar:
-                index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
-        plan = make_plan(listing, index, {**options, "_exclude": exclude})
-        _check_plan(out, plan, options, names)
-        job = ShardJob(str(listing.root), str(out), opts, listing.kind, listing.column, near)
-        mine = plan.node_share(node_rank, num_nodes)
-        todo = [s for s in mine if load_receipt(out, s.name, shard_fingerprint(plan, s.name)) is None]
-        if own is not None:
-            own += [s.name for s in todo]
-        remove_temp_files(out, own)  # what a killed earlier run left behind
-        if todo and not spool_ready(listing):
-            listing = _list_again(out, relist)
-        processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
-                                progress)
-    if num_nodes > 1:
-        return _node_report(out, node_rank, num_nodes, [s.name for s in mine], len(todo), log)
-    with _disk_full_is_clear(out, None):
-        manifest = finalize(out)
-    if log:
-        log(summary_table(manifest, time.perf_counter() - t0, processed))
-    return manifest
+    with contextlib.ExitStack() as held:  # OUT's lock, from the first write into it to the manifest
+        with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
+            relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
+                                         image_column=image_column, label_column=label_column,
+                                         cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
+            with no_output_if_unusable(out, owned=own is None):  # the folder is made once the source is known good
+                held.enter_context(claim_output(out, node_rank, num_nodes))  # before anything is written in OUT
+                near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
+                listing = relist()
+            out.mkdir(parents=True, exist_ok=True)
+            index = listing.index
+            if index is None and (dedup or exclude or max_shard_bytes):  # needs every file's contents before planning
+                with progress_bar(total=len(listing), desc="index", unit="file", enabled=progress) as bar:
+                    index = build_index(listing, parts_dir(out) / "index", imap, node_rank, num_nodes, bar.update)
+            plan = make_plan(listing, index, {**options, "_exclude": exclude})
+            _check_plan(out, plan, options, names)
+            job = ShardJob(str(listing.root), str(out), opts, listing.kind, listing.column, near)
+            mine = plan.node_share(node_rank, num_nodes)
+            todo = [s for s in mine if load_receipt(out, s.name, shard_fingerprint(plan, s.name)) is None]
+            if own is not None:
+                own += [s.name for s in todo]
+            remove_temp_files(out, own)  # what a killed earlier run left behind
+            if todo and not spool_ready(listing):
+                listing = _list_again(out, relist)
+            processed = _write_todo(imap_unordered, _tasks(listing, plan, index, job, todo), todo, listing.spool,
+                                    progress)
+        if num_nodes > 1:
+            return _node_report(out, node_rank, num_nodes, [s.name for s in mine], len(todo), log)
+        with _disk_full_is_clear(out, None):
+            manifest = finalize(out)
+        if log:
+            log(summary_table(manifest, time.perf_counter() - t0, processed))
+        return manifest
 
 
 __all__ = ["DiskFullError", "ManifestError", "ShardJob", "resolve_nodes", "write_shard", "write_shards"]

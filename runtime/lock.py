@@ -8,6 +8,9 @@ Nothing else in the holder's process may open the file: a POSIX lock also ends w
 descriptor of the file. It works on local disks and on NFS (the lock manager); a filesystem that takes no
 locks (e.g. Lustre mounted without `flock`) refuses nothing, and the holder is told so. The file stays when
 the lock is released (removing it would race a job opening it); it names the last holder.
+
+A shared lock (`shared=True`) lets any number of shared holders in and keeps an exclusive one out: the nodes of
+a multi-node `data_prep write` share their output folder, which a single-node write or `merge` holds alone.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ _HELD = (errno.EACCES, errno.EAGAIN)  # lockf's answers for "another process hol
 
 
 class DirLock:
-    """An exclusive lock on `folder` (created if missing), held from `acquire` until `release` or the end of
-    this process."""
+    """An exclusive (or shared) lock on `folder` (created if missing) through its file `name`, held from `acquire`
+    until `release` or the end of this process."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_NAME, shared: bool = False):
+        self.path = Path(folder) / name
+        self.shared = shared
         self.supported = True  # False after `acquire` on a filesystem without locks
         self._fd: int | None = None
 
@@ -38,7 +42,7 @@ class DirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as err:
             try:
                 if err.errno in _HELD:

@@ -149,7 +149,9 @@ def test_tar_of_tars_kill_9_then_rerun_is_byte_identical_and_nothing_is_extracte
     assert not list(out.glob("*.tmp"))
     # never extracted: no image file anywhere (only shards and bookkeeping), the temp dir untouched
     assert not list(tmpdir.iterdir())
-    assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".tar", ".json", ".jsonl", ".npz"}
+    kept = {p.suffix for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert kept <= {".tar", ".json", ".jsonl", ".npz"}
+    assert [p.relative_to(out) for p in out.rglob(".lock")] == [Path(".parts/.lock")]  # the write's lock file
 
 
 def test_inner_member_that_is_not_a_tar_is_a_counted_reject(tmp_path):
