@@ -23,7 +23,7 @@ from data_prep.sources import FORMATS as SOURCE_FORMATS
 from data_prep.sources import SourceError
 from data_prep.verify import preview, stats_table, verify
 from data_prep.writer import DiskFullError, write_shards
-from runtime.argtypes import count
+from runtime.argtypes import count, index
 
 
 def _write_parser(sub) -> None:
@@ -65,8 +65,8 @@ def _write_parser(sub) -> None:
     g = w.add_argument_group("parallelism")
     g.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="worker processes, default: the CPUs this process may use (the output is the same for any)")
-    g.add_argument("--num-nodes", type=int, default=None, help="default: SLURM_ARRAY_TASK_COUNT, else 1")
-    g.add_argument("--node-rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID, else 0")
+    g.add_argument("--num-nodes", type=count, default=None, help="default: SLURM_ARRAY_TASK_COUNT, else 1")
+    g.add_argument("--node-rank", type=index, default=None, help="default: SLURM_ARRAY_TASK_ID, else 0")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

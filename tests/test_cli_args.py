@@ -37,6 +37,7 @@ BAD = [
     ("data_prep", "verify RUN --workers 0", "argument --workers: must be an integer >= 1"),
     ("data_prep", "example RUN/ex --per-class 0", "argument --per-class: must be an integer >= 1"),
     ("data_prep", "example RUN/ex --size abc", "argument --size: must be an integer >= 1, got 'abc'"),
+    ("data_prep", "write RUN/src RUN/out --num-nodes 0", "argument --num-nodes: must be an integer >= 1, got '0'"),
     ("runtime", "dist-check --timeout 0", "argument --timeout: must be a number > 0, got '0'"),
     ("runtime", "dist-check --hold -1", "argument --hold: must be a number >= 0"),
     ("launch", "sbatch --nodes 0 --run-dir RUN", "argument --nodes: must be an integer >= 1, got '0'"),
