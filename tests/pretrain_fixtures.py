@@ -59,8 +59,10 @@ def _keys(run_dir: Path) -> dict[tuple[int, int], list[str]]:
 
 def _export(run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
     out = run_dir / "export" / "model.safetensors"
-    subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out), *extra],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(out), *extra],
+                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    # stdout is the result alone, for `W=$(python -m pretrain export RUN)`: DeepSpeed's lines go to stderr
+    assert proc.stdout.splitlines() == [str(out)], proc.stdout[-2000:]
     return load_weights(out)[0]  # vitscale's key names (the file stores timm's)
 
 

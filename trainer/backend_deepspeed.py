@@ -46,7 +46,9 @@ def _hidden(module: str):
         del sys.modules[module]
 
 
-with _hidden(UNUSED_IMPORT):
+# DeepSpeed's logger writes to the stdout it finds at import: given stderr here, its lines (a warning on a machine
+# without GPUs, among them) stay out of what the verbs print as their result (`export`: the file's path).
+with _hidden(UNUSED_IMPORT), contextlib.redirect_stdout(sys.stderr):
     import deepspeed
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -212,7 +214,8 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
     check_pickles(Path(ckpt_dir) / tag, SAFE_GLOBALS)  # zero_to_fp32 unpickles without restriction
     try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        with contextlib.redirect_stdout(sys.stderr):  # its progress prints are not the verb's result
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     except ValueError:  # bf16 with ZeRO 0/1 uses DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read
         zero = convert_universal(ckpt_dir, tag) / "zero"
         files = [p for p in sorted(zero.iterdir()) if (p / "fp32.pt").exists()]  # one folder per parameter
