@@ -8,6 +8,7 @@ keys with the closest known names.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import hashlib
@@ -39,11 +40,33 @@ class ConfigError(ValueError):
         super().__init__(" ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else "")
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping (YAML would keep the last one silently)."""
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys merged in may be overridden here
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, collections.abc.Hashable):
+            continue  # construct_mapping names it
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (lines {seen[key]} and {key_node.start_mark.line + 1})", None)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def _yaml(text: str, where: str) -> Any:
-    """`yaml.safe_load(text)`; a YAML error (a syntax error, or a `!!python/...` tag, which safe_load never
-    constructs) becomes a one-line ConfigError naming `where`."""
+    """`yaml.safe_load(text)` with duplicate keys refused; a YAML error (a syntax error, a key given twice, or a
+    `!!python/...` tag, which safe_load never constructs) becomes a one-line ConfigError naming `where`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         why = " ".join(str(e).split())
         hint = "; python tags are refused: write plain values" if "!!python" in why or "python/" in why else ""
@@ -178,7 +201,12 @@ BASE_KEY = "base"  # a recipe's `base: other_recipe`: the recipe it extends (not
 def _read_recipe(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist; give a recipe name or the path of a YAML file")
-    data = _yaml(path.read_text(), str(path)) or {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte order mark is not part of the recipe
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                          "as UTF-8") from None
+    data = _yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -123,6 +123,25 @@ def test_base_cycle_bad_name_and_unknown_key_in_base_are_one_line(recipes: Path)
     assert "\n" not in str(e.value)
 
 
+def test_a_key_twice_and_text_that_is_not_utf8_are_one_line_and_a_bom_or_merge_key_reads(recipes: Path) -> None:
+    """YAML keeps the last of a key given twice: a recipe with `steps` twice trained with the second, silently.
+    A file in another encoding was a UnicodeDecodeError traceback."""
+    (recipes / "twice.yaml").write_text("name: t\ntrain:\n  steps: 10\n  global_batch: 8\n  steps: 20\n")
+    with pytest.raises(ConfigError, match=r"^\S*twice.yaml is not valid plain YAML \(key 'steps' given twice "
+                                          r"\(lines 3 and 5\)\)$"):
+        load_config(Recipe, "twice", recipes_dir=recipes)
+    with pytest.raises(ConfigError, match=r"override 'train.optim' is not valid plain YAML \(key 'lr' given twice"):
+        load_config(Recipe, "vit_tiny", ["train.optim={lr: 1, lr: 2}"], recipes_dir=recipes)
+    (recipes / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 9\); save it as UTF-8"):
+        load_config(Recipe, "latin1", recipes_dir=recipes)
+    (recipes / "bom.yaml").write_bytes("\ufeffname: café\n".encode())
+    assert load_config(Recipe, "bom", recipes_dir=recipes).name == "café"
+    (recipes / "merge.yaml").write_text("train:\n  optim: {<<: &o {lr: 0.5, weight_decay: 0.1}, lr: 0.2}\n")
+    optim = load_config(Recipe, "merge", recipes_dir=recipes).train.optim  # a merge key overridden: no duplicate
+    assert (optim.lr, optim.weight_decay) == (0.2, 0.1)
+
+
 def test_shipped_recipes_that_extend_another_resolve_as_written_out() -> None:
     """The in21k L/16 and H/14 recipes extend B/16's; their resolved values are the paper's, spelled in full."""
     from pretrain.config import RECIPES_DIR, PretrainConfig
