@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -105,7 +106,8 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
+            hint = f"; write it as [{value}]" if isinstance(value, str) and "," in value else ""
+            raise ConfigError(f"{path} must be a list, got {value!r}{hint}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
@@ -117,13 +119,15 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
         return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+    if tp is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)
+            number = float(value)  # an int, or a str: YAML 1.1 reads 1e-3 as a string
         except ValueError:
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):  # .nan slips past every `< 0` check
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     name = getattr(tp, "__name__", str(tp))

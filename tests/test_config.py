@@ -78,6 +78,12 @@ def test_wrong_types_fail_with_the_key(recipes: Path) -> None:
         load_config(Recipe, "vit_tiny", ["train.steps.x=1"], recipes_dir=recipes)
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         load_config(Recipe, "vit_tiny", ["train.steps"], recipes_dir=recipes)
+    for bad in ("nan", ".nan", "inf", "-.inf", "1e999"):  # NaN passed every `lr >= 0` check and trained to NaN
+        with pytest.raises(ConfigError, match=r"^train.optim.lr must be a finite number, got "):
+            load_config(Recipe, "vit_tiny", [f"train.optim.lr={bad}"], recipes_dir=recipes)
+    with pytest.raises(ConfigError, match=r"^tags must be a list, got 'a,b'; write it as \[a,b\]$"):
+        load_config(Recipe, "vit_tiny", ["tags=a,b"], recipes_dir=recipes)
+    assert load_config(Recipe, "vit_tiny", ["train.optim.lr=2"], recipes_dir=recipes).train.optim.lr == 2.0
 
 
 def test_missing_recipe_names_the_choices(recipes: Path) -> None:
