@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from data_prep.examples import DATASETS, write_example_images
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ManifestError, ValueError, FileNotFoundError, FileExistsError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "; the finished shards are kept: rerun the same command to resume" if args.verb == "write" else ""
+        print(f"interrupted (Ctrl-C){resume}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

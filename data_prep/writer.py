@@ -183,9 +183,13 @@ def remove_temp_files(out: Path, names: list[str] | None = None) -> None:
 
 @contextlib.contextmanager
 def _disk_full_is_clear(out: Path, names: list[str] | None) -> Iterator[None]:
-    """A full disk (ENOSPC/EDQUOT) anywhere in the block -> temp files removed and one clear error."""
+    """A full disk (ENOSPC/EDQUOT) anywhere in the block -> temp files removed and one clear error; Ctrl-C ->
+    temp files removed (the pool has stopped by then), then on its way."""
     try:
         yield
+    except KeyboardInterrupt:
+        remove_temp_files(out, names)
+        raise
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

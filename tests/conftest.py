@@ -7,6 +7,7 @@ import inspect
 import itertools
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,15 @@ def write_digits_shards(root: Path) -> Path:
     write_example_images(root / "images", "digits", size=32)
     write_shards(root / "images", root / "shards", val_fraction=0.2, samples_per_shard=100, workers=1)
     return root / "shards" / "dataset.json"
+
+
+@pytest.fixture
+def ctrl_c_default():
+    """Children start with SIGINT at its default, as from a terminal (a test run in the background of a script
+    inherits it ignored, and a process started so keeps ignoring it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

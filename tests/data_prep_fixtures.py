@@ -4,8 +4,10 @@ read an output folder back."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -23,10 +25,9 @@ def data_prep_cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_after_shards(proc: subprocess.Popen, out: Path, k: int) -> None:
-    """SIGKILL the process group of a running `data_prep write` once its plan exists and `k` shards are done."""
-    import signal
-    import time
+def kill_after_shards(proc: subprocess.Popen, out: Path, k: int, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` (SIGKILL; SIGINT: a terminal's Ctrl-C) to the process group of a running `data_prep write` once
+    its plan exists and `k` shards are done, and wait for it to end."""
 
     receipts, deadline = out / ".parts" / "shards", time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -35,5 +36,5 @@ def kill_after_shards(proc: subprocess.Popen, out: Path, k: int) -> None:
             break
         time.sleep(0.005)
     assert proc.poll() is None, f"the write ended before it could be killed:\n{proc.communicate()[0]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)

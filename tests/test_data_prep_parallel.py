@@ -1,13 +1,16 @@
-"""The same bytes whatever the parallelism: any --workers, a kill -9 and a rerun, two nodes and a merge."""
+"""The same bytes whatever the parallelism: any --workers, a kill -9 or a Ctrl-C and a rerun, two nodes and a
+merge."""
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from data_prep import merge, write_example_images, write_shards
@@ -54,6 +57,32 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     assert main(["write", str(src), str(out), "--workers", "2", "--no-progress", *args]) == 0
     assert output_files(out) == output_files(tmp_path / "ref" / "out")
     assert not list(out.glob("*.tmp"))
+
+
+def test_ctrl_c_stops_the_workers_leaves_no_temporary_and_a_rerun_is_byte_identical(tmp_path, ctrl_c_default):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-write: one line, exit 130, every
+    worker gone, no `*.tmp` left (it was a KeyboardInterrupt traceback per process and half-written shards)."""
+    src = write_example_images(tmp_path / "photos", "photos", per_class=60)
+    args = ["--format", "webp", "--quality", "90", "--samples-per-shard", "4", "--seed", "5"]
+    write_shards(src, tmp_path / "ref" / "out", format="webp", quality=90, samples_per_shard=4, seed=5)
+    out = tmp_path / "run" / "out"
+    proc = data_prep_cli(["write", str(src), str(out), "--workers", "2", *args])
+    kill_after_shards(proc, out, random.randint(1, 6), signal.SIGINT)
+    said = proc.stdout.read().strip().splitlines()
+    assert proc.returncode == 130 and said[-1] == (
+        "interrupted (Ctrl-C); the finished shards are kept: rerun the same command to resume"), said[-20:]
+    assert not any("Traceback" in line for line in said), said[-20:]
+    assert not [p.pid for p in psutil.process_iter() if _session(p) == proc.pid]  # the workers ended with it
+    assert not list(out.rglob("*.tmp")) and not (out / "dataset.json").exists()
+    assert main(["write", str(src), str(out), "--workers", "2", "--no-progress", *args]) == 0
+    assert output_files(out) == output_files(tmp_path / "ref" / "out")
+
+
+def _session(p: psutil.Process) -> int | None:
+    try:
+        return None if p.status() == psutil.STATUS_ZOMBIE else os.getsid(p.pid)
+    except (psutil.Error, OSError):
+        return None
 
 
 def test_two_nodes_then_merge_equals_one_node(digits, tmp_path):

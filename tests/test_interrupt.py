@@ -22,15 +22,6 @@ CHECK_EVERY = 20  # checkpoint.signal_check_every
 STOPPED = re.compile(r"\[rank (\d)\] preempted \(SIGINT\): checkpoint saved at step (\d+)")
 
 
-@pytest.fixture
-def ctrl_c_default():
-    """Children start with SIGINT at its default, as from a terminal (a test run in the background of a script
-    inherits it ignored, and a process started so keeps ignoring it)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
-
-
 def _read_until(proc: subprocess.Popen, text: str, out: list[str], timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
