@@ -95,7 +95,8 @@ def read_hostfile(path: str | os.PathLike, include: str = "", exclude: str = "")
     """Read, validate and filter a hostfile."""
     p = Path(path)
     if not p.is_file():
-        raise HostfileError(f"hostfile {str(p)!r} not found; write one 'HOST slots=N' line per node")
+        what = "is a folder, not a file" if p.is_dir() else "not found"
+        raise HostfileError(f"hostfile {str(p)!r} {what}; write one 'HOST slots=N' line per node")
     return select_hosts(parse_hosts(p.read_text(), source=str(p)), include, exclude)
 
 

@@ -56,6 +56,7 @@ BAD = [
     ("launch", "run --hostfile HOSTS --launcher pdsh --node-rank 0 --dry-run --run-dir RUN", "--node-rank is for "
      "the per-node launchers"),
     ("launch", "check --hostfile HOSTS --ssh-port 65536", "argument --ssh-port: must be a TCP port"),
+    ("launch", "check --hostfile /", "hostfile '/' is a folder, not a file; write one 'HOST slots=N' line"),
     ("launch", "sbatch --nodes 1 --time 1-00:00:00x --run-dir RUN", "argument --time: '1-00:00:00x' is not a SLURM "
      "time limit"),
     ("launch", "sbatch --nodes 1 --time 1:2:3:4 --run-dir RUN", "is not a SLURM time limit"),
