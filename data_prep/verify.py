@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from data_prep.manifest import ManifestError, human_bytes, load_manifest, summary_table
 from data_prep.pool import worker_pool
-from runtime.io import atomic_path
+from runtime.io import atomic_path, output_problem
 from runtime.progress import progress_bar
 
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -189,6 +189,8 @@ def stats_table(out: str | os.PathLike, max_classes: int = 40) -> str:
 def preview(out: str | os.PathLike, dest: str | os.PathLike, n: int = 64, split: str = "train",
             cell: int = 96) -> Path:
     """A PNG grid of the first `n` samples of `split`, each captioned with its label."""
+    if why := output_problem(dest, "--out"):
+        raise ValueError(why)
     m = load_manifest(out)
     if split not in m["splits"]:
         raise ValueError(f"split {split!r} is not in {out}/dataset.json (it has {', '.join(m['splits'])})")

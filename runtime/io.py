@@ -35,6 +35,19 @@ def unwritable(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def output_problem(path: str | os.PathLike, option: str, folder: bool = False) -> str | None:
+    """Why `path` (the value of `option`) cannot take an output file (with `folder`: a folder of outputs), with
+    the fix, or None: a folder where a file goes, a file where a folder goes, a path under a file, no permission."""
+    path = Path(path)
+    named = f"{option}{path}" if option.endswith("=") else f"{option} {path}"  # `out=F` or `--out F`
+    if folder and path.exists() and not path.is_dir():
+        return f"{named} is a file; this writes a folder of files: pass a folder"
+    if not folder and path.is_dir():
+        return f"{named} is a folder; pass a file name"
+    why = unwritable(path if folder else path.parent)
+    return f"{named}: {why}; pass another {option.rstrip('=')}" if why else None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on normal exit rename it onto `path`, else delete it."""

@@ -1,5 +1,6 @@
-"""Where an export goes: `--out` that cannot take it is refused before any work, with the fix; `--tag` names the
-checkpoints there are; a failed write leaves neither a half file nor a temporary one, and keeps the old file."""
+"""Where an export (or another verb's output) goes: an `--out` that cannot take it is refused before any work, with
+the fix; `--tag` names the checkpoints there are; a failed write leaves neither a half file nor a temporary one,
+and keeps the old file."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _run_with_tags(tmp_path: Path, *tags: str) -> Path:
     ("vitscale", "weights.pth", "name it weights.safetensors"),
     ("timm", "weights", "name it weights.safetensors"),
     ("vitscale", "a-file/w.safetensors", "a-file is a file, not a folder; pass another --out"),
-    ("hf", "a-file", "is a file; the hf format writes a folder"),
+    ("hf", "a-file", "is a file; this writes a folder of files: pass a folder"),
     ("hf", "a-file/hf", "a-file is a file, not a folder; pass another --out"),
 ])
 def test_an_out_that_cannot_take_the_export_is_refused_first(tmp_path: Path, fmt: str, out: str, named: str) -> None:
@@ -82,3 +83,31 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
     assert after == before
     if writer == "vitscale":
         assert torch.equal(load_weights(target)[0]["head.weight"], sd["head.weight"])
+
+
+@pytest.mark.parametrize("verb", ["fewshot", "linear-probe", "preview", "inspect"])
+def test_the_other_verbs_check_their_output_path_first(verb: str, digits_shards: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    """A folder where a file goes (or the reverse) was an IsADirectoryError / FileExistsError traceback after the
+    verb's work (minutes of feature extraction for fewshot)."""
+    from data_prep.__main__ import main as data_prep_main
+    from finetune.__main__ import main as finetune_main
+    from vit.__main__ import main as vit_main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("mine")
+    folder, file = tmp_path / "folder", tmp_path / "a-file"
+    argv, want = {
+        "fewshot": (["fewshot", "w.safetensors", f"data.path={digits_shards}", f"out={folder}"],
+                    f"error: out={folder} is a folder; pass a file name"),
+        "linear-probe": (["linear-probe", "w.safetensors", f"data.path={digits_shards}", f"out={file}/r.json"],
+                         f"error: out={file}/r.json: {file} is a file, not a folder; pass another out"),
+        "preview": (["preview", str(digits_shards.parent), "--out", str(folder)],
+                    f"error: --out {folder} is a folder; pass a file name"),
+        "inspect": (["inspect", "w.safetensors", "--out", str(file)],
+                    f"error: --out {file} is a file; this writes a folder of files: pass a folder"),
+    }[verb]
+    main = {"preview": data_prep_main, "inspect": vit_main}.get(verb, finetune_main)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == want + "\n"
+    assert file.read_text() == "mine" and not any(folder.iterdir())

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ConfigError
-from runtime.io import unwritable
+from runtime.io import output_problem
 from runtime.progress import progress_bar
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
@@ -97,16 +97,11 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
 def check_destination(dest: Path, folder: bool) -> None:
     """A ConfigError unless `dest` can take the export: a `.safetensors` file name (timm and our loaders tell the
     format by the suffix), or for `folder` (hf) a folder; either where this process can write."""
-    if folder and dest.exists() and not dest.is_dir():
-        raise ConfigError(f"--out {dest} is a file; the hf format writes a folder (config.json + model.safetensors): "
-                          "pass a folder")
-    if not folder and dest.is_dir():
-        raise ConfigError(f"--out {dest} is a folder; pass a file name, e.g. {dest / 'model.safetensors'}")
+    if why := output_problem(dest, "--out", folder):
+        raise ConfigError(why + (f", e.g. {dest / 'model.safetensors'}" if dest.is_dir() else ""))
     if not folder and dest.suffix != ".safetensors":
         raise ConfigError(f"--out {dest}: the file is safetensors, and timm and vitscale tell the format by the "
                           f"suffix; name it {dest.with_suffix('.safetensors').name}")
-    if why := unwritable(dest if folder else dest.parent):
-        raise ConfigError(f"--out {dest}: {why}; pass another --out")
 
 
 def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") -> tuple[VisionTransformer,

@@ -19,7 +19,7 @@ import torch
 
 from runtime.config import ConfigError, from_dict, parse_override
 from runtime.dist import detect, init_distributed
-from runtime.io import atomic_write_json
+from runtime.io import atomic_write_json, output_problem
 from runtime.progress import progress_bar
 from trainer.config import DataCfg, FewShotCfg, check_split, fewshot_dataset_problems, validate_fewshot
 from trainer.evaluate import DTYPES
@@ -87,6 +87,9 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
 def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dict:
     """`fewshot` (probe=False) or `linear-probe`: print a table, write the JSON, return the result."""
     data, fs, o = _options(overrides)
+    out = Path(o["out"] or Path(weights).with_suffix("").as_posix() + f".{'probe' if probe else 'fewshot'}.json")
+    if why := output_problem(out, "out="):  # before minutes of feature extraction
+        raise ConfigError(why)
     feats, n, info = _features(weights, data, fs, o)
     train, val = feats[fs.train_split], feats[fs.val_split]
     name = dataset_name(data.path)
@@ -99,7 +102,6 @@ def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dic
         res = fewshot_top1(train, val, n, fs.shots, fs.seeds, fs.holdout, fs.l2)
         result.update(seeds=fs.seeds, holdout=fs.holdout, fewshot={f"{k}shot": r for k, r in res.items()})
         rows = [(f"{k}-shot", r["top1"]) for k, r in res.items()]
-    out = Path(o["out"] or Path(weights).with_suffix("").as_posix() + f".{'probe' if probe else 'fewshot'}.json")
     if info["is_main"]:
         atomic_write_json(out, result)
         print(f"{name}: {n} classes, {result['train_samples']} train / {result['val_samples']} val images at "

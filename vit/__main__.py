@@ -85,9 +85,12 @@ def _shard_images(path: Path, hw: tuple[int, int], crop_pct: float, n: int) -> t
 def inspect_verb(weights: str, images: str | None, out: str, n: int = 8) -> list[Path]:
     """`inspect`: the figures and numbers of a weight file (any format vit.interop reads) or a run dir into `out`."""
     from runtime.config import ConfigError
+    from runtime.io import output_problem
     from trainer.export import read_weights
     from vit.inspect import inspect_model, write_inspection
 
+    if why := output_problem(out, "--out", folder=True):
+        raise ConfigError(why)
     sd, cfg, settings = read_weights(weights, "inspect")
     model = VisionTransformer(cfg)
     missing = [k for k in model.load_state_dict(sd, strict=False).missing_keys if "head" not in k]
