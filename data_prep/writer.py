@@ -310,6 +310,15 @@ def _node_report(out: Path, node_rank: int, num_nodes: int, mine: list[str], wri
     return {"node_rank": node_rank, "num_nodes": num_nodes, "shards": mine, "written": written}
 
 
+def _finish(out: Path, seconds: float, processed: int, log: Callable[[str], None] | None) -> dict:
+    """A single-node write's manifest, and its summary to `log`."""
+    with _disk_full_is_clear(out, None):
+        manifest = finalize(out)
+    if log:
+        log(summary_table(manifest, seconds, processed))
+    return manifest
+
+
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.0,
                  samples_per_shard: int = 1000, max_shard_bytes: int | None = None, seed: int = 0,
                  resize_shorter: int | None = None, resize_longer: int | None = None, format: str = "keep",
@@ -366,11 +375,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                                     progress)
         if num_nodes > 1:
             return _node_report(out, node_rank, num_nodes, [s.name for s in mine], len(todo), log)
-        with _disk_full_is_clear(out, None):
-            manifest = finalize(out)
-        if log:
-            log(summary_table(manifest, time.perf_counter() - t0, processed))
-        return manifest
+        return _finish(out, time.perf_counter() - t0, processed, log)
 
 
 __all__ = ["DiskFullError", "ManifestError", "ShardJob", "resolve_nodes", "write_shard", "write_shards"]
