@@ -33,21 +33,27 @@ class SourceError(ValueError):
     """The source cannot be used at all (missing, empty, or a malformed list)."""
 
 
+def first_missing(path: str | os.PathLike) -> Path | None:
+    """The first folder of `path` that does not exist yet (what making `path` would create), or None."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
 @contextlib.contextmanager
-def no_output_if_unusable(out: Path, owned: bool = True) -> Iterator[None]:
+def no_output_if_unusable(created: Path | None) -> Iterator[None]:
     """Listing inside this block: a source found missing, empty or malformed (`SourceError`, or any bad input:
-    a ValueError) leaves no output folder behind when this write created it (its lock, an archive's listing
-    cache or the --exclude-near index may have written into it). `owned=False` (a node of a multi-node write)
-    never removes what other nodes share."""
-    top = Path(out).absolute()
-    existed = top.exists()
-    while not top.parent.exists():  # the first folder of the output path that this write would create
-        top = top.parent
+    a ValueError) removes `created`, the first folder of OUT that this write made (`first_missing` before it
+    began: its lock, an archive's listing cache or the --exclude-near index may be in it). None: OUT was there
+    already, or is shared by the nodes of a multi-node write; nothing is removed."""
     try:
         yield
     except ValueError:
-        if owned and not existed:
-            shutil.rmtree(top, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

@@ -39,7 +39,7 @@ from data_prep.near import NEAR_THRESHOLD, cached_index, downstream_index
 from data_prep.plan import Plan, build_index, make_plan
 from data_prep.pool import worker_pool
 from data_prep.readers import read_locs
-from data_prep.sources import Listing, list_source, no_output_if_unusable
+from data_prep.sources import Listing, first_missing, list_source, no_output_if_unusable
 from runtime.io import atomic_write_json
 from runtime.progress import progress_bar
 
@@ -347,13 +347,13 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
                "image_column": image_column, "label_column": label_column, "min_per_class": min_per_class}
     # a single-node write owns its folder; a node of several may only clean up after its own shards
     own: list[str] | None = None if num_nodes == 1 else []
-    with contextlib.ExitStack() as held:  # OUT's lock, from the first write into it to the manifest
+    created = first_missing(out) if own is None else None  # a node never removes the folder the nodes share
+    with claim_output(out, node_rank, num_nodes):  # refused if another job writes OUT: nothing of ours to undo
         with _disk_full_is_clear(out, own), worker_pool(workers) as (imap, imap_unordered):
             relist = lambda: list_source(src, map_fn=imap, source_format=source_format, labels=labels,  # noqa: E731
                                          image_column=image_column, label_column=label_column,
                                          cache_dir=parts_dir(out) / "list", nodes=(node_rank, num_nodes))
-            with no_output_if_unusable(out, owned=own is None):  # the folder is made once the source is known good
-                held.enter_context(claim_output(out, node_rank, num_nodes))  # before anything is written in OUT
+            with no_output_if_unusable(created):  # the folder is kept once the source is known good
                 near = _near_index(exclude_near, near_threshold, out, imap, options)  # first: a bad set fails fast
                 listing = relist()
             out.mkdir(parents=True, exist_ok=True)

@@ -90,5 +90,5 @@ def test_an_unusable_source_still_leaves_no_folder(tmp_path: Path, capsys) -> No
     """The lock is taken inside OUT before the source is listed; a source found unusable removes the folder it
     made, lock and all, as before."""
     (tmp_path / "empty").mkdir()
-    assert main(["write", str(tmp_path / "empty"), str(tmp_path / "out"), "--no-progress"]) == 2
-    assert not (tmp_path / "out").exists()
+    assert main(["write", str(tmp_path / "empty"), str(tmp_path / "a" / "b" / "out"), "--no-progress"]) == 2
+    assert not (tmp_path / "a").exists()  # every folder the write made
