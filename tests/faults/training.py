@@ -99,7 +99,13 @@ def pause(job: Job, procs: list[psutil.Process]) -> tuple[list[psutil.Process], 
     stopped = list(ranks(procs).values())
     for p in stopped:
         p.suspend()
-    time.sleep(0.5)  # the lines printed before the stop reach the reader thread
+    # the lines printed before the stop reach the reader thread: wait until none arrived for 0.5 s (a loaded
+    # machine can hold a line in the pipe longer than a fixed pause; a step read short lets the ranks pass an
+    # agreement before the fault)
+    count, deadline = -1, time.time() + 30
+    while len(job.lines) != count and time.time() < deadline:
+        count = len(job.lines)
+        time.sleep(0.5)
     return stopped, max(int(s) for s in re.findall(r"\bstep (\d+)/", job.output()))
 
 
@@ -212,6 +218,9 @@ def train_kill_launcher(ctx: Ctx) -> Outcome:
     stopped, seen = pause(job, procs)
     job.proc.kill()
     t0 = time.time()
+    # the agent fully gone (its ranks re-parented) before they run on: SIGKILL of a process with threads and a
+    # large address space takes a moment, and a rank asking for its parent meanwhile still sees the agent
+    job.proc.wait(timeout=EXIT_S)
     resume(stopped)
     exit_s = wait_gone(procs[1:], t0)
     out = job.output()
