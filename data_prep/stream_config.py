@@ -6,13 +6,14 @@ fine-tuning; `scripts/config_docs.py` documents each field from the comment on i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Literal
 
 from data_prep.images import MIN_SIZE
 
-__all__ = ["DataCfg", "names_tar_urls", "url_source_problems"]
+__all__ = ["DataCfg", "data_problems", "names_tar_urls", "randaugment_spec", "url_source_problems"]
 
 
 @dataclass
@@ -61,3 +62,49 @@ def url_source_problems(data: DataCfg, prefix: str = "data.") -> list[str]:
     if not missing:
         return []
     return [f"{prefix}path {data.path} names tar shards without a dataset.json, so also set: " + "; ".join(missing)]
+
+
+def randaugment_spec(spec: str) -> tuple[int, int]:
+    """(magnitude, ops) of timm's RandAugment notation, `"rand-m9-n2"` (magnitude 0-10, defaults m9, n2);
+    ValueError naming the notation otherwise."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"randaugment {spec!r}: expected 'rand-m<magnitude 0-10>[-n<ops>]', e.g. 'rand-m9-n2'")
+    values = {"m": 9, "n": 2}
+    for part in parts[1:]:
+        m = re.fullmatch(r"([mn])(\d+)", part)
+        if not m:
+            raise ValueError(f"randaugment {spec!r}: unknown part {part!r}; supported: m<0-10>, n<ops>")
+        values[m.group(1)] = int(m.group(2))
+    if not 0 <= values["m"] <= 10:
+        raise ValueError(f"randaugment {spec!r}: magnitude must be within 0..10")
+    return values["m"], values["n"]
+
+
+def data_problems(data: DataCfg, prefix: str = "data.") -> list[str]:
+    """The values of a data section no loader can use (one line each, with the range): checked before a run or
+    an eval starts, rather than failing in a loader worker, or silently (a crop_pct of 2 or a flip probability
+    of 3 would train and evaluate on something else than asked). The source itself is plan_loader's check."""
+    problems = [f"{prefix}{key} must be >= {lo}, got {value}" for key, value, lo in (
+        ("workers", data.workers, 0), ("shuffle_buffer", data.shuffle_buffer, 1), ("prefetch", data.prefetch, 1),
+        ("min_size", data.min_size, 0)) if value < lo]
+    lo, hi = data.scale
+    if not 0 < lo <= hi <= 1:
+        problems.append(f"{prefix}scale must be [min, max] area fractions with 0 < min <= max <= 1, got "
+                        f"[{lo}, {hi}]")
+    lo, hi = data.ratio
+    if not 0 < lo <= hi:
+        problems.append(f"{prefix}ratio must be [min, max] aspect ratios with 0 < min <= max, got [{lo}, {hi}]")
+    if not 0 <= data.hflip <= 1:
+        problems.append(f"{prefix}hflip is a probability, in [0, 1]; got {data.hflip}")
+    if not 0 < data.crop_pct <= 1:
+        problems.append(f"{prefix}crop_pct must be in (0, 1] (the centre crop's share of the resized image, e.g. "
+                        f"0.875), got {data.crop_pct}")
+    if data.timeout_s <= 0:
+        problems.append(f"{prefix}timeout_s must be > 0 seconds, got {data.timeout_s}")
+    if data.randaugment:
+        try:
+            randaugment_spec(data.randaugment)
+        except ValueError as err:
+            problems.append(f"{prefix}{err}")
+    return problems

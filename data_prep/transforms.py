@@ -14,13 +14,14 @@ import functools
 import io
 import math
 import random
-import re
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+
+from data_prep.stream_config import randaugment_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,20 +116,7 @@ def parse_randaugment(spec: str | None) -> v2.RandAugment | None:
     """`"rand-m9-n2"` (timm's notation: magnitude M of 10, N ops) -> torchvision `v2.RandAugment`."""
     if not spec:
         return None
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"randaugment {spec!r}: expected 'rand-m<magnitude 0-10>[-n<ops>]', e.g. 'rand-m9-n2'")
-    magnitude, num_ops = 9, 2
-    for part in parts[1:]:
-        m = re.fullmatch(r"([mn])(\d+)", part)
-        if not m:
-            raise ValueError(f"randaugment {spec!r}: unknown part {part!r}; supported: m<0-10>, n<ops>")
-        if m.group(1) == "m":
-            magnitude = int(m.group(2))
-        else:
-            num_ops = int(m.group(2))
-    if not 0 <= magnitude <= 10:
-        raise ValueError(f"randaugment {spec!r}: magnitude must be within 0..10")
+    magnitude, num_ops = randaugment_spec(spec)
     # 11 bins so that magnitude m means m/10 of each op's range, as in timm
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)
 

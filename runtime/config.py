@@ -81,7 +81,7 @@ def _unknown_key(path: str, key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {full!r}: {hint}(valid keys here: {', '.join(known)})")
 
 
-def _check_value(tp: Any, value: Any, path: str) -> Any:
+def check_value(tp: Any, value: Any, path: str) -> Any:
     """Return `value` as type `tp` or raise ConfigError naming the key, the type and the value."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
@@ -92,7 +92,7 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
         errors = []
         for a in (a for a in args if a is not type(None)):
             try:
-                return _check_value(a, value, path)
+                return check_value(a, value, path)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
@@ -111,9 +111,9 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
-            return tuple(_check_value(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            return tuple(check_value(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
-        out = [_check_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        out = [check_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
@@ -142,7 +142,7 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
     for key, value in (data or {}).items():
         if key not in fields:
             raise _unknown_key(path, key, list(fields))
-        kwargs[key] = _check_value(hints[key], value, f"{path}.{key}" if path else key)
+        kwargs[key] = check_value(hints[key], value, f"{path}.{key}" if path else key)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field with no default

@@ -188,6 +188,25 @@ def test_a_split_the_data_lacks_is_one_line_for_the_eval_verbs(verb: str, digits
     assert proc.stderr.startswith("error: ") and "no split 'nosuch'; it has ['pretrain', 'train', 'val']" in proc.stderr
 
 
+# option values the eval verbs once took unchecked: a traceback (61 px, fp8, abc, -32 px) or an eval of something
+# else than asked (crop_pct 2 resized the images up, a flip probability of 3)
+EVAL_VERB_BAD = {"model.image_size=61": "model.image_size=61: image size 61x61 is not a multiple of patch size",
+                 "model.image_size=-32": "image size -32x-32 must be positive",
+                 "eval.precision=fp8": "eval.precision must be one of 'fp32', 'bf16', 'fp16', 'amp_bf16', 'amp_fp16'",
+                 "eval.micro_batch=abc": "eval.micro_batch must be int", "eval.micro_batch=0": "must be >= 1, got 0",
+                 "data.crop_pct=2": "data.crop_pct must be in (0, 1]", "data.hflip=3": "data.hflip is a probability",
+                 "nosuch.key=1": "unknown option 'nosuch.key'"}
+
+
+@pytest.mark.parametrize("verb", ["pretrain eval", "finetune eval", "finetune fewshot", "finetune linear-probe"])
+def test_bad_option_values_are_one_line_for_the_eval_verbs(verb: str, digits: dict, cli_server) -> None:
+    stage, name = verb.split()
+    for option, named in EVAL_VERB_BAD.items():
+        proc = cli_server.run(stage, name, str(digits["init"]), f"data.path={digits['data']}", option)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], (option, proc.stderr[-2000:])
+        assert proc.stderr.startswith("error: ") and named in proc.stderr, (option, proc.stderr)
+
+
 def _losses(run: Path) -> list[float]:
     return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", (run / "log.txt").read_text())]
 

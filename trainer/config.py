@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_prep.stream_config import DataCfg, url_source_problems
+from data_prep.stream_config import DataCfg, data_problems, url_source_problems
 from runtime.config import ConfigError
 
 __all__ = ["DataCfg", "RunCfg", "OptimCfg", "TrainCfg", "EvalCfg", "FewShotCfg", "LogCfg", "CheckpointCfg", "DistCfg",
@@ -143,7 +143,7 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
     problems = [f"{k} is required (set it in the recipe or as {k}=...)" for k, v in {
         "data.path": cfg.data.path, "run.dir": cfg.run.dir, "train.global_batch": cfg.train.global_batch,
         "train.micro_batch": cfg.train.micro_batch}.items() if not v]
-    problems += url_source_problems(cfg.data)
+    problems += url_source_problems(cfg.data) + data_problems(cfg.data)
     durations = [k for k in ("steps", "epochs", "samples") if getattr(cfg.train, k) is not None]
     if len(durations) != 1:
         problems.append(f"give exactly one of train.steps, train.epochs, train.samples (got {durations or 'none'})")

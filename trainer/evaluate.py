@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as torch_dist
@@ -18,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_prep.stream import DataCfg, build_loader, normalize
-from runtime.config import ConfigError, parse_override
+from data_prep.stream_config import data_problems
+from runtime.config import ConfigError, check_value, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.progress import progress_bar
 from trainer.config import check_split
+from vit.weights import PRECISIONS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -71,32 +74,45 @@ def evaluate(model: nn.Module, loader, device: torch.device, input_dtype: torch.
 
 
 # `eval` options: the data section's keys, plus these; anything unset comes from the weight file.
-EVAL_KEYS = {"data.split": "val", "model.image_size": None, "model.pos_interp": "bicubic", "eval.micro_batch": 64,
-             "eval.precision": None, "data.crop_pct": None}
+# The eval verbs' options besides `data.<key>`: key -> (type, default), typed as a recipe's keys are. None:
+# the weight file's own eval settings.
+EVAL_OPTIONS = {"data.split": (str, "val"), "model.image_size": (int | tuple[int, int] | None, None),
+                "model.pos_interp": (Literal["bicubic", "bilinear"], "bicubic"), "eval.micro_batch": (int, 64),
+                "eval.precision": (Literal[PRECISIONS] | None, None), "data.crop_pct": (float | None, None)}
 
 
-def eval_options(overrides: list[str]) -> tuple[DataCfg, dict]:
-    """(data section, other options) from `key=value` overrides; unknown keys are a ConfigError."""
-    data, opts = {}, dict(EVAL_KEYS)
+def verb_options(overrides: list[str], options: dict[str, tuple[object, object]], usage: str,
+                 workers: int = 4) -> tuple[DataCfg, dict]:
+    """(data section, the verb's `options`) from `key=value` overrides, for the verbs that evaluate a weight file:
+    each value type-checked, the data section checked as a recipe's is (data_problems); an unknown key, a bad
+    value or no data.path is a ConfigError naming it. `usage` shows how data.path is given."""
+    from runtime.config import from_dict
+
+    data, opts = {}, {key: default for key, (_, default) in options.items()}
     data_fields = {f.name for f in dataclasses.fields(DataCfg)}
     for text in overrides:
         keys, value = parse_override(text)
         key = ".".join(keys)
-        if key in opts:
-            opts[key] = value
+        if key in options:
+            opts[key] = check_value(options[key][0], value, key)
         elif len(keys) == 2 and keys[0] == "data" and keys[1] in data_fields:
             data[keys[1]] = value
         else:
-            raise ConfigError(f"unknown eval option {key!r} (valid: data.<key> of the data section, "
-                              f"{', '.join(k for k in EVAL_KEYS if not k.startswith('data.'))})")
+            raise ConfigError(f"unknown option {key!r} (valid: data.<key> of the data section, "
+                              f"{', '.join(k for k in options if k not in ('data.split', 'data.crop_pct'))})")
     if not data.get("path"):
-        raise ConfigError("data.path is required: eval WEIGHTS data.path=shards/dataset.json")
+        raise ConfigError(f"data.path is required: {usage}")
     if not Path(data["path"]).exists() and "://" not in data["path"] and "{" not in data["path"]:
         raise ConfigError(f"data.path {data['path']} does not exist; pass a dataset.json written by data_prep")
-    data.setdefault("workers", 4)
-    from runtime.config import from_dict
-
-    return from_dict(DataCfg, data, "data"), opts
+    data.setdefault("workers", workers)
+    cfg = from_dict(DataCfg, data, "data")
+    checked = cfg if opts.get("data.crop_pct") is None else dataclasses.replace(cfg, crop_pct=opts["data.crop_pct"])
+    problems = data_problems(checked)
+    if opts.get("eval.micro_batch", 1) < 1:
+        problems.append(f"eval.micro_batch must be >= 1, got {opts['eval.micro_batch']}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg, opts
 
 
 def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
@@ -105,7 +121,7 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     A progress bar on rank 0's terminal unless switched off (runtime.progress)."""
     from trainer.export import load_eval_model
 
-    data, o = eval_options(overrides)
+    data, o = verb_options(overrides, EVAL_OPTIONS, "eval WEIGHTS data.path=shards/dataset.json")
     model, settings = load_eval_model(path, o["model.image_size"], o["model.pos_interp"])
     precision = o["eval.precision"] or settings.precision
     data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)

@@ -112,7 +112,10 @@ def load_eval_model(path: str | Path, image_size=None, mode: str = "bicubic") ->
     sd, src, settings = read_weights(path)
     if src.num_classes <= 0 or "head.weight" not in sd:
         raise ConfigError(f"{path} has no classification head to evaluate")
-    dst = src.replace(image_size=image_size) if image_size else src
+    try:
+        dst = src.replace(image_size=image_size) if image_size else src
+    except ValueError as err:  # not a multiple of the patch, or not positive
+        raise ConfigError(f"model.image_size={image_size}: {err}") from err
     model = VisionTransformer(dst)
     model.load_state_dict(adapt_pos_embed(sd, src, dst, mode=mode), strict=True)
     if image_size:

@@ -17,47 +17,41 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ConfigError, from_dict, parse_override
+from runtime.config import ConfigError, from_dict
 from runtime.dist import detect, init_distributed
 from runtime.io import atomic_write_json, output_problem
 from runtime.progress import progress_bar
 from trainer.config import DataCfg, FewShotCfg, check_split, fewshot_dataset_problems, validate_fewshot
-from trainer.evaluate import DTYPES
+from trainer.evaluate import DTYPES, EVAL_OPTIONS, verb_options
 from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
 
-OPTIONS = {"shots": None, "seeds": None, "holdout": None, "l2": None, "out": None, "model.image_size": None,
-           "eval.micro_batch": 64, "eval.precision": None}
+# key -> (type, default) besides data.<key>; shots and l2 also as comma lists (shots=1,5,10)
+OPTIONS = {"shots": (list[int] | None, None), "seeds": (int | None, None), "holdout": (int | None, None),
+           "l2": (list[float] | None, None), "out": (str | None, None),
+           **{k: EVAL_OPTIONS[k] for k in ("model.image_size", "eval.micro_batch", "eval.precision", "data.crop_pct")}}
+
+
+def _as_list(text: str) -> str:
+    """`shots=1,5,10` -> `shots=[1,5,10]` (and `shots=5` -> `shots=[5]`) for the list-valued options."""
+    key, _, value = text.partition("=")
+    return f"{key}=[{value}]" if key.strip() in ("shots", "l2") and not value.strip().startswith("[") else text
 
 
 def _options(overrides: list[str]) -> tuple[DataCfg, FewShotCfg, dict]:
     """(data section, few-shot settings, other options) from `key=value`; bad input is a ConfigError."""
-    data, opts = {}, dict(OPTIONS)
-    data_fields = {f.name for f in dataclasses.fields(DataCfg)}
-    for text in overrides:
-        keys, value = parse_override(text)
-        key = ".".join(keys)
-        if key in ("shots", "l2") and isinstance(value, (str, int, float)):  # shots=1,5,10 as well as shots=[1,5,10]
-            value = [parse_override(f"x={v}")[1] for v in str(value).split(",") if v.strip()]
-        if key in opts:
-            opts[key] = value
-        elif len(keys) == 2 and keys[0] == "data" and keys[1] in data_fields:
-            data[keys[1]] = value
-        else:
-            raise ConfigError(f"unknown option {key!r} (valid: data.<key> of the data section, {', '.join(OPTIONS)})")
-    if not data.get("path"):
-        raise ConfigError("data.path is required: fewshot WEIGHTS data.path=DATASET/dataset.json")
-    data.setdefault("workers", 2)
+    data, opts = verb_options([_as_list(o) for o in overrides], OPTIONS,
+                              "fewshot WEIGHTS data.path=DATASET/dataset.json", workers=2)
     fs = {k: opts.pop(k) for k in ("shots", "seeds", "holdout", "l2") if opts[k] is not None}
     try:
-        fs = from_dict(FewShotCfg, {**fs, "datasets": [data["path"]], "train_split": data.get("train_split", "train"),
-                                    "val_split": data.get("val_split") or "val"}, "fewshot")
+        fs = from_dict(FewShotCfg, {**fs, "datasets": [data.path], "train_split": data.train_split,
+                                    "val_split": data.val_split or "val"}, "fewshot")
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad few-shot option: {err}") from err
     if problems := validate_fewshot(fs, prefix="") + fewshot_dataset_problems(fs, key="data.path", prefix=""):
         raise ConfigError("; ".join(problems))
     for k in ("shots", "seeds", "holdout", "l2"):
         opts.pop(k, None)
-    return from_dict(DataCfg, data, "data"), fs, opts
+    return data, fs, opts
 
 
 def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dict, int, dict]:
@@ -66,7 +60,7 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
 
     model, settings = load_eval_model(weights, o["model.image_size"])
     precision = o["eval.precision"] or settings.precision
-    data = dataclasses.replace(data, crop_pct=settings.crop_pct)
+    data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
     env = detect()
     for split in (fs.train_split, fs.val_split):
         check_split(data, split, train=False, micro_batch=o["eval.micro_batch"], world=env.world_size)

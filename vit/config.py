@@ -36,6 +36,8 @@ class ViTConfig:
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)
         h, w = self.image_hw
+        if h < 1 or w < 1:
+            raise ValueError(f"image size {h}x{w} must be positive (a multiple of patch size {self.patch_size})")
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(
                 f"image size {h}x{w} is not a multiple of patch size {self.patch_size}; "
