@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from runtime.config import ConfigError, load_config
-from trainer.config import ModelCfg, TrainerConfig, validate_common
+from trainer.config import ModelCfg, TrainerConfig, model_problems, validate_common
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -39,7 +39,7 @@ class FinetuneConfig(TrainerConfig):
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     """Check required keys and ranges; raise ConfigError naming each problem and its fix."""
-    problems = validate_common(cfg)
+    problems = validate_common(cfg) + model_problems(cfg.model)
     problems += [f"{k} is required (set it in the recipe or as {k}=...)" for k, v in
                  {"init": cfg.init, "model.image_size": cfg.model.image_size}.items() if not v]
     if cfg.deepspeed.zero_stage not in (0, 2):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from runtime.config import ConfigError, load_config
-from trainer.config import ModelCfg, TrainerConfig, validate_common
+from trainer.config import ModelCfg, TrainerConfig, model_problems, validate_common
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -49,10 +49,13 @@ class PretrainConfig(TrainerConfig):
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Check the required keys and value ranges; raise ConfigError naming each problem and its fix."""
-    problems = validate_common(cfg)
+    problems = validate_common(cfg) + model_problems(cfg.model)
     required = {"model.variant": cfg.model.variant, "model.image_size": cfg.model.image_size,
                 "precision": cfg.precision}
     problems += [f"{k} is required (set it in the recipe or as {k}=...)" for k, v in required.items() if not v]
+    if cfg.model.representation_size is not None and cfg.model.representation_size < 1:
+        problems.append(f"model.representation_size must be >= 1 (the pre-logits width) or null (a linear head), "
+                        f"got {cfg.model.representation_size}")
     if cfg.zero.stage not in (0, 1, 2, 3, "auto"):
         problems.append(f"zero.stage must be 0, 1, 2, 3 or auto, got {cfg.zero.stage}")
     if cfg.train.ema_decay and cfg.zero.stage == 3:

@@ -259,7 +259,13 @@ BAD_VALUES = {"train.steps=-3": "train.steps must be > 0", "train.steps=0": "tra
               "data.prefetch=0": "data.prefetch must be >= 1", "data.min_size=-5": "data.min_size must be >= 0",
               "data.timeout_s=0": "data.timeout_s must be > 0", "data.workers=-1": "data.workers must be >= 0",
               "data.randaugment=augmix-m9": "data.randaugment 'augmix-m9': expected",
-              "data.randaugment=rand-m11": "data.randaugment 'rand-m11': magnitude must be within 0..10"}
+              "data.randaugment=rand-m11": "data.randaugment 'rand-m11': magnitude must be within 0..10",
+              # rates and coefficients: torch's error in every rank after the run dir was made, or a run not as meant
+              "optim.betas=[1.5,0.9]": "optim.betas[0] must be in [0, 1)", "optim.momentum=1.5": "optim.momentum must",
+              "optim.momentum=-1": "optim.momentum must be in [0, 1)", "optim.min_lr=-1": "optim.min_lr must be in",
+              "optim.min_lr=1": "optim.min_lr must be in [0, optim.lr=", "optim.eps=-1": "optim.eps must be >= 0",
+              "model.drop_path=1.5": "model.drop_path must be in [0, 1)", "model.dropout=-0.1": "model.dropout must",
+              "run.seed=-1": "run.seed must be >= 0", "log.peak_tflops=-1": "log.peak_tflops must be > 0"}
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])

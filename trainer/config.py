@@ -155,8 +155,7 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
                        ("log.progress_every_s", cfg.log.progress_every_s)):
         if value < 0:
             problems.append(f"{key} must be >= 0, got {value}")
-    if not 0 < cfg.optim.layer_decay <= 1:
-        problems.append(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    problems += _fraction_problems(cfg)
     if not 0 <= cfg.train.label_smoothing < 1:
         problems.append(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
     if not 0 <= cfg.train.ema_decay < 1:
@@ -172,6 +171,34 @@ def validate_common(cfg: TrainerConfig) -> list[str]:
     if cfg.dist.timeout <= 0:
         problems.append(f"dist.timeout must be > 0 seconds, got {cfg.dist.timeout}")
     return problems
+
+
+def _fraction_problems(cfg: TrainerConfig) -> list[str]:
+    """Rates and coefficients outside their range: a torch error in every rank after the run dir was made (betas,
+    SGD momentum, a negative seed under mixup), or a run that trains as not meant (momentum 1.5 diverges, a
+    min_lr above lr makes the decay a rise)."""
+    o = cfg.optim
+    problems = [f"{key} must be in [0, 1), got {value}" for key, value in (
+        ("optim.betas[0]", o.betas[0]), ("optim.betas[1]", o.betas[1]), ("optim.momentum", o.momentum))
+        if not 0 <= value < 1]
+    if not 0 < o.layer_decay <= 1:
+        problems.append(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+    if o.lr >= 0 and not 0 <= o.min_lr <= o.lr:  # a negative lr is named on its own
+        problems.append(f"optim.min_lr must be in [0, optim.lr={o.lr}] (the rate the decay ends at), got {o.min_lr}")
+    if o.eps < 0:
+        problems.append(f"optim.eps must be >= 0, got {o.eps}")
+    if cfg.run.seed < 0:
+        problems.append(f"run.seed must be >= 0, got {cfg.run.seed}")
+    if (cfg.log.peak_tflops or 0) < 0:
+        problems.append(f"log.peak_tflops must be > 0 (or null: from the device name), got {cfg.log.peak_tflops}")
+    return problems
+
+
+def model_problems(m: ModelCfg) -> list[str]:
+    """The shared model keys out of range (each stage's validate adds them): a dropout or drop-path rate of 1 or
+    more is torch's error in every rank after the run dir was made."""
+    return [f"model.{key} must be in [0, 1), got {value}" for key, value in (
+        ("dropout", m.dropout), ("drop_path", m.drop_path)) if not 0 <= value < 1]
 
 
 def validate_fewshot(f: FewShotCfg, prefix: str = "eval.fewshot.") -> list[str]:
