@@ -253,8 +253,10 @@ def _tasks(listing: Listing, plan: Plan, index, job: ShardJob, shards) -> Iterat
 
 
 def _check_args(src, out, samples_per_shard: int, val_fraction: float, workers: int, max_shard_bytes: int | None,
-                min_per_class: int) -> None:
+                min_per_class: int, seed: int, near_threshold: int) -> None:
     bad = [f"{name} {rule}, got {value}" for name, value, ok, rule in (
+        ("--seed", seed, seed >= 0, "must be >= 0"),  # numpy's generator takes no negative seed
+        ("--near-threshold", near_threshold, 0 <= near_threshold <= 64, "must be in 0..64 (bits of a 64-bit pHash)"),
         ("--samples-per-shard", samples_per_shard, samples_per_shard >= 1, "must be >= 1"),
         ("--val-fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)"),
         ("--workers", workers, workers >= 1, "must be >= 1"),
@@ -335,7 +337,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, val_fraction
     """
     t0 = time.perf_counter()
     opts = ImageOptions(resize_shorter, resize_longer, format, quality, min_size)
-    _check_args(src, out, samples_per_shard, val_fraction, workers, max_shard_bytes, min_per_class)
+    _check_args(src, out, samples_per_shard, val_fraction, workers, max_shard_bytes, min_per_class, seed,
+                near_threshold)
     node_rank, num_nodes = resolve_nodes(num_nodes, node_rank)
     out = Path(out)
     names = load_class_names(class_names) if class_names else None

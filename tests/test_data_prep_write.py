@@ -208,3 +208,8 @@ def test_bad_write_options_are_each_named_with_their_value(source, tmp_path, cap
     err = capsys.readouterr().err
     assert err.splitlines() == ["error: --val-fraction must be in [0, 1), got 1.5; --workers must be >= 1, got 0"]
     assert not (tmp_path / "out").exists()
+    # numpy's "expected non-negative integer" once, naming no option; a threshold no 64-bit hash distance reaches
+    assert main([*args, "--seed", "-1", "--near-threshold", "65"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --seed must be >= 0, got -1; --near-threshold must be in 0..64 (bits of a 64-bit pHash), got 65"]
+    assert not (tmp_path / "out").exists()
