@@ -61,6 +61,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.train.ema_decay and cfg.zero.stage == 3:
         problems.append("train.ema_decay needs full parameters on every rank: use zero.stage <= 2 (or auto, which "
                         "then stops at 2) or ema_decay=0")
+    problems += [f"zero.{k} must be auto or >= 1 elements, got {v}" for k, v in (
+        ("reduce_bucket_size", cfg.zero.reduce_bucket_size), ("allgather_bucket_size", cfg.zero.allgather_bucket_size))
+        if v != "auto" and v < 1]  # else DeepSpeed's own traceback in every rank, after the run dir was made
     if cfg.zero.offload_params and cfg.zero.stage != 3:
         problems.append("zero.offload_params needs zero.stage=3")
     if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():

@@ -45,6 +45,9 @@ def test_missing_required_keys_are_listed() -> None:
         load_pretrain_config("debug_cpu", [*REQUIRED, "optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="ema_decay needs full parameters"):
         load_pretrain_config("debug_cpu", [*REQUIRED, "zero.stage=3", "train.ema_decay=0.99"])
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):  # DeepSpeed's traceback in every rank at -1
+        with pytest.raises(ConfigError, match=f"zero.{key} must be auto or >= 1 elements, got -1"):
+            load_pretrain_config("debug_cpu", [*REQUIRED, f"zero.{key}=-1"])
     for size in (0, -5):  # 0 trained silently without the pre-logits layer; -5 was a traceback in every rank
         with pytest.raises(ConfigError, match=r"model.representation_size must be >= 1 .* or null"):
             load_pretrain_config("debug_cpu", [*REQUIRED, f"model.representation_size={size}"])
