@@ -207,6 +207,19 @@ def test_bad_option_values_are_one_line_for_the_eval_verbs(verb: str, digits: di
         assert proc.stderr.startswith("error: ") and named in proc.stderr, (option, proc.stderr)
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_eval_of_a_head_smaller_than_the_dataset_is_one_line(stage: str, digits: dict, cli_server, tmp_path) -> None:
+    from vit import VisionTransformer, vit_config
+    from vit.weights import save_weights
+
+    cfg = vit_config("debug", patch_size=4, image_size=16, num_classes=3)  # 3 outputs, 10 digit labels
+    weights = save_weights(tmp_path / "three.safetensors", VisionTransformer(cfg).state_dict(), cfg,
+                           class_names=["0", "1", "2"])
+    proc = cli_server.run(stage, "eval", str(weights), f"data.path={digits['data']}")  # was IndexError: Target 9
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: {weights} has a head of 3 classes and {digits['data']} has 10"), proc.stderr
+
+
 def _losses(run: Path) -> list[float]:
     return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", (run / "log.txt").read_text())]
 

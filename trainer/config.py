@@ -249,14 +249,14 @@ def fewshot_dataset_problems(f: FewShotCfg, key: str = "eval.fewshot.datasets", 
 
 
 def check_split(data: DataCfg, split: str, *, train: bool, micro_batch: int, world: int,
-                global_batch: int | None = None) -> None:
+                global_batch: int | None = None):
     """What the loaders will check of `split` (data_prep.stream.plan_loader: the dataset's format, the split and
     its shards; a global batch per epoch and a shard per loader worker when training), as a one-line ConfigError
-    before anything starts."""
+    before anything starts. Returns plan_loader's LoaderPlan (the source, its classes)."""
     from data_prep.stream import plan_loader  # torch: only once a verb runs
 
     try:
-        plan_loader(data, split, train=train, micro_batch=micro_batch, world=world, global_batch=global_batch)
+        return plan_loader(data, split, train=train, micro_batch=micro_batch, world=world, global_batch=global_batch)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
 
