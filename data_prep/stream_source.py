@@ -63,10 +63,14 @@ def _shard_url(root: str | None, folder: Path, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
+class MissingSplit(ValueError):
+    """A split the dataset.json does not have (the caller names the config key that asked for it)."""
+
+
 def _from_manifest(path: Path, split: str, shard_root: str | None) -> Source:
     meta = read_manifest(path)
     if split not in meta["splits"]:
-        raise ValueError(f"{path}: no split {split!r}; it has {sorted(meta.get('splits', {}))}")
+        raise MissingSplit(f"{path}: no split {split!r}; it has {sorted(meta.get('splits', {}))}")
     shards = tuple(Shard(_shard_url(shard_root, path.parent, s["name"]), int(s["samples"]))
                    for s in meta["splits"][split]["shards"] if int(s["samples"]) > 0)
     if shard_root is None:

@@ -185,7 +185,8 @@ def test_a_split_the_data_lacks_is_one_line_for_the_eval_verbs(verb: str, digits
     key = {"eval": "data.split", "fewshot": "data.train_split", "linear-probe": "data.val_split"}[name]
     proc = cli_server.run(stage, name, str(digits["init"]), f"data.path={digits['data']}", f"{key}=nosuch")
     assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: ") and "no split 'nosuch'; it has ['pretrain', 'train', 'val']" in proc.stderr
+    want = f"no split 'nosuch'; it has ['pretrain', 'train', 'val']: set {key} to one of them\n"  # the option to fix
+    assert proc.stderr.startswith("error: ") and want in proc.stderr, proc.stderr
 
 
 # option values the eval verbs once took unchecked: a traceback (61 px, fp8, abc, -32 px) or an eval of something

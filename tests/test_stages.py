@@ -126,6 +126,7 @@ BAD = {
     # what the loaders check, refused up front (the digits' train split: 1438 samples in 15 shards)
     "less_than_a_global_batch": (STAGES, ["train.global_batch=2048"], "(1438) is less than one global batch (2048)"),
     "more_workers_than_shards": (STAGES, ["data.workers=64"], "every reader needs a shard of its own"),
+    "val_split_missing": (STAGES, ["data.val_split=test"], "set data.val_split to one of them or null (no evaluation)"),
     "run_dir_under_a_file": (STAGES, lambda tmp, data: under_a_file(tmp), "is a file, not a folder"),
     "fresh_run_over_checkpoints": (STAGES, lambda tmp, data: fresh_over_a_run(tmp), "latest global_step4), "
                                    "which a fresh run would overwrite"),

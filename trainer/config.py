@@ -249,14 +249,19 @@ def fewshot_dataset_problems(f: FewShotCfg, key: str = "eval.fewshot.datasets", 
 
 
 def check_split(data: DataCfg, split: str, *, train: bool, micro_batch: int, world: int,
-                global_batch: int | None = None):
+                global_batch: int | None = None, key: str = "", nullable: bool = False):
     """What the loaders will check of `split` (data_prep.stream.plan_loader: the dataset's format, the split and
     its shards; a global batch per epoch and a shard per loader worker when training), as a one-line ConfigError
-    before anything starts. Returns plan_loader's LoaderPlan (the source, its classes)."""
+    before anything starts; a split the dataset lacks names `key`, the option that asked for it (`nullable`: an
+    eval split the run can do without). Returns
+    plan_loader's LoaderPlan (the source, its classes)."""
     from data_prep.stream import plan_loader  # torch: only once a verb runs
+    from data_prep.stream_source import MissingSplit
 
     try:
         return plan_loader(data, split, train=train, micro_batch=micro_batch, world=world, global_batch=global_batch)
+    except MissingSplit as err:
+        raise ConfigError(missing_split(err, key, nullable)) from err
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
 
@@ -269,3 +274,11 @@ def total_steps(train: TrainCfg, steps_per_epoch: int) -> int:
     if train.epochs is not None:
         return math.ceil(train.epochs * steps_per_epoch)
     return math.ceil(train.samples / train.global_batch)
+
+
+def missing_split(err: Exception, key: str, nullable: bool = False) -> str:
+    """A missing split's message with the fix: the option that asked for it (`key`), to be set to a split the
+    dataset has (or, `nullable`, to null: no evaluation)."""
+    if not key:
+        return str(err)
+    return f"{err}: set {key} to one of them" + (" or null (no evaluation)" if nullable else "")

@@ -126,7 +126,8 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     precision = o["eval.precision"] or settings.precision
     data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
     env = detect()
-    plan = check_split(data, o["data.split"], train=False, micro_batch=o["eval.micro_batch"], world=env.world_size)
+    plan = check_split(data, o["data.split"], train=False, micro_batch=o["eval.micro_batch"], world=env.world_size,
+                       key="data.split")
     labels = data.num_classes or len(plan.source.classes or ())  # 0: tar URLs without num_classes, labels unknown
     if labels > model.cfg.num_classes:  # a label past the head is an IndexError (a device assert on a GPU)
         raise ConfigError(f"{path} has a head of {model.cfg.num_classes} classes and {data.path} has {labels}: "

@@ -62,8 +62,8 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
     precision = o["eval.precision"] or settings.precision
     data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
     env = detect()
-    for split in (fs.train_split, fs.val_split):
-        check_split(data, split, train=False, micro_batch=o["eval.micro_batch"], world=env.world_size)
+    for key, split in (("data.train_split", fs.train_split), ("data.val_split", fs.val_split)):
+        check_split(data, split, train=False, micro_batch=o["eval.micro_batch"], world=env.world_size, key=key)
     env = init_distributed(env)
     dev = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     amp = precision.startswith("amp_")

@@ -17,14 +17,22 @@ import torch
 from torch import nn
 
 from data_prep.stream import build_loader
-from data_prep.stream_source import resolve_source
+from data_prep.stream_source import MissingSplit, resolve_source
 from runtime.config import ConfigError, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, main_decides, shutdown
 from runtime.io import atomic_write_json, unwritable
 from runtime.lock import DirLock
 from runtime.logs import setup_logging
 from trainer import checkpoint as ckpt
-from trainer.config import DataCfg, TrainerConfig, check_split, fewshot_dataset_problems, is_local, total_steps
+from trainer.config import (
+    DataCfg,
+    TrainerConfig,
+    check_split,
+    fewshot_dataset_problems,
+    is_local,
+    missing_split,
+    total_steps,
+)
 from trainer.loop import Loop
 from trainer.optim import param_groups
 from trainer.trackers import missing_trackers
@@ -76,16 +84,19 @@ def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: boo
         accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
         # what the loaders will check, here on every rank before anything exists
         check_split(d, d.train_split, train=True, micro_batch=cfg.train.micro_batch,
-                    global_batch=cfg.train.global_batch, world=env.world_size)
+                    global_batch=cfg.train.global_batch, world=env.world_size, key="data.train_split")
         if d.val_split:
             check_split(d, d.val_split, train=False, micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch,
-                        world=env.world_size)
+                        world=env.world_size, key="data.val_split", nullable=True)
         fs = cfg.eval.fewshot
         if missing := fewshot_dataset_problems(fs):
             raise ConfigError("; ".join(missing))
         for path in fs.datasets:  # their splits, before the first few-shot eval (step 0) could fail mid-run
-            resolve_source(path, fs.train_split)
-            resolve_source(path, fs.val_split)
+            for key, split in (("eval.fewshot.train_split", fs.train_split), ("eval.fewshot.val_split", fs.val_split)):
+                try:
+                    resolve_source(path, split)
+                except MissingSplit as err:
+                    raise ConfigError(missing_split(err, key)) from err
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
     check_run_dir(Path(cfg.run.dir))
