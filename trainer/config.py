@@ -190,7 +190,7 @@ def _fraction_problems(cfg: TrainerConfig) -> list[str]:
     if cfg.run.seed < 0:
         problems.append(f"run.seed must be >= 0, got {cfg.run.seed}")
     if (cfg.log.peak_tflops or 0) < 0:
-        problems.append(f"log.peak_tflops must be > 0 (or null: from the device name), got {cfg.log.peak_tflops}")
+        problems.append(f"log.peak_tflops must be >= 0 (0 or null: from the device name), got {cfg.log.peak_tflops}")
     return problems
 
 
@@ -253,8 +253,7 @@ def check_split(data: DataCfg, split: str, *, train: bool, micro_batch: int, wor
     """What the loaders will check of `split` (data_prep.stream.plan_loader: the dataset's format, the split and
     its shards; a global batch per epoch and a shard per loader worker when training), as a one-line ConfigError
     before anything starts; a split the dataset lacks names `key`, the option that asked for it (`nullable`: an
-    eval split the run can do without). Returns
-    plan_loader's LoaderPlan (the source, its classes)."""
+    eval split the run can do without). Returns plan_loader's LoaderPlan (the source, its classes)."""
     from data_prep.stream import plan_loader  # torch: only once a verb runs
     from data_prep.stream_source import MissingSplit
 
