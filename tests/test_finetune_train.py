@@ -196,7 +196,7 @@ EVAL_VERB_BAD = {"model.image_size=61": "model.image_size=61: image size 61x61 i
                  "eval.precision=fp8": "eval.precision must be one of 'fp32', 'bf16', 'fp16', 'amp_bf16', 'amp_fp16'",
                  "eval.micro_batch=abc": "eval.micro_batch must be int", "eval.micro_batch=0": "must be >= 1, got 0",
                  "data.crop_pct=2": "data.crop_pct must be in (0, 1]", "data.hflip=3": "data.hflip is a probability",
-                 "nosuch.key=1": "unknown option 'nosuch.key'"}
+                 "nosuch.key=1": "option 'nosuch.key' (valid: data.<key> of the data section"}
 
 
 @pytest.mark.parametrize("verb", ["pretrain eval", "finetune eval", "finetune fewshot", "finetune linear-probe"])

@@ -81,11 +81,11 @@ EVAL_OPTIONS = {"data.split": (str, "val"), "model.image_size": (int | tuple[int
                 "eval.precision": (Literal[PRECISIONS] | None, None), "data.crop_pct": (float | None, None)}
 
 
-def verb_options(overrides: list[str], options: dict[str, tuple[object, object]], usage: str,
+def verb_options(overrides: list[str], options: dict[str, tuple[object, object]], verb: str,
                  workers: int = 4) -> tuple[DataCfg, dict]:
-    """(data section, the verb's `options`) from `key=value` overrides, for the verbs that evaluate a weight file:
-    each value type-checked, the data section checked as a recipe's is (data_problems); an unknown key, a bad
-    value or no data.path is a ConfigError naming it. `usage` shows how data.path is given."""
+    """(data section, the verb's `options`) from `key=value` overrides, for the verbs that evaluate a weight file
+    (`verb`: eval, fewshot, linear-probe): each value type-checked, the data section checked as a recipe's is
+    (data_problems); an unknown key, a bad value or no data.path is a ConfigError naming it."""
     from runtime.config import from_dict
 
     data, opts = {}, {key: default for key, (_, default) in options.items()}
@@ -98,10 +98,10 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
         elif len(keys) == 2 and keys[0] == "data" and keys[1] in data_fields:
             data[keys[1]] = value
         else:
-            raise ConfigError(f"unknown option {key!r} (valid: data.<key> of the data section, "
+            raise ConfigError(f"unknown {verb} option {key!r} (valid: data.<key> of the data section, "
                               f"{', '.join(k for k in options if k not in ('data.split', 'data.crop_pct'))})")
     if not data.get("path"):
-        raise ConfigError(f"data.path is required: {usage}")
+        raise ConfigError(f"data.path is required: {verb} WEIGHTS data.path=DATASET/dataset.json")
     if not Path(data["path"]).exists() and "://" not in data["path"] and "{" not in data["path"]:
         raise ConfigError(f"data.path {data['path']} does not exist; pass a dataset.json written by data_prep")
     data.setdefault("workers", workers)
@@ -121,7 +121,7 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     A progress bar on rank 0's terminal unless switched off (runtime.progress)."""
     from trainer.export import load_eval_model
 
-    data, o = verb_options(overrides, EVAL_OPTIONS, "eval WEIGHTS data.path=shards/dataset.json")
+    data, o = verb_options(overrides, EVAL_OPTIONS, "eval")
     model, settings = load_eval_model(path, o["model.image_size"], o["model.pos_interp"])
     precision = o["eval.precision"] or settings.precision
     data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)

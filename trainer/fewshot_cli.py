@@ -37,10 +37,9 @@ def _as_list(text: str) -> str:
     return f"{key}=[{value}]" if key.strip() in ("shots", "l2") and not value.strip().startswith("[") else text
 
 
-def _options(overrides: list[str]) -> tuple[DataCfg, FewShotCfg, dict]:
+def _options(overrides: list[str], verb: str) -> tuple[DataCfg, FewShotCfg, dict]:
     """(data section, few-shot settings, other options) from `key=value`; bad input is a ConfigError."""
-    data, opts = verb_options([_as_list(o) for o in overrides], OPTIONS,
-                              "fewshot WEIGHTS data.path=DATASET/dataset.json", workers=2)
+    data, opts = verb_options([_as_list(o) for o in overrides], OPTIONS, verb, workers=2)
     fs = {k: opts.pop(k) for k in ("shots", "seeds", "holdout", "l2") if opts[k] is not None}
     try:
         fs = from_dict(FewShotCfg, {**fs, "datasets": [data.path], "train_split": data.train_split,
@@ -80,7 +79,7 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
 
 def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dict:
     """`fewshot` (probe=False) or `linear-probe`: print a table, write the JSON, return the result."""
-    data, fs, o = _options(overrides)
+    data, fs, o = _options(overrides, "linear-probe" if probe else "fewshot")
     out = Path(o["out"] or Path(weights).with_suffix("").as_posix() + f".{'probe' if probe else 'fewshot'}.json")
     if why := output_problem(out, "out="):  # before minutes of feature extraction
         raise ConfigError(why)
