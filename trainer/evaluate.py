@@ -73,7 +73,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, input_dtype: torch.
     return {"samples": n, "top1": sums[1].item() / n, "top5": sums[2].item() / n, "loss": sums[3].item() / n}
 
 
-# `eval` options: the data section's keys, plus these; anything unset comes from the weight file.
 # The eval verbs' options besides `data.<key>`: key -> (type, default), typed as a recipe's keys are. None:
 # the weight file's own eval settings.
 EVAL_OPTIONS = {"data.split": (str, "val"), "model.image_size": (int | tuple[int, int] | None, None),
