@@ -120,6 +120,9 @@ def _directive(opt: str, value: object) -> str:
 def sbatch_script(spec: SbatchSpec, cwd: str | None = None) -> str:
     """The batch script text (every value quoted or checked; see the module doc)."""
     run_dir = Path(cwd or os.getcwd()) / spec.run_dir
+    if not _SBATCH_VALUE.fullmatch(str(run_dir)):  # sbatch reads `#SBATCH` lines without a shell: no quoting there
+        raise LaunchError(f"--run-dir {str(run_dir)!r} has spaces or shell characters, which the script's "
+                          "`#SBATCH --output` line cannot hold; use a run dir (and working directory) without them")
     nproc = spec.nproc_per_node or spec.gpus_per_node or 1
     lines = ["#!/bin/bash", "# Written by `python -m launch sbatch`: submit with `sbatch` this file.",
              _directive("--job-name", spec.job_name), _directive("--nodes", spec.nodes),

@@ -164,6 +164,8 @@ def test_sbatch_script(tmp_path):
     assert last[last.index("--") + 1:] == spec.job
     with pytest.raises(LaunchError, match="plain token"):
         sbatch_script(SbatchSpec(nodes=1, job=JOB, run_dir=tmp_path, partition="gpu\n#SBATCH --uid=0"))
+    with pytest.raises(LaunchError, match=r"--run-dir '.*/a b' has spaces .* `#SBATCH --output`"):
+        sbatch_script(SbatchSpec(nodes=1, job=JOB, run_dir=tmp_path / "a b"))
 
 
 def test_accelerate_config_loads_in_accelerate(tmp_path):
