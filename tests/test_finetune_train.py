@@ -208,6 +208,18 @@ def test_bad_option_values_are_one_line_for_the_eval_verbs(verb: str, digits: di
         assert proc.stderr.startswith("error: ") and named in proc.stderr, (option, proc.stderr)
 
 
+def test_eval_verbs_start_no_more_loader_workers_than_cpus(digits: dict, monkeypatch) -> None:
+    """Without data.workers, the eval verbs' loader takes at most one worker per usable CPU (a laptop evaluating
+    with 4 workers on 2 CPUs got torch's 'excessive worker creation' warning); data.workers=N is kept."""
+    from trainer.evaluate import EVAL_OPTIONS, verb_options
+
+    path = f"data.path={digits['data']}"
+    assert verb_options([path], EVAL_OPTIONS, "eval", workers=4)[0].workers == min(4, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert verb_options([path], EVAL_OPTIONS, "eval", workers=4)[0].workers == 1
+    assert verb_options([path, "data.workers=3"], EVAL_OPTIONS, "eval", workers=4)[0].workers == 3
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_eval_of_a_head_smaller_than_the_dataset_is_one_line(stage: str, digits: dict, cli_server, tmp_path) -> None:
     from vit import VisionTransformer, vit_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -84,7 +85,8 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
                  workers: int = 4) -> tuple[DataCfg, dict]:
     """(data section, the verb's `options`) from `key=value` overrides, for the verbs that evaluate a weight file
     (`verb`: eval, fewshot, linear-probe): each value type-checked, the data section checked as a recipe's is
-    (data_problems); an unknown key, a bad value or no data.path is a ConfigError naming it."""
+    (data_problems); an unknown key, a bad value or no data.path is a ConfigError naming it. Without data.workers,
+    `workers` loader processes, at most one per usable CPU."""
     from runtime.config import from_dict
 
     data, opts = {}, {key: default for key, (_, default) in options.items()}
@@ -103,7 +105,7 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
         raise ConfigError(f"data.path is required: {verb} WEIGHTS data.path=DATASET/dataset.json")
     if not Path(data["path"]).exists() and "://" not in data["path"] and "{" not in data["path"]:
         raise ConfigError(f"data.path {data['path']} does not exist; pass a dataset.json written by data_prep")
-    data.setdefault("workers", workers)
+    data.setdefault("workers", min(workers, len(os.sched_getaffinity(0))))  # not more loader processes than CPUs
     cfg = from_dict(DataCfg, data, "data")
     checked = cfg if opts.get("data.crop_pct") is None else dataclasses.replace(cfg, crop_pct=opts["data.crop_pct"])
     problems = data_problems(checked)
