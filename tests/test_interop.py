@@ -121,7 +121,7 @@ def test_hf_export_loads_in_transformers_and_comes_back(tmp_path: Path) -> None:
     x = _x(model.cfg)
     folder = export(_run_dir(tmp_path, model), fmt="hf")
     assert folder == tmp_path / "run" / "export" / "hf" and sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "model.safetensors"]
+        "config.json", "model.safetensors", "preprocessor_config.json"]
     torch.testing.assert_close(_hf_logits(folder, x), model(x).detach(), **TOL)
     conf = json.loads((folder / "config.json").read_text())
     assert conf["image_size"] == [48, 64] and conf["id2label"]["3"] == "dog" and conf["layer_norm_eps"] == 1e-6
@@ -163,6 +163,60 @@ def test_transformers_own_folders_and_files_load_for_fine_tuning(tmp_path: Path)
     assert src.representation_size == 64 and src.num_classes == 0
     ft = build_finetune_model(sd, src, finetune_config(src, image_size=48, num_classes=7))
     assert ft.pos_embed.shape == (1, 37, 64) and not ft.head.weight.any()
+
+
+def _jpeg(w: int, h: int, seed: int) -> bytes:
+    """A smooth photo-like JPEG (a resize of noise would compare filters, not the geometry under test)."""
+    import io
+
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([np.sin(x / 9 + c + seed) * np.cos(y / 13 - c) for c in range(3)], -1) * 100 + 128
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_hf_export_runs_in_pipeline_with_our_eval_transform(tmp_path: Path) -> None:
+    """`export --format hf` writes preprocessor_config.json: transformers' AutoImageProcessor repeats our eval
+    transform (resize by crop_pct, centre crop, normalise) within filter differences, and `pipeline()` predicts
+    what our model predicts on our own pixels. A Hub folder's processor becomes the eval settings read back."""
+    import io
+
+    from PIL import Image
+
+    from data_prep.transforms import center_crop_box, crop_resize_pil, normalize, pil_to_chw
+
+    model, size = _model(image_size=64), (64, 64)
+    settings = EvalSettings(image_size=size, crop_pct=0.875, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    folder = save_hf(tmp_path / "hf", model.state_dict(), model.cfg, NAMES, settings)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    classify = transformers.pipeline("image-classification", model=str(folder))
+    for i, (w, h) in enumerate([(100, 75), (75, 100), (64, 64), (40, 30), (90, 90)]):
+        data = _jpeg(w, h, i)
+        ours = {c: normalize(pil_to_chw(crop_resize_pil(data, center_crop_box(w, h, size, c), size, False)),
+                             settings.mean, settings.std, torch.float32) for c in (0.875, 1.0)}
+        theirs = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
+        assert theirs.shape == ours[0.875].shape
+        gap, other = ((theirs - ours[c]).abs().mean().item() for c in (0.875, 1.0))
+        assert gap < 0.06 and gap < other / 2, (w, h, gap, other)  # 0.01-0.04 seen; the other crop: 0.08-0.28
+        with torch.no_grad():
+            want = NAMES[model(ours[0.875][None]).argmax().item()]
+        assert classify(Image.open(io.BytesIO(data)))[0]["label"] == want, (w, h)
+    assert read_any(folder).eval_settings == settings  # ours: from the weights' metadata
+    hub = tmp_path / "hub"  # transformers' own writers: no vitscale metadata, a ViTImageProcessor (no crop)
+    transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, num_labels=3)).save_pretrained(hub)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, resample=3).save_pretrained(hub)
+    assert read_any(hub).eval_settings == EvalSettings(image_size=(32, 32), crop_pct=1.0, mean=(0.5,) * 3,
+                                                       std=(0.5,) * 3, interpolation="bicubic")
+    (hub / "preprocessor_config.json").write_text(json.dumps(
+        {"size": 256, "crop_size": 224, "do_center_crop": True, "image_mean": [0.1] * 3, "image_std": [0.2] * 3}))
+    assert read_any(hub).eval_settings.crop_pct == 0.875  # an older file: sizes as ints
+    (hub / "preprocessor_config.json").unlink()
+    assert read_any(hub).eval_settings is None  # no processor: our defaults apply
 
 
 @pytest.mark.slow  # real-size models: B/16 ~8 s, L/16 ~25 s of compute (make test-quick keeps the B/16 export tests)

@@ -65,7 +65,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
     vitscale (default, RUN/export/model.safetensors): timm's tensor names plus our metadata (config, class
     names, eval settings), so timm loads it strictly and our loaders read it. timm: the same file, refused
     for a model timm's ViT cannot hold (the tanh pre-logits layer). hf (RUN/export/hf/): a transformers
-    `ViTForImageClassification` folder, config.json + model.safetensors.
+    `ViTForImageClassification` folder, config.json + model.safetensors + preprocessor_config.json.
     """
     fmt = "timm" if timm else fmt
     if fmt not in FORMATS:

@@ -25,6 +25,8 @@ from vit.config import ViTConfig
 from vit.weights import EvalSettings, identify_weights, load_weights
 
 HF_WEIGHTS, HF_INDEX, HF_CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
+HF_PROCESSOR = "preprocessor_config.json"  # what transformers' AutoImageProcessor and pipeline() read
+_RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's filter codes, as transformers stores `resample`
 
 
 @dataclass
@@ -86,8 +88,9 @@ def read_any(path: str | os.PathLike, heads: int | None = None) -> Checkpoint:
             sd = convert.from_hf(raw)
             labels = conf.get("id2label") or {}
             names = [labels.get(str(i), str(i)) for i in range(len(labels))]
-            return Checkpoint(sd, convert.config_from_hf(conf, sd), _ours_meta(meta)[1] or names, fmt.kind,
-                              _ours_meta(meta)[2])
+            cfg = convert.config_from_hf(conf, sd)
+            return Checkpoint(sd, cfg, _ours_meta(meta)[1] or names, fmt.kind,
+                              _ours_meta(meta)[2] or hf_eval_settings(path / HF_PROCESSOR, cfg))
         raw, meta = _tensors(path)
         sd = convert.from_hf(raw) if fmt.kind == "hf-vit" else convert.from_timm(raw)
         cfg, names, ev = _ours_meta(meta)
@@ -119,9 +122,49 @@ def hf_blocker(cfg: ViTConfig) -> str | None:
     return None
 
 
+def hf_processor_config(settings: EvalSettings) -> dict:
+    """transformers' `preprocessor_config.json` repeating our eval transform: resize to image_size / crop_pct (the
+    shorter side, aspect kept; for a non-square size both sides, to that shape), centre crop image_size, scale to
+    [0, 1], normalise. BitImageProcessor is transformers' processor with these steps in this order
+    (ViTImageProcessor resizes straight to the final size and crops nothing)."""
+    (h, w), c = settings.image_size, settings.crop_pct
+    size = {"shortest_edge": round(h / c)} if h == w else {"height": round(h / c), "width": round(w / c)}
+    return {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True, "do_resize": True, "size": size,
+            "resample": _RESAMPLE[settings.interpolation], "do_center_crop": True,
+            "crop_size": {"height": h, "width": w}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(settings.mean), "image_std": list(settings.std)}
+
+
+def _side(size: object) -> int | None:
+    """The side a transformers `size`/`crop_size` entry resizes to: an int (older files), shortest_edge or height."""
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size.get("height")
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def hf_eval_settings(path: Path, cfg: ViTConfig) -> EvalSettings | None:
+    """The eval settings a transformers `preprocessor_config.json` describes, at the model's own size: its
+    normalisation, its crop fraction (crop size / resize size), its filter. None without the file, or where it
+    names no mean and std (our defaults then apply)."""
+    try:
+        conf = json.loads(path.read_text())
+        mean, std = conf["image_mean"], conf["image_std"]
+    except (OSError, ValueError, KeyError, TypeError):  # no file, not JSON, no normalisation given
+        return None
+    resized, crop = _side(conf.get("size")), _side(conf.get("crop_size")) if conf.get("do_center_crop") else None
+    crop_pct = min(1.0, crop / resized) if crop and resized else 1.0
+    try:
+        return EvalSettings(image_size=cfg.image_hw, crop_pct=crop_pct, mean=mean, std=std,
+                            interpolation="bicubic" if conf.get("resample") == 3 else "bilinear")
+    except (ValueError, TypeError):  # e.g. a mean with the wrong number of channels: our defaults
+        return None
+
+
 def save_hf(out_dir: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTConfig,
             class_names: list[str] | None = None, eval_settings: EvalSettings | None = None) -> Path:
-    """Write a transformers `ViTForImageClassification` folder: config.json + model.safetensors.
+    """Write a transformers `ViTForImageClassification` folder: config.json + model.safetensors +
+    preprocessor_config.json (the eval transform of `eval_settings`, else our defaults at the model's size), so
+    `pipeline("image-classification", model=out_dir)` and AutoImageProcessor work.
 
     The safetensors metadata keeps `format=pt` (transformers requires it) and our config, class names and
     eval settings, so `read_any` of the folder gets them back.
@@ -136,6 +179,8 @@ def save_hf(out_dir: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTCon
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in convert.to_hf(sd).items()}
     with atomic_path(out / HF_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+    settings = eval_settings or EvalSettings(image_size=cfg.image_hw)
+    atomic_write(out / HF_PROCESSOR, json.dumps(hf_processor_config(settings), indent=2) + "\n")
     atomic_write(out / HF_CONFIG, json.dumps(convert.hf_config(cfg, class_names), indent=2) + "\n")
     return out
 
