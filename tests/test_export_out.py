@@ -13,7 +13,7 @@ from runtime.config import ConfigError
 from trainer import checkpoint as ckpt
 from trainer.export import export
 from vit import VisionTransformer, vit_config
-from vit.interop import save_hf, save_npz
+from vit.interop import save_hf, save_npz, save_timm_dir
 from vit.weights import load_weights, save_weights
 
 
@@ -58,14 +58,16 @@ def test_a_tag_that_is_not_there_names_the_ones_that_are(tmp_path: Path) -> None
         export(_run_with_tags(tmp_path / "empty"), tmp_path / "w.safetensors")
 
 
-@pytest.mark.parametrize("writer", ["vitscale", "hf", "npz"])
+@pytest.mark.parametrize("writer", ["vitscale", "hf", "timm-dir", "npz"])
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path, monkeypatch, writer: str) -> None:
     """A full disk mid-write: the file that was there stays whole and nothing else is left in the folder."""
     cfg = vit_config("debug", image_size=32, num_classes=3)
     sd = VisionTransformer(cfg).state_dict()
-    target = {"vitscale": tmp_path / "w.safetensors", "hf": tmp_path / "hf", "npz": tmp_path / "w.npz"}[writer]
+    target = {"vitscale": tmp_path / "w.safetensors", "hf": tmp_path / "hf", "timm-dir": tmp_path / "timm",
+              "npz": tmp_path / "w.npz"}[writer]
     write = {"vitscale": lambda: save_weights(target, sd, cfg, ["a", "b", "c"]),
              "hf": lambda: save_hf(target, sd, cfg, ["a", "b", "c"]),
+             "timm-dir": lambda: save_timm_dir(target, sd, cfg, ["a", "b", "c"], 3),
              "npz": lambda: save_npz(target, sd, cfg)}[writer]
     write()
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

@@ -106,7 +106,7 @@ def test_pre_logits_model_keeps_its_layer_but_is_refused_as_timm(tmp_path: Path,
     run = _run_dir(tmp_path, model)
     sd, meta = load_weights(export(run))
     _same(sd, model.state_dict())  # head.pre_logits.fc.* on disk, pre_logits.fc.* read back
-    for fmt in ("timm", "hf"):
+    for fmt in ("timm", "timm-dir", "hf"):
         out = tmp_path / (f"{fmt}.safetensors" if fmt == "timm" else fmt)
         assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
@@ -163,6 +163,42 @@ def test_transformers_own_folders_and_files_load_for_fine_tuning(tmp_path: Path)
     assert src.representation_size == 64 and src.num_classes == 0
     ft = build_finetune_model(sd, src, finetune_config(src, image_size=48, num_classes=7))
     assert ft.pos_embed.shape == (1, 37, 64) and not ft.head.weight.any()
+
+
+def test_timm_dir_export_loads_in_timm_with_our_eval_transform(tmp_path: Path) -> None:
+    """`export --format timm-dir`: `timm.create_model("local-dir:DIR", pretrained=True)` builds the model (any
+    variant, through model_args) with equal logits and the run's eval transform as its data config; our
+    readers take the folder back, and a folder written by timm itself (its Hub layout) too."""
+    model = _model()
+    x = _x(model.cfg)
+    folder = export(_run_dir(tmp_path, model), fmt="timm-dir")
+    assert folder == tmp_path / "run" / "export" / "timm"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    t = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), model(x), **TOL)
+    assert timm.data.resolve_data_config(model=t) == {"input_size": (3, 48, 64), "interpolation": "bilinear",
+                                                      "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                                                      "crop_mode": "center"}
+    assert t.pretrained_cfg["label_names"] == NAMES
+    ckpt = read_any(folder)
+    assert (ckpt.kind, ckpt.config, ckpt.class_names) == ("timm-folder", model.cfg, NAMES)
+    assert ckpt.eval_settings.mean == (0.5,) * 3
+    mean_pool = _model(pool="mean")  # timm's global_pool="avg", fc_norm=False
+    folder = export(_run_dir(tmp_path / "mean", mean_pool), fmt="timm-dir")
+    with torch.no_grad():
+        torch.testing.assert_close(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x),
+                                   mean_pool(x), **TOL)
+    own = _timm(model.cfg)  # timm's own Hub writer: no vitscale metadata
+    timm.models.save_for_hf(own, str(tmp_path / "own"), safe_serialization=True)
+    ckpt = read_any(tmp_path / "own")
+    ours = VisionTransformer(ckpt.config).eval()
+    ours.load_state_dict(ckpt.state_dict, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), own(x), **TOL)
+    cfg = own.pretrained_cfg  # timm's recommended transform for the architecture becomes the eval settings
+    assert ckpt.eval_settings == EvalSettings(image_size=(48, 64), crop_pct=cfg["crop_pct"], mean=cfg["mean"],
+                                              std=cfg["std"], interpolation=cfg["interpolation"])
 
 
 def _jpeg(w: int, h: int, seed: int) -> bytes:

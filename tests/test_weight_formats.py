@@ -87,12 +87,14 @@ def test_hugging_face_files_and_folders_that_do_not_load(tmp_path: Path) -> None
     assert_refused(folder, "Hugging Face transformers model folder (config.json + model.safetensors), but")
     (folder / "config.json").write_text(json.dumps({"model_type": "beit"}))
     assert_refused(folder, "of model_type 'beit', not 'vit'")
-    # A timm Hub folder holds a loadable file: the fix points at it.
+    # A timm model folder (the Hub's layout) loads when its file does; else both are named.
     hub = tmp_path / "timm_hub"
     hub.mkdir()
     (hub / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
     _timm_file(hub / "model.safetensors")
-    assert_refused(hub, "timm Hugging Face Hub folder (vit_tiny_patch16_224)", f"pass its weight file, {hub}/model.")
+    assert identify_weights(hub).kind == "timm-folder" and read_checkpoint(hub)[1].depth == 1
+    save_file({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(2, 4)}, str(hub / "model.safetensors"))
+    assert_refused(hub, "is a timm model folder (vit_tiny_patch16_224) whose model.safetensors", "conv1.weight")
 
 
 def test_no_vit_keys_names_what_it_saw(tmp_path: Path) -> None:

@@ -87,16 +87,18 @@ def _parser(prog: str, doc: str, recipes: str, with_config: bool):
                    "resume depends on (seed, batch, data...; listed in trainer/checkpoint.py): not sample-exact")
     if with_config:
         _add_config_verb(sub, recipes)
-    e = sub.add_parser("export", help="a run's checkpoint -> one safetensors weight file")
+    e = sub.add_parser("export", help="a run's checkpoint -> a safetensors weight file (or a timm / hf folder)")
     e.add_argument("run_dir")
     e.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    e.add_argument("--out", default=None, help="a .safetensors file, default RUN_DIR/export/model.safetensors (hf: a "
-                   "folder, default RUN_DIR/export/hf/)")
+    e.add_argument("--out", default=None, help="a .safetensors file, default RUN_DIR/export/model.safetensors (hf, "
+                   "timm-dir: a folder, default RUN_DIR/export/hf/, RUN_DIR/export/timm/)")
     e.add_argument("--ema", action="store_true", help="export the EMA weights")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    e.add_argument("--format", dest="fmt", choices=["vitscale", "timm", "hf"], default="vitscale",
+    e.add_argument("--format", dest="fmt", choices=["vitscale", "timm", "timm-dir", "hf"], default="vitscale",
                    help="vitscale: timm tensor names + our metadata (timm loads it strictly); timm: the same, refused "
-                   "for models timm's ViT cannot hold (tanh pre-logits); hf: a transformers ViT folder")
+                   "for models timm's ViT cannot hold (tanh pre-logits); timm-dir: a timm model folder "
+                   "(timm.create_model('local-dir:DIR', pretrained=True), with the eval transform); hf: a "
+                   "transformers ViT folder")
     e.add_argument("--timm", action="store_true", help="same as --format timm")
     add_progress_flag(e)
     v = sub.add_parser("eval", help="top-1/top-5 of a weight file or run dir, with its own eval settings")

@@ -19,7 +19,7 @@ from runtime.io import output_problem
 from runtime.progress import progress_bar
 from trainer import checkpoint as ckpt
 from vit import VisionTransformer, ViTConfig
-from vit.interop import hf_blocker, read_any, save_hf, timm_blocker
+from vit.interop import hf_blocker, read_any, save_hf, save_timm_dir, timm_blocker
 from vit.weights import EvalSettings, adapt_pos_embed, identify_weights, save_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,7 +55,8 @@ def consolidate(run_dir: str | Path, tag: str | None = None, ema: bool = False
     return {k: v.float() for k, v in sd.items()}, vcfg, state
 
 
-FORMATS = ("vitscale", "timm", "hf")
+FORMATS = ("vitscale", "timm", "timm-dir", "hf")
+FOLDERS = {"hf": "hf", "timm-dir": "timm"}  # the formats that write a folder, and its default name under RUN/export
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None, ema: bool = False,
@@ -64,21 +65,23 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
 
     vitscale (default, RUN/export/model.safetensors): timm's tensor names plus our metadata (config, class
     names, eval settings), so timm loads it strictly and our loaders read it. timm: the same file, refused
-    for a model timm's ViT cannot hold (the tanh pre-logits layer). hf (RUN/export/hf/): a transformers
+    for a model timm's ViT cannot hold (the tanh pre-logits layer). timm-dir (RUN/export/timm/): that file as
+    a timm model folder with its config.json (`timm.create_model("local-dir:DIR", pretrained=True)`, the eval
+    transform as `pretrained_cfg`), refused likewise. hf (RUN/export/hf/): a transformers
     `ViTForImageClassification` folder, config.json + model.safetensors + preprocessor_config.json.
     """
     fmt = "timm" if timm else fmt
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    dest = Path(out) if out else Path(run_dir) / "export" / ("hf" if fmt == "hf" else "model.safetensors")
-    check_destination(dest, folder=fmt == "hf")  # before minutes of consolidating
+    dest = Path(out) if out else Path(run_dir) / "export" / FOLDERS.get(fmt, "model.safetensors")
+    check_destination(dest, folder=fmt in FOLDERS)  # before minutes of consolidating
     with progress_bar(total=3, desc="export", unit="phase") as bar:  # a big checkpoint takes minutes per phase
         bar.set_postfix_str("consolidating the checkpoint")
         sd, vcfg, state = consolidate(run_dir, tag, ema)
         bar.update(1)
         bar.set_postfix_str("checking the weights")
         VisionTransformer(vcfg).load_state_dict(sd, strict=True)  # the contract: every key, right shapes
-        why = {"timm": timm_blocker, "hf": hf_blocker}.get(fmt, lambda _: None)(vcfg)
+        why = {"timm": timm_blocker, "timm-dir": timm_blocker, "hf": hf_blocker}.get(fmt, lambda _: None)(vcfg)
         if why:  # before anything is written
             raise ConfigError(f"{run_dir}: the model {why}")
         sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
@@ -87,6 +90,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         bar.set_postfix_str("writing")
         if fmt == "hf":
             written = save_hf(dest, sd, vcfg, state["class_names"], settings)
+        elif fmt == "timm-dir":
+            written = save_timm_dir(dest, sd, vcfg, state["class_names"], state["step"], settings)
         else:
             written = save_weights(dest, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
         bar.set_postfix_str("done", refresh=False)
@@ -96,7 +101,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
 
 def check_destination(dest: Path, folder: bool) -> None:
     """A ConfigError unless `dest` can take the export: a `.safetensors` file name (timm and our loaders tell the
-    format by the suffix), or for `folder` (hf) a folder; either where this process can write."""
+    format by the suffix), or for `folder` (hf, timm-dir) a folder; either where this process can write."""
     if why := output_problem(dest, "--out", folder):
         raise ConfigError(why + (f", e.g. {dest / 'model.safetensors'}" if dest.is_dir() else ""))
     if not folder and dest.suffix != ".safetensors":
@@ -130,7 +135,7 @@ def read_weights(path: str | Path, verb: str = "eval") -> tuple[dict[str, torch.
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no weight file or run dir at {path}")
-    if path.is_dir() and identify_weights(path).kind != "hf-folder":
+    if path.is_dir() and not identify_weights(path).loadable:  # not a transformers or timm model folder
         sd, cfg, state = consolidate(path, ema=bool(state_ema(path)))
         return sd, cfg, EvalSettings.from_json(json.dumps(state["eval_settings"]))
     try:

@@ -2,15 +2,19 @@
 
 `read_any(path)` reads what `vit.weights.identify_weights` calls loadable: a vitscale weight file, a timm ViT
 safetensors file, a transformers ViT folder (config.json + model.safetensors, sharded too) or its
-`model.safetensors` alone, and a big_vision/AugReg `.npz` (numpy, `allow_pickle=False`). Everything comes
+`model.safetensors` alone, a timm model folder (config.json + model.safetensors, the Hub's layout), and a
+big_vision/AugReg `.npz` (numpy, `allow_pickle=False`). Everything comes
 back in vitscale's key names with a ViTConfig. Anything else raises ValueError with one line: what the file
 is, then the fix. `save_hf` and `save_npz` write the other direction.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +25,12 @@ from safetensors.torch import save_file
 
 from runtime.io import atomic_path, atomic_write
 from vit import convert
-from vit.config import ViTConfig
-from vit.weights import EvalSettings, identify_weights, load_weights
+from vit.config import ViTConfig, vit_config
+from vit.weights import EvalSettings, identify_weights, load_weights, save_weights
 
 HF_WEIGHTS, HF_INDEX, HF_CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 HF_PROCESSOR = "preprocessor_config.json"  # what transformers' AutoImageProcessor and pipeline() read
+_TIMM_SIZES = {"tiny": "Ti/16", "small": "S/16", "base": "B/16", "large": "L/16", "huge": "H/14"}  # timm's names
 _RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL's filter codes, as transformers stores `resample`
 
 
@@ -91,6 +96,8 @@ def read_any(path: str | os.PathLike, heads: int | None = None) -> Checkpoint:
             cfg = convert.config_from_hf(conf, sd)
             return Checkpoint(sd, cfg, _ours_meta(meta)[1] or names, fmt.kind,
                               _ours_meta(meta)[2] or hf_eval_settings(path / HF_PROCESSOR, cfg))
+        if fmt.kind == "timm-folder":
+            return _timm_folder(path, heads)
         raw, meta = _tensors(path)
         sd = convert.from_hf(raw) if fmt.kind == "hf-vit" else convert.from_timm(raw)
         cfg, names, ev = _ours_meta(meta)
@@ -100,6 +107,32 @@ def read_any(path: str | os.PathLike, heads: int | None = None) -> Checkpoint:
     except (ValueError, KeyError, TypeError, OSError) as e:  # a short file, bad JSON, a missing tensor, ...
         why = " ".join(str(e).split())[:200]
         raise ValueError(f"{path} {fmt.found} but cannot be read ({why}); re-export or re-download it") from e
+
+
+def _timm_folder(path: Path, heads: int | None) -> Checkpoint:
+    """A timm model folder: its model.safetensors (ours or timm's), the class names and eval transform of its
+    config.json's `pretrained_cfg` where the weights carry none."""
+    conf = json.loads((path / HF_CONFIG).read_text())
+    pre, args = conf.get("pretrained_cfg") or {}, conf.get("model_args") or {}
+    size = re.match(r"vit_(tiny|small|base|large|huge)_patch", str(conf.get("architecture")))
+    if not (heads or args.get("num_heads")) and size and "embed_dim" not in args:  # the architecture's own heads
+        heads = vit_config(_TIMM_SIZES[size[1]]).heads
+    ckpt = read_any(path / HF_WEIGHTS, heads or args.get("num_heads"))
+    hw = args.get("img_size") or (pre.get("input_size") or [0])[1:]  # the shapes alone only tell a square grid
+    hw = (hw, hw) if isinstance(hw, int) else tuple(hw) if isinstance(hw, list) and len(hw) == 2 else None
+    with contextlib.suppress(ValueError, TypeError):  # none, or a size the patch does not divide: the shapes' guess
+        cfg = ckpt.config.replace(image_size=hw or ckpt.config.image_size)
+        if ckpt.kind != "vitscale" and cfg.num_patches + 1 == ckpt.state_dict["pos_embed"].shape[1]:
+            ckpt = dataclasses.replace(ckpt, config=cfg)
+    names = list(conf.get("label_names") or pre.get("label_names") or [])
+    names = ckpt.class_names or (names if len(names) == ckpt.config.num_classes else [])
+    try:  # timm's data config: crop_pct and interpolation have timm's defaults; no mean/std, no settings
+        settings = ckpt.eval_settings or EvalSettings(
+            image_size=ckpt.config.image_hw, crop_pct=float(pre.get("crop_pct") or 0.875), mean=pre["mean"],
+            std=pre["std"], interpolation="bilinear" if pre.get("interpolation") == "bilinear" else "bicubic")
+    except (KeyError, ValueError, TypeError):
+        settings = None
+    return dataclasses.replace(ckpt, class_names=names, kind="timm-folder", eval_settings=settings)
 
 
 def timm_blocker(cfg: ViTConfig) -> str | None:
@@ -182,6 +215,38 @@ def save_hf(out_dir: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTCon
     settings = eval_settings or EvalSettings(image_size=cfg.image_hw)
     atomic_write(out / HF_PROCESSOR, json.dumps(hf_processor_config(settings), indent=2) + "\n")
     atomic_write(out / HF_CONFIG, json.dumps(convert.hf_config(cfg, class_names), indent=2) + "\n")
+    return out
+
+
+def timm_config(cfg: ViTConfig, class_names: list[str] | None, settings: EvalSettings) -> dict:
+    """timm's `config.json` of a model folder (what `timm.create_model("local-dir:DIR")` and the Hub's
+    `hf-hub:` read): any of our variants as timm's VisionTransformer through `model_args`, and the eval transform
+    as its `pretrained_cfg`, which `timm.data.resolve_data_config` turns into the same preprocessing."""
+    h, w = cfg.image_hw
+    pool = {"global_pool": "avg", "fc_norm": False} if cfg.pool == "mean" else {"global_pool": "token"}
+    args = {"img_size": [h, w], "patch_size": cfg.patch_size, "in_chans": cfg.in_chans, "embed_dim": cfg.width,
+            "depth": cfg.depth, "num_heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio, "qkv_bias": cfg.qkv_bias, **pool}
+    names = list(class_names or [])
+    pretrained = {"input_size": [cfg.in_chans, *settings.image_size], "crop_pct": settings.crop_pct,
+                  "crop_mode": "center", "interpolation": settings.interpolation, "mean": list(settings.mean),
+                  "std": list(settings.std), "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
+                  "classifier": "head", **({"label_names": names} if len(names) == cfg.num_classes else {})}
+    return {"architecture": "vit_base_patch16_224", "num_classes": cfg.num_classes, "num_features": cfg.width,
+            "global_pool": pool["global_pool"], "model_args": args, "pretrained_cfg": pretrained}
+
+
+def save_timm_dir(out_dir: str | os.PathLike, sd: dict[str, torch.Tensor], cfg: ViTConfig,
+                  class_names: list[str] | None, step: int, eval_settings: EvalSettings | None = None) -> Path:
+    """Write a timm model folder: model.safetensors (our weight file: timm's names plus our metadata) +
+    config.json (timm_config), loadable by `timm.create_model("local-dir:DIR", pretrained=True)` and uploadable
+    to the Hub as it is."""
+    if why := timm_blocker(cfg):
+        raise ValueError(f"the model {why}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = eval_settings or EvalSettings(image_size=cfg.image_hw)
+    save_weights(out / HF_WEIGHTS, sd, cfg, class_names, step, eval_settings=settings)
+    atomic_write(out / HF_CONFIG, json.dumps(timm_config(cfg, class_names, settings), indent=2) + "\n")
     return out
 
 

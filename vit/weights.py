@@ -177,10 +177,9 @@ class WeightFormat:
     """What a weight file or folder holds, told from header bytes and key names (nothing is unpickled).
 
     `kind` is one of LOADABLE for what loads (vit.interop.read_any reads each; then `found`/`fix` are
-    informative only), else one of "missing", "unreadable", "empty", "folder", "timm-hub-folder",
-    "hf-unsupported", "pickle", "npz", "not-safetensors", "timm-unsupported", "not-vit". `message(path)` is the
-    one-line error for what does not load: what was found, then the fix. ("run-dir" is added by
-    finetune.load.describe_init.)
+    informative only), else one of "missing", "unreadable", "empty", "folder", "hf-unsupported", "pickle",
+    "npz", "not-safetensors", "timm-unsupported", "not-vit". `message(path)` is the one-line error for what
+    does not load: what was found, then the fix. ("run-dir" is added by finetune.load.describe_init.)
     """
 
     kind: str
@@ -197,8 +196,9 @@ class WeightFormat:
 
 _TOKEN_VIT = "vitscale fine-tunes cls-token ViTs: use a checkpoint trained with timm global_pool='token'"
 _HF_FIX = "use a plain ViT (transformers ViTForImageClassification / ViTModel, model_type 'vit')"
-# what vit.interop.read_any reads: our files, timm and transformers ViT safetensors, HF folders, big_vision .npz
-LOADABLE = ("vitscale", "timm-vit", "hf-vit", "hf-folder", "bv-npz")
+# what vit.interop.read_any reads: our files, timm and transformers ViT safetensors, HF and timm folders,
+# big_vision .npz
+LOADABLE = ("vitscale", "timm-vit", "hf-vit", "hf-folder", "timm-folder", "bv-npz")
 _PICKLE_FIX = ("if you trust its source, convert it: sd = torch.load(path, weights_only=True); "
                "safetensors.torch.save_file(sd, 'model.safetensors')")
 # transformers' ViT family (ViT, DeiT, BEiT, DINOv2, ViTMAE): `[vit.]embeddings.patch_embeddings.projection.*`.
@@ -278,8 +278,8 @@ def _describe_npz(keys: list[str]) -> WeightFormat:
 
 
 def _describe_folder(path: Path) -> WeightFormat:
-    """A folder: a transformers ViT folder loads; a timm hub folder, other transformers models and anything
-    else are named."""
+    """A folder: a transformers ViT folder and a timm model folder (Hub layout) holding a ViT load; other
+    transformers models and anything else are named."""
     files = sorted(p.name for p in path.iterdir())
     weights = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if n in files]
     if "config.json" in files and weights:
@@ -288,9 +288,11 @@ def _describe_folder(path: Path) -> WeightFormat:
         except (OSError, ValueError):
             conf = {}
         conf = conf if isinstance(conf, dict) else {}
-        if "architecture" in conf and weights[0] == "model.safetensors":
-            return WeightFormat("timm-hub-folder", f"is a timm Hugging Face Hub folder ({conf['architecture']})",
-                                f"pass its weight file, {path / weights[0]}")
+        if "architecture" in conf and weights[0] == "model.safetensors":  # timm's Hub layout (export --format timm-dir)
+            found, inner = f"is a timm model folder ({conf['architecture']})", identify_weights(path / weights[0])
+            if inner.loadable:
+                return WeightFormat("timm-folder", found)
+            return WeightFormat(inner.kind, f"{found} whose model.safetensors {inner.found}", inner.fix)
         found = f"is a Hugging Face transformers model folder (config.json + {weights[0]})"
         if conf.get("model_type") != "vit":
             return WeightFormat("hf-unsupported", f"{found} of model_type {conf.get('model_type')!r}, not 'vit'",
