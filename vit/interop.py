@@ -120,10 +120,11 @@ def _timm_folder(path: Path, heads: int | None) -> Checkpoint:
     ckpt = read_any(path / HF_WEIGHTS, heads or args.get("num_heads"))
     hw = args.get("img_size") or (pre.get("input_size") or [0])[1:]  # the shapes alone only tell a square grid
     hw = (hw, hw) if isinstance(hw, int) else tuple(hw) if isinstance(hw, list) and len(hw) == 2 else None
-    with contextlib.suppress(ValueError, TypeError):  # none, or a size the patch does not divide: the shapes' guess
-        cfg = ckpt.config.replace(image_size=hw or ckpt.config.image_size)
-        if ckpt.kind != "vitscale" and cfg.num_patches + 1 == ckpt.state_dict["pos_embed"].shape[1]:
-            ckpt = dataclasses.replace(ckpt, config=cfg)
+    if hw and ckpt.kind != "vitscale":  # (our own file's config is exact)
+        with contextlib.suppress(ValueError, TypeError):  # a size the patch does not divide: the shapes' guess stays
+            cfg = ckpt.config.replace(image_size=hw)
+            if cfg.num_patches + 1 == ckpt.state_dict["pos_embed"].shape[1]:
+                ckpt = dataclasses.replace(ckpt, config=cfg)
     names = list(conf.get("label_names") or pre.get("label_names") or [])
     names = ckpt.class_names or (names if len(names) == ckpt.config.num_classes else [])
     try:  # timm's data config: crop_pct and interpolation have timm's defaults; no mean/std, no settings
