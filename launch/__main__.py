@@ -160,7 +160,8 @@ def _preflight(args: argparse.Namespace, hosts: list[Host], master: str, facts: 
     via = {"pdsh": "all", "torchrun": "remote", "ssh": "remote", "slurm": "srun"}.get(args.launcher, "none")
     probes = preflight.probe_hosts(hosts, master, args.master_port, via, args.ssh_config, args.ssh_port)
     fails, notes = preflight.evaluate(hosts, probes, master, args.master_port, facts)
-    return _report(fails, notes, f"{len(hosts)} nodes, {sum(h.slots for h in hosts)} processes", facts)
+    n, procs = len(hosts), sum(h.slots for h in hosts)
+    return _report(fails, notes, f"{n} node{'s' * (n != 1)}, {procs} process{'es' * (procs != 1)}", facts)
 
 
 def cmd_run(args: argparse.Namespace, job_argv: list[str]) -> int:

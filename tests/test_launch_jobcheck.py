@@ -138,7 +138,7 @@ def test_cli_check_uses_the_recipe_facts_and_flags_override(tmp_path, capsys):
     ds = counted_dataset(tmp_path)
     job = ["--", "python3", "-m", "pretrain", "train", "debug_cpu", f"data.path={ds}", "run.dir=r"]
     code, out, _ = _main(capsys, [*common, *job])
-    assert code == 0 and "preflight: ok (1 nodes, 2 processes); dataset=" in out, out
+    assert code == 0 and "preflight: ok (1 node, 2 processes); dataset=" in out, out
     assert "workers=1 (data.workers), global_batch=32 (train.global_batch), micro_batch=8 (train.micro_batch)" in out
     code, out, _ = _main(capsys, [*common, "--workers", "2", *job])
     assert code == 1 and "has 3 train shards, fewer than nodes x GPUs x workers = 1 x 2 x 2 = 4" in out, out
