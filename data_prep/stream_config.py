@@ -29,6 +29,8 @@ class DataCfg:
     ratio: tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5  # horizontal-flip probability (0 for data where left/right matters, e.g. digits)
     crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
+    mean: tuple[float, float, float] | None = None  # input = (pixel/255 - mean) / std; None: the init's or ImageNet's
+    std: tuple[float, float, float] | None = None  # per-channel, > 0; None: as mean (a Hub or big_vision ViT: 0.5)
     randaugment: str | None = None  # e.g. "rand-m9-n2"
     decode: Literal["cpu", "gpu"] = "cpu"  # where JPEGs are decoded: loader workers (cpu) or the GPU, batched
     shard_root: str | None = None  # where dataset.json's shards live, e.g. "pipe:curl -s https://host/ds/{name}"
@@ -100,6 +102,8 @@ def data_problems(data: DataCfg, prefix: str = "data.") -> list[str]:
     if not 0 < data.crop_pct <= 1:
         problems.append(f"{prefix}crop_pct must be in (0, 1] (the centre crop's share of the resized image, e.g. "
                         f"0.875), got {data.crop_pct}")
+    if data.std is not None and min(data.std) <= 0:
+        problems.append(f"{prefix}std must be > 0 per channel (inputs are divided by it), got {list(data.std)}")
     if data.timeout_s <= 0:
         problems.append(f"{prefix}timeout_s must be > 0 seconds, got {data.timeout_s}")
     if data.randaugment:

@@ -20,9 +20,9 @@ from torch import nn
 
 from runtime.config import ConfigError
 from vit.config import ViTConfig, vit_config
-from vit.interop import read_any
+from vit.interop import Checkpoint, read_any
 from vit.model import VisionTransformer
-from vit.weights import WeightFormat, adapt_pos_embed, identify_weights
+from vit.weights import EvalSettings, WeightFormat, adapt_pos_embed, identify_weights
 
 HEAD_KEYS = {"head.weight", "head.bias"}
 DROPPED_PREFIXES = ("head.", "pre_logits.")  # the pre-training head: re-created, never loaded
@@ -38,9 +38,10 @@ def describe_init(path: str | os.PathLike) -> WeightFormat:
     return identify_weights(path)
 
 
-def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, ViTConfig, list[str]]:
-    """(state dict in vitscale key names, its ViTConfig, class names) of any `init=` source: a run dir, or what
-    vit.interop.read_any reads (vitscale, timm and transformers files, transformers folders, big_vision .npz).
+def read_init(path: str | os.PathLike, heads: int | None = None) -> Checkpoint:
+    """The weights of any `init=` source, in vitscale key names, with their config, class names and (where the
+    source records them) the eval settings they were trained with: a run dir, or what vit.interop.read_any reads
+    (vitscale, timm and transformers files, transformers and timm folders, big_vision .npz).
 
     Anything else is one ConfigError naming what the file is and how to make it loadable; nothing is
     unpickled (pickled checkpoints are refused from their header bytes, .npz is read with allow_pickle=False).
@@ -50,11 +51,17 @@ def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[
         from trainer.export import consolidate
 
         sd, vcfg, state = consolidate(path)
-        return sd, vcfg, state["class_names"]
+        settings = EvalSettings.from_dict(state["eval_settings"]) if "eval_settings" in state else None
+        return Checkpoint(sd, vcfg, state["class_names"], "run-dir", settings)
     try:
-        ckpt = read_any(path, heads)
+        return read_any(path, heads)
     except ValueError as e:  # the converters' one line: what the file is, then the fix
         raise ConfigError(str(e)) from e
+
+
+def read_checkpoint(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, ViTConfig, list[str]]:
+    """(state dict in vitscale key names, its ViTConfig, class names) of any `init=` source (`read_init`)."""
+    ckpt = read_init(path, heads)
     return ckpt.state_dict, ckpt.config, ckpt.class_names
 
 

@@ -13,23 +13,26 @@ import importlib.util
 import torch
 
 from finetune.config import FinetuneConfig
-from finetune.load import build_finetune_model, finetune_config, read_checkpoint
+from finetune.load import build_finetune_model, finetune_config, read_init
 from runtime.config import ConfigError
-from trainer.run import Stage
+from trainer.run import Built, Stage
 from trainer.run import train as run_training
 from vit.config import vit_config
 
 
-def build_model(cfg: FinetuneConfig, names: list[str]):
-    """The fine-tuning model from `init=`: body loaded, pos-embed resampled, zero-init head for `names`."""
+def build_model(cfg: FinetuneConfig, names: list[str]) -> Built:
+    """The fine-tuning model from `init=`: body loaded, pos-embed resampled, zero-init head for `names`; and the
+    normalisation the init was trained with, where it records one (the run feeds its inputs the same way)."""
     heads = vit_config(cfg.model.variant).heads if cfg.model.variant else None
-    sd, src, _ = read_checkpoint(cfg.init, heads=heads)
+    init = read_init(cfg.init, heads=heads)
+    src = init.config
     vcfg = finetune_config(src, image_size=cfg.model.image_size, num_classes=len(names), variant=cfg.model.variant,
                            dropout=cfg.model.dropout, drop_path=cfg.model.drop_path)
-    model = build_finetune_model(sd, src, vcfg, mode=cfg.model.pos_interp)
+    model = build_finetune_model(init.state_dict, src, vcfg, mode=cfg.model.pos_interp)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model, vcfg, (f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head for "
-                         f"{len(names)} classes")
+    settings = init.eval_settings
+    return Built(model, vcfg, f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head "
+                 f"for {len(names)} classes", (settings.mean, settings.std) if settings else None)
 
 
 def _check_plugin(cfg: FinetuneConfig) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 from pretrain.plan import gpu_memory_gib, resolve_zero
 from runtime.config import ConfigError
 from runtime.logs import get_logger
-from trainer.run import Stage
+from trainer.run import Built, Stage
 from trainer.run import train as run_training
 from vit import VisionTransformer, ViTConfig, vit_config
 
@@ -26,11 +26,12 @@ def model_config(cfg, num_classes: int) -> ViTConfig:
         raise ConfigError(str(err)) from err
 
 
-def build_model(cfg, names: list[str]) -> tuple[VisionTransformer, ViTConfig, str]:
+def build_model(cfg, names: list[str]) -> Built:
+    """A freshly initialised model (the seed is set by the core) with a head for `names`."""
     vcfg = model_config(cfg, len(names))
     model = VisionTransformer(vcfg)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model, vcfg, f"new ViT {cfg.model.variant}, seed {cfg.run.seed}"
+    return Built(model, vcfg, f"new ViT {cfg.model.variant}, seed {cfg.run.seed}")
 
 
 def backend(model, groups, cfg, env, universal: bool):

@@ -256,6 +256,7 @@ BAD_VALUES = {"train.steps=-3": "train.steps must be > 0", "train.steps=0": "tra
               "data.scale=[0.9,0.1]": "data.scale must be [min, max]", "data.scale=[0.1,1.5]": "data.scale must be",
               "data.ratio=[2,1]": "data.ratio must be [min, max]", "data.hflip=3": "data.hflip is a probability",
               "data.hflip=-0.5": "data.hflip is a probability", "data.shuffle_buffer=0": "data.shuffle_buffer must be",
+              "data.std=[0.5,0,0.5]": "data.std must be > 0 per channel", "data.mean=[0.5,0.5]": "data.mean",
               "data.prefetch=0": "data.prefetch must be >= 1", "data.min_size=-5": "data.min_size must be >= 0",
               "data.timeout_s=0": "data.timeout_s must be > 0", "data.workers=-1": "data.workers must be >= 0",
               "data.randaugment=augmix-m9": "data.randaugment 'augmix-m9': expected",

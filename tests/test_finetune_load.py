@@ -191,3 +191,23 @@ def test_a_folder_that_is_no_run_dir_fails_clearly(tmp_path: Path) -> None:
         read_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match="no weight file or run dir"):
         load_eval_model(tmp_path / "nope")
+
+
+def test_the_run_normalises_as_data_says_else_as_the_init_was_trained_else_as_imagenet(tmp_path: Path) -> None:
+    from finetune.load import read_init
+    from trainer.run import normalisation
+    from vit.weights import IMAGENET_MEAN, IMAGENET_STD, EvalSettings
+
+    half = ((0.5,) * 3, (0.5,) * 3)
+    sd, cfg = _pretrained()
+    ours = save_weights(tmp_path / "m.safetensors", sd, cfg, eval_settings=EvalSettings(16, mean=half[0], std=half[1]))
+    save_file(to_timm(sd), tmp_path / "timm.safetensors")  # a bare state dict: no record of its inputs
+    init = read_init(ours).eval_settings
+    assert read_init(tmp_path / "timm.safetensors").eval_settings is None
+    data = load_finetune_config("debug_cpu", REQUIRED).data
+    mine = load_finetune_config("debug_cpu", [*REQUIRED, "data.mean=[0.1,0.2,0.3]", "data.std=[0.4,0.5,0.6]"]).data
+    only_std = load_finetune_config("debug_cpu", [*REQUIRED, "data.std=[0.4,0.5,0.6]"]).data
+    assert normalisation(data, (init.mean, init.std)) == (*half, "the init's eval settings")
+    assert normalisation(data, None) == (IMAGENET_MEAN, IMAGENET_STD, "ImageNet's")
+    assert normalisation(mine, half) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "data.mean and data.std")
+    assert normalisation(only_std, half) == (half[0], (0.4, 0.5, 0.6), "data.std, the rest the init's eval settings")

@@ -120,11 +120,12 @@ def _eval_cli(server, weights: Path, data: Path, size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _eval_here(weights: Path, data: Path, size: int | None = None, crop_pct: float | None = 1.0) -> dict:
+def _eval_here(weights: Path, data: Path, size: int | None = None, crop_pct: float | None = 1.0,
+               extra: list[str] = ()) -> dict:
     """`eval` in this process; unset size/crop_pct/precision come from the weight file's eval settings."""
     from trainer.evaluate import evaluate_weights
 
-    overrides = [f"data.path={data}", "data.split=val", "eval.micro_batch=64", "data.workers=0"]
+    overrides = [f"data.path={data}", "data.split=val", "eval.micro_batch=64", "data.workers=0", *extra]
     overrides += [f"model.image_size={size}"] * (size is not None) + [f"data.crop_pct={crop_pct}"] * bool(crop_pct)
     return evaluate_weights(str(weights), overrides)
 
@@ -164,6 +165,48 @@ def test_higher_resolution_eval_then_finetune_on_digits(digits: dict, tmp_path: 
     assert report["grid"] == [8, 8] and report["steps"] == 45 and report["epochs"] == 3
     assert [m["epoch"] for m in report["evals"]] == [1, 2, 3]  # evaluated at every epoch end
     assert (run / "last.safetensors").is_file() and list((run / "tb").iterdir())
+
+
+IMAGENET, HALF = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)
+
+
+def _renormalised(sd: dict, old: tuple, new: tuple) -> dict:
+    """Weights computing on inputs normalised with `new` (mean, std) what `sd` computes on `old`'s: the patch
+    embedding is linear in its input (no padding), so its weight and bias absorb the change exactly."""
+    (m, s), (m2, s2) = ((torch.tensor(a).view(1, 3, 1, 1), torch.tensor(b).view(1, 3, 1, 1)) for a, b in (old, new))
+    w = sd["patch_embed.weight"]  # (D, 3, p, p)
+    return {**sd, "patch_embed.weight": w * s2 / s,
+            "patch_embed.bias": sd["patch_embed.bias"] + (w * (m2 - m) / s).sum((1, 2, 3))}
+
+
+def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_path: Path, cli_server) -> None:
+    """digits' init rewritten for inputs in [-1, 1] (mean = std = 0.5, as Hub and big_vision ViTs are fed), its
+    eval settings saying so, evaluates and fine-tunes as the init itself does; ImageNet's statistics forced on it
+    (data.mean / data.std) do not. The runs' weight files record the normalisation they trained with."""
+    from vit.weights import EvalSettings, load_weights, save_weights
+
+    sd, meta = load_weights(digits["init"])
+    half = save_weights(tmp_path / "half.safetensors", _renormalised(sd, IMAGENET, HALF), meta["config"],
+                        meta["class_names"], 1, eval_settings=EvalSettings(16, mean=HALF[0], std=HALF[1]))
+    forced = [f"data.mean={list(IMAGENET[0])}".replace(" ", ""), f"data.std={list(IMAGENET[1])}".replace(" ", "")]
+    plain, same = _eval_here(digits["init"], digits["data"], 32), _eval_here(half, digits["data"], 32)
+    wrong = _eval_here(half, digits["data"], 32, extra=forced)  # data.mean/std over the file's (36.3 %, 36.3 %, 30.5 %)
+    assert abs(same["top1"] - plain["top1"]) <= 2 / plain["samples"] and wrong["top1"] < plain["top1"] - 0.03
+    top1 = {}
+    for name, init, extra in (("plain", digits["init"], []), ("half", half, []), ("forced", half, forced)):
+        out = cli_server.run("finetune", "train", "debug_cpu", f"init={init}", f"data.path={digits['data']}",
+                             f"run.dir={tmp_path / name}", "train.steps=1", "eval.inspect=false", *DIGITS_AUG, *extra,
+                             timeout=240)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        top1[name] = json.loads((tmp_path / name / "report.json").read_text())["last"]["top1"]
+        ev = load_weights(tmp_path / name / "last.safetensors")[1]["eval"]
+        assert (ev.mean, ev.std) == (HALF if name == "half" else IMAGENET), name
+    assert ("inputs normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5] (the init's eval settings)"
+            in (tmp_path / "half" / "log.txt").read_text())
+    # one step trains only the zero-initialised head, on the body's features: equal up to bf16 rounding when the
+    # inputs are as the init's weights expect (35.0 % and 34.8 % measured), 23.7 % when they are not
+    print(f"top-1 after one step: {top1}")
+    assert abs(top1["half"] - top1["plain"]) < 0.03 and top1["forced"] < top1["plain"] - 0.06, top1
 
 
 def test_zero_stage_2_is_refused_where_deepspeed_cannot_run(tmp_path: Path, cli_server) -> None:

@@ -284,6 +284,9 @@ def test_augreg_npz_round_trip_and_timm_reads_it(tmp_path: Path) -> None:
     ckpt = read_any(path)
     assert ckpt.config == model.cfg.replace(norm_eps=1e-6)
     _same(ckpt.state_dict, model.state_dict())  # the class token's position stays in pos_embedding: exact
+    # big_vision feeds its ViTs pixels in [-1, 1]: eval and fine-tuning normalise so, not with ImageNet's stats
+    ev = ckpt.eval_settings
+    assert (ev.mean, ev.std, ev.image_size) == ((0.5,) * 3, (0.5,) * 3, (48, 48))
     t = _timm(model.cfg)
     t.load_pretrained(str(path))  # timm's own .npz loader
     _same(t.state_dict(), to_timm(model.state_dict()))

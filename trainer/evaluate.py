@@ -25,7 +25,7 @@ from runtime.config import ConfigError, check_value, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.progress import progress_bar
 from trainer.config import check_split
-from vit.weights import PRECISIONS
+from vit.weights import PRECISIONS, EvalSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -116,6 +116,14 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
     return cfg, opts
 
 
+def overridden(settings: EvalSettings, data: DataCfg, o: dict) -> tuple[DataCfg, EvalSettings]:
+    """The eval settings an eval verb uses: the weight file's `settings`, each replaced where the command line
+    gives one (data.crop_pct, data.mean, data.std, eval.precision); and `data` with that crop."""
+    settings = settings.replace(crop_pct=o["data.crop_pct"] or settings.crop_pct, mean=data.mean or settings.mean,
+                                std=data.std or settings.std, precision=o["eval.precision"] or settings.precision)
+    return dataclasses.replace(data, crop_pct=settings.crop_pct), settings
+
+
 def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     """`eval WEIGHTS data.path=... [key=value ...]`: top-1/top-5 of a weight file (or a run dir's latest
     checkpoint) on a split, with the file's eval settings unless overridden; one process or torchrun.
@@ -124,8 +132,8 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
 
     data, o = verb_options(overrides, EVAL_OPTIONS, "eval")
     model, settings = load_eval_model(path, o["model.image_size"], o["model.pos_interp"])
-    precision = o["eval.precision"] or settings.precision
-    data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
+    data, settings = overridden(settings, data, o)
+    precision = settings.precision
     env = detect()
     plan = check_split(data, o["data.split"], train=False, micro_batch=o["eval.micro_batch"], world=env.world_size,
                        key="data.split")

@@ -9,7 +9,6 @@ safetensors.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -85,7 +84,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
         if why:  # before anything is written
             raise ConfigError(f"{run_dir}: the model {why}")
         sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
-        settings = EvalSettings.from_json(json.dumps(state["eval_settings"]))
+        settings = EvalSettings.from_dict(state["eval_settings"])
         bar.update(1)
         bar.set_postfix_str("writing")
         if fmt == "hf":
@@ -137,7 +136,7 @@ def read_weights(path: str | Path, verb: str = "eval") -> tuple[dict[str, torch.
         raise ConfigError(f"no weight file or run dir at {path}")
     if path.is_dir() and not identify_weights(path).loadable:  # not a transformers or timm model folder
         sd, cfg, state = consolidate(path, ema=bool(state_ema(path)))
-        return sd, cfg, EvalSettings.from_json(json.dumps(state["eval_settings"]))
+        return sd, cfg, EvalSettings.from_dict(state["eval_settings"])
     try:
         ckpt = read_any(path)
     except ValueError as e:

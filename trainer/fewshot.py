@@ -222,14 +222,15 @@ class FewShotEval:
         return LogProgress(total, f"few-shot {desc}", ranks=self.env.world_size,
                            min_interval=self.progress_every_s) if self.env.is_main else None
 
-    def run(self, backend, step: int) -> dict:
-        """{dataset: {k: top-1 result}} of the backend's current weights (every rank must call it)."""
+    def run(self, backend, step: int, norm: tuple) -> dict:
+        """{dataset: {k: top-1 result}} of the backend's current weights, on inputs normalised with `norm` (mean,
+        std), as the run trains (every rank must call it)."""
         t0, results = time.perf_counter(), {}
         for data in self.data:
             feats, n = dataset_features(backend.eval_model(), backend.module.head, data,
                                         (self.f.train_split, self.f.val_split), self.env, self.image_size,
                                         self.micro_batch, backend.device, backend.input_dtype, backend.eval_context,
-                                        progress=self._log_progress)
+                                        norm, progress=self._log_progress)
             results[dataset_name(data.path)] = fewshot_top1(feats[self.f.train_split], feats[self.f.val_split], n,
                                                             self.f.shots, self.f.seeds, self.f.holdout, self.f.l2)
         self.monitor.log_fewshot(results, step, time.perf_counter() - t0)

@@ -11,7 +11,6 @@ eval settings, as `eval`). A table goes to stdout, the full result (per seed, ch
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from runtime.dist import detect, init_distributed
 from runtime.io import atomic_write_json, output_problem
 from runtime.progress import progress_bar
 from trainer.config import DataCfg, FewShotCfg, check_split, fewshot_dataset_problems, validate_fewshot
-from trainer.evaluate import DTYPES, EVAL_OPTIONS, verb_options
+from trainer.evaluate import DTYPES, EVAL_OPTIONS, overridden, verb_options
 from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
 
 # key -> (type, default) besides data.<key>; shots and l2 also as comma lists (shots=1,5,10)
@@ -58,8 +57,8 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
     from trainer.export import load_eval_model
 
     model, settings = load_eval_model(weights, o["model.image_size"])
-    precision = o["eval.precision"] or settings.precision
-    data = dataclasses.replace(data, crop_pct=o["data.crop_pct"] or settings.crop_pct)
+    data, settings = overridden(settings, data, o)
+    precision = settings.precision
     env = detect()
     for key, split in (("data.train_split", fs.train_split), ("data.val_split", fs.val_split)):
         check_split(data, split, train=False, micro_batch=o["eval.micro_batch"], world=env.world_size, key=key)

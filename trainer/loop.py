@@ -56,7 +56,8 @@ class Loop:
     """One run's step loop over a backend, a train stream and an optional eval stream."""
 
     def __init__(self, cfg: TrainerConfig, env: DistEnv, backend, loader, val_loader, vcfg: ViTConfig,
-                 names: list[str], total: int, run_dir: Path):
+                 names: list[str], total: int, run_dir: Path,
+                 norm: tuple[tuple, tuple]):
         self.cfg, self.env, self.backend, self.loader, self.val_loader = cfg, env, backend, loader, val_loader
         self.vcfg, self.names, self.total, self.run_dir = vcfg, names, total, run_dir
         self.log = get_logger()
@@ -67,8 +68,10 @@ class Loop:
         launched = env.launcher in ("torchrun", "deepspeed")
         self.preempt = Preemption(LAUNCHER_PID if launched else None)
         self.bad, self.keys, self.micro = 0, [], 0
-        self.settings = EvalSettings(image_size=vcfg.image_hw, crop_pct=cfg.data.crop_pct,
+        # how the run feeds its model (norm: trainer/run.py's normalisation), stored with every weight file
+        self.settings = EvalSettings(image_size=vcfg.image_hw, crop_pct=cfg.data.crop_pct, mean=norm[0], std=norm[1],
                                      precision=backend.eval_precision())
+        self.norm = (self.settings.mean, self.settings.std)
         self.keys_file = None
         if cfg.debug.record_keys:
             (run_dir / "keys").mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ class Loop:
         self.keys += keys
         if self.keys_file is not None:  # "micro-batch index <tab> key"; a resumed run rewrites its indices
             self.keys_file.write("".join(f"{self.micro}\t{k}\n" for k in keys))
-        x = normalize(images, dtype=self.backend.input_dtype, device=self.backend.device)  # (B, 3, H, W)
+        x = normalize(images, *self.norm, dtype=self.backend.input_dtype, device=self.backend.device)  # (B, 3, H, W)
         y = labels.to(self.backend.device, non_blocking=True)  # (B,)
         if s.step + 1 in cfg.debug.nan_at_steps and self.env.rank == cfg.debug.kill_rank:
             x = x.fill_(float("nan"))  # fault injection: a batch that makes the loss and gradients NaN
@@ -218,7 +221,7 @@ class Loop:
         b = self.backend
         progress = LogProgress(len(self.val_loader), desc, ranks=self.env.world_size,
                                min_interval=self.cfg.log.progress_every_s) if self.env.is_main else None
-        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context, progress=progress)
+        return evaluate(b.eval_model(), self.val_loader, b.device, b.input_dtype, b.eval_context, self.norm, progress)
 
     def run_eval(self) -> None:
         """Evaluate the kept weights (the EMA when enabled, the raw weights' top-1 beside it); keep
@@ -240,15 +243,16 @@ class Loop:
                              eval_settings=self.settings)
         s.best_top1 = max(s.best_top1, m["top1"])
         if self.cfg.eval.inspect and weights is not None and self.monitor.sample_images is not None:
-            self.monitor.log_inspect(weights, self.vcfg, s.step)  # rank 0 only; not under ZeRO-3 (no full weights)
+            # rank 0 only; not under ZeRO-3 (no full weights)
+            self.monitor.log_inspect(weights, self.vcfg, s.step, self.norm)
 
     def run_fewshot(self) -> None:
         """Few-shot linear eval of the kept weights (EMA when enabled), as the top-1 eval."""
         if self.ema is not None:
             with swapped(self.backend.module, self.ema.state_dict()):
-                r = self.fewshot.run(self.backend, self.state.step)
+                r = self.fewshot.run(self.backend, self.state.step, self.norm)
         else:
-            r = self.fewshot.run(self.backend, self.state.step)
+            r = self.fewshot.run(self.backend, self.state.step, self.norm)
         self.state.fewshot.append({"step": self.state.step, **r})
 
     def kept_weights(self) -> dict[str, torch.Tensor] | None:

@@ -117,7 +117,7 @@ class Monitor:
                          for name, res in results.items())
         self.log.info(f"few-shot step {step}: {text} ({seconds:.1f} s)")
 
-    def log_inspect(self, weights: dict[str, torch.Tensor], vcfg: ViTConfig, step: int) -> None:
+    def log_inspect(self, weights: dict[str, torch.Tensor], vcfg: ViTConfig, step: int, norm: tuple) -> None:
         """The inspect figures of these weights as tracker images `inspect/<figure>` (rank 0 only)."""
         if not self.trackers:
             return
@@ -126,7 +126,7 @@ class Monitor:
         with torch.device("meta"):  # no initialisation: the weights are assigned
             model = VisionTransformer(vcfg)
         model.load_state_dict(weights, assign=True)
-        _, figures = inspect_model(model, self.sample_images)
+        _, figures = inspect_model(model, self.sample_images, norm)  # normalised as the run feeds the model
         for name, fig in figures.items():
             self._image(f"inspect/{name}", figure_rgb(fig), step)
 

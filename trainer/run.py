@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,16 +38,27 @@ from trainer.loop import Loop
 from trainer.optim import param_groups
 from trainer.trackers import missing_trackers
 from vit import ViTConfig
+from vit.weights import IMAGENET_MEAN, IMAGENET_STD
+
+
+class Built(NamedTuple):
+    """A stage's model as its `build` returns it: the plain module, its config, a line for the log, and the input
+    normalisation its weights were trained with, (mean, std), where they record one (fine-tuning's init)."""
+
+    model: nn.Module
+    vcfg: ViTConfig
+    note: str
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass
 class Stage:
     """What a stage adds to the core: its model (built on the CPU from the class names, before any process
-    group: loading errors are bad input; returns (model, ViTConfig, a line for the log)) and its backend (a
-    callable taking (model, groups, cfg, env, universal), named by the checkpoints it writes)."""
+    group: loading errors are bad input; returns a `Built`) and its backend (a callable taking (model, groups,
+    cfg, env, universal), named by the checkpoints it writes)."""
 
     name: str
-    build: Callable[[list[str]], tuple[nn.Module, ViTConfig, str]]
+    build: Callable[[list[str]], Built]
     backend: Callable[..., object]
     backend_name: str
     report: dict = field(default_factory=dict)
@@ -67,6 +79,18 @@ def class_names(data: DataCfg) -> list[str]:
         raise ConfigError(f"cannot tell the number of classes of {data.path} (not a dataset.json with classes): "
                           "set data.num_classes")
     return [str(i) for i in range(data.num_classes)]
+
+
+def normalisation(data: DataCfg, init: tuple | None) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, where they came from) of the inputs `(pixel / 255 - mean) / std`: data.mean / data.std where set,
+    else what the init weights were trained with (`init`), else ImageNet's. Fine-tuning a model on inputs scaled
+    unlike its pre-training (a Hub or big_vision ViT's 0.5 against ImageNet's) starts it off its own features."""
+    base, where = (init, "the init's eval settings") if init else ((IMAGENET_MEAN, IMAGENET_STD), "ImageNet's")
+    given = [k for k in ("mean", "std") if getattr(data, k) is not None]
+    source = " and ".join(f"data.{k}" for k in given) + (f", the rest {where}" if len(given) == 1 else "")
+    mean = tuple(data.mean) if data.mean is not None else tuple(base[0])
+    std = tuple(data.std) if data.std is not None else tuple(base[1])
+    return mean, std, source or where
 
 
 def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
@@ -136,13 +160,13 @@ def train(cfg: TrainerConfig, stage: Stage, allow_changed: bool = False) -> dict
     names = class_names(cfg.data)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (and new heads) on every rank
     try:
-        model, vcfg, note = stage.build(names)
+        built = stage.build(names)
     except ValueError as err:  # a model the config or the init weights cannot make (contract broken, bad size)
         raise ConfigError(" ".join(str(err).split())) from err
     env = init_distributed(env, timeout_s=cfg.dist.timeout, single=True)
     lock = claim_run_dir(Path(cfg.run.dir), env)
     try:
-        return _run(cfg, stage, env, (model, vcfg, note), names, lock)
+        return _run(cfg, stage, env, built, names, lock)
     finally:
         lock.release()
 
@@ -158,13 +182,14 @@ def claim_run_dir(run_dir: Path, env: DistEnv) -> DirLock:
     return lock
 
 
-def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: tuple[nn.Module, ViTConfig, str], names: list[str],
-         lock: DirLock) -> dict:
+def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: Built, names: list[str], lock: DirLock) -> dict:
     """`train` once the run dir is this job's: logging, streams, backend, resume, loop, report."""
-    model, vcfg, note = built
+    model, vcfg = built.model, built.vcfg
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)
-    log.info(note)
+    log.info(built.note)
+    *norm, source = normalisation(cfg.data, built.norm)
+    log.info(f"inputs normalised with mean {_fmt(norm[0])} std {_fmt(norm[1])} ({source})")
     if not lock.supported:
         log.warning(f"run.dir {run_dir} is on a filesystem without file locks: a second job into it is not refused")
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -178,7 +203,7 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: tuple[nn.Module,
         universal = bool(saved and saved["world_size"] != env.world_size)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         backend = stage.backend(model, groups, cfg, env, universal)
-        loop = Loop(cfg, env, backend, loader, val_loader, vcfg, names, total, run_dir)
+        loop = Loop(cfg, env, backend, loader, val_loader, vcfg, names, total, run_dir, tuple(norm))
         if tag:
             loop.resume(ckpt_dir, tag, saved, universal)
         if env.is_main:
@@ -205,3 +230,7 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: tuple[nn.Module,
     # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
     shutdown()
     return report
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"

@@ -87,7 +87,7 @@ def read_any(path: str | os.PathLike, heads: int | None = None) -> Checkpoint:
         if fmt.kind == "bv-npz":
             with np.load(path, allow_pickle=False) as z:  # never pickle: object arrays raise
                 sd, cfg = convert.from_big_vision({k: z[k] for k in z.files})
-            return Checkpoint(sd, cfg, [], fmt.kind)
+            return Checkpoint(sd, cfg, [], fmt.kind, big_vision_eval_settings(cfg))
         if fmt.kind == "hf-folder":
             raw, conf, meta = _hf_folder(path)
             sd = convert.from_hf(raw)
@@ -134,6 +134,14 @@ def _timm_folder(path: Path, heads: int | None) -> Checkpoint:
     except (KeyError, ValueError, TypeError):
         settings = None
     return dataclasses.replace(ckpt, class_names=names, kind="timm-folder", eval_settings=settings)
+
+
+def big_vision_eval_settings(cfg: ViTConfig) -> EvalSettings:
+    """How big_vision (and the ViT paper's JAX code) feed their ViTs: pixels scaled to [-1, 1] (`value_range(-1,
+    1)`: mean = std = 0.5), resized bilinear; the centre crop of its ImageNet evals (`resize_small(256) |
+    central_crop(224)`, 0.875)."""
+    return EvalSettings(image_size=cfg.image_hw, crop_pct=0.875, interpolation="bilinear", mean=(0.5,) * 3,
+                        std=(0.5,) * 3)
 
 
 def timm_blocker(cfg: ViTConfig) -> str | None:

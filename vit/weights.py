@@ -86,10 +86,14 @@ class EvalSettings:
     @classmethod
     def from_json(cls, text: str) -> EvalSettings:
         """Parse `to_json` output; unknown keys are an error (ignoring one could silently change an eval)."""
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalSettings:
+        """The settings `to_dict` gave (as a checkpoint's state stores them); unknown keys are an error."""
         known = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or "image_size" not in d or set(d) - known:
-            raise ValueError(f"bad eval settings {text!r}: expected a JSON object with image_size and only {known}")
+            raise ValueError(f"bad eval settings {d!r}: expected a JSON object with image_size and only {known}")
         return cls(**d)
 
 
