@@ -56,8 +56,7 @@ class Loop:
     """One run's step loop over a backend, a train stream and an optional eval stream."""
 
     def __init__(self, cfg: TrainerConfig, env: DistEnv, backend, loader, val_loader, vcfg: ViTConfig,
-                 names: list[str], total: int, run_dir: Path,
-                 norm: tuple[tuple, tuple]):
+                 names: list[str], total: int, run_dir: Path, norm: tuple[tuple, tuple]):
         self.cfg, self.env, self.backend, self.loader, self.val_loader = cfg, env, backend, loader, val_loader
         self.vcfg, self.names, self.total, self.run_dir = vcfg, names, total, run_dir
         self.log = get_logger()
