@@ -192,6 +192,7 @@ def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_pa
     plain, same = _eval_here(digits["init"], digits["data"], 32), _eval_here(half, digits["data"], 32)
     wrong = _eval_here(half, digits["data"], 32, extra=forced)  # data.mean/std over the file's (36.3 %, 36.3 %, 30.5 %)
     assert abs(same["top1"] - plain["top1"]) <= 2 / plain["samples"] and wrong["top1"] < plain["top1"] - 0.03
+    assert (same["mean"], same["std"], wrong["mean"]) == ([0.5] * 3, [0.5] * 3, list(IMAGENET[0]))  # as reported
     top1 = {}
     for name, init, extra in (("plain", digits["init"], []), ("half", half, []), ("forced", half, forced)):
         out = cli_server.run("finetune", "train", "debug_cpu", f"init={init}", f"data.path={digits['data']}",

@@ -157,5 +157,5 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
     finally:
         loader.close()
     m.update(weights=str(path), image_size=list(model.cfg.image_hw), split=o["data.split"], precision=precision,
-             crop_pct=data.crop_pct)
+             crop_pct=data.crop_pct, mean=list(settings.mean), std=list(settings.std))
     return m

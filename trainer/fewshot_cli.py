@@ -73,7 +73,7 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
                                 (settings.mean, settings.std),
                                 progress=lambda desc, total: progress_bar(total=total, desc=desc, unit="batch"))
     return feats, n, {"image_size": list(model.cfg.image_hw), "precision": precision, "crop_pct": data.crop_pct,
-                      "is_main": env.is_main}
+                      "mean": list(settings.mean), "std": list(settings.std), "is_main": env.is_main}
 
 
 def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dict:
