@@ -370,9 +370,9 @@ def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, i
     cfg = StreamConfig(source=plan.source, split=split, train=train, size=to_hw(image_size), micro_batch=micro_batch,
                        batches=plan.batches, rank=dist_env.rank, world_size=dist_env.world_size,
                        workers=plan.readers, seed=seed, samples_per_epoch=plan.samples, resampled=plan.resampled,
-                       decode=data.decode, crop_pct=data.crop_pct, scale=tuple(data.scale), ratio=tuple(data.ratio),
-                       hflip=data.hflip, randaugment=data.randaugment, shuffle_buffer=data.shuffle_buffer,
-                       min_size=data.min_size, num_classes=data.num_classes)
+                       decode=data.decode, crop_pct=data.crop_pct, interpolation=data.interpolation,
+                       scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip, randaugment=data.randaugment,
+                       shuffle_buffer=data.shuffle_buffer, min_size=data.min_size, num_classes=data.num_classes)
     # pinned batches: uint8 images copy to the GPU asynchronously, and so do decode="gpu"'s encoded bytes
     pin = dev.type == "cuda" and torch.cuda.is_available()
     return StreamLoader(ShardStream(cfg), workers=data.workers, steps_per_epoch=plan.steps,

@@ -90,6 +90,7 @@ class StreamConfig:
     resampled: bool = False
     decode: str = "cpu"  # "cpu": decode in workers; "gpu": workers ship bytes + boxes
     crop_pct: float = 0.875
+    interpolation: str = "bilinear"  # the resize filter (decode="gpu": bilinear only, roi_align)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -195,7 +196,7 @@ class ShardStream(IterableDataset):
             if cfg.decode == "gpu" and batchable:
                 return (data, box, flip), label, item["__key__"]
             # the CPU path, and on the device path the images nvJPEG cannot batch (same box, same flip)
-            img = crop_resize_pil(data, box, cfg.size, flip)
+            img = crop_resize_pil(data, box, cfg.size, flip, cfg.interpolation)
             if self.randaugment is not None and cfg.decode == "cpu":  # decode="gpu": on the device, for all
                 img = self.randaugment(img)
             return pil_to_chw(img), label, item["__key__"]

@@ -88,8 +88,13 @@ def image_header(data: bytes) -> tuple[int, int, bool]:
         return img.size[0], img.size[1], img.format == "JPEG" and img.mode == "RGB" and not progressive
 
 
-def crop_resize_pil(data: bytes, box: Box, size: tuple[int, int], flip: bool) -> Image.Image:
-    """Decode `data`, crop `box`, resize to `size` (h, w), flip; returns an RGB PIL image.
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}  # data.interpolation
+
+
+def crop_resize_pil(data: bytes, box: Box, size: tuple[int, int], flip: bool,
+                    interpolation: str = "bilinear") -> Image.Image:
+    """Decode `data`, crop `box`, resize to `size` (h, w) with PIL's antialiased `interpolation` filter, flip;
+    returns an RGB PIL image.
 
     JPEGs are decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 during the inverse DCT when the crop
     is at least that much larger than the output, which skips most of the decoding work.
@@ -103,7 +108,7 @@ def crop_resize_pil(data: bytes, box: Box, size: tuple[int, int], flip: bool) ->
         img.draft("RGB", (max(1, math.ceil(full_w * tw / w)), max(1, math.ceil(full_h * th / h))))
     sx, sy = img.size[0] / full_w, img.size[1] / full_h
     img = img.convert("RGB")
-    out = img.resize((tw, th), Image.Resampling.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    out = img.resize((tw, th), RESAMPLE[interpolation], box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 

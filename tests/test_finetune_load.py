@@ -211,3 +211,20 @@ def test_the_run_normalises_as_data_says_else_as_the_init_was_trained_else_as_im
     assert normalisation(data, None) == (IMAGENET_MEAN, IMAGENET_STD, "ImageNet's")
     assert normalisation(mine, half) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "data.mean and data.std")
     assert normalisation(only_std, half) == (half[0], (0.4, 0.5, 0.6), "data.std, the rest the init's eval settings")
+
+
+def test_eval_verbs_use_the_files_settings_unless_the_command_line_gives_one(tmp_path: Path) -> None:
+    from trainer.evaluate import EVAL_OPTIONS, overridden, verb_options
+    from vit.weights import EvalSettings
+
+    file = EvalSettings(16, crop_pct=0.9, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    (tmp_path / "dataset.json").write_text("{}")
+    path = f"data.path={tmp_path / 'dataset.json'}"
+    data, settings = overridden(file, *verb_options([path], EVAL_OPTIONS, "eval"))
+    assert settings == file and (data.crop_pct, data.interpolation) == (0.9, "bicubic")
+    given = [path, "data.interpolation=bilinear", "data.crop_pct=1.0", "data.std=[0.2,0.2,0.2]", "eval.precision=bf16"]
+    data, settings = overridden(file, *verb_options(given, EVAL_OPTIONS, "eval"))
+    assert settings == file.replace(interpolation="bilinear", crop_pct=1.0, std=(0.2,) * 3, precision="bf16")
+    assert (data.crop_pct, data.interpolation) == (1.0, "bilinear")
+    with pytest.raises(ConfigError, match="eval settings: data.decode=gpu resizes bilinear .* data.decode=cpu"):
+        overridden(file, *verb_options([path, "data.decode=gpu"], EVAL_OPTIONS, "eval"))

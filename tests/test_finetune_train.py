@@ -182,7 +182,8 @@ def _renormalised(sd: dict, old: tuple, new: tuple) -> dict:
 def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_path: Path, cli_server) -> None:
     """digits' init rewritten for inputs in [-1, 1] (mean = std = 0.5, as Hub and big_vision ViTs are fed), its
     eval settings saying so, evaluates and fine-tunes as the init itself does; ImageNet's statistics forced on it
-    (data.mean / data.std) do not. The runs' weight files record the normalisation they trained with."""
+    (data.mean / data.std) do not. The runs' weight files record the normalisation (and the resize filter) they
+    trained with, and `eval` of a file repeats its run's top-1 with them."""
     from vit.weights import EvalSettings, load_weights, save_weights
 
     sd, meta = load_weights(digits["init"])
@@ -194,7 +195,8 @@ def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_pa
     assert abs(same["top1"] - plain["top1"]) <= 2 / plain["samples"] and wrong["top1"] < plain["top1"] - 0.03
     assert (same["mean"], same["std"], wrong["mean"]) == ([0.5] * 3, [0.5] * 3, list(IMAGENET[0]))  # as reported
     top1 = {}
-    for name, init, extra in (("plain", digits["init"], []), ("half", half, []), ("forced", half, forced)):
+    bicubic = [*forced, "data.interpolation=bicubic"]
+    for name, init, extra in (("plain", digits["init"], []), ("half", half, []), ("forced", half, bicubic)):
         out = cli_server.run("finetune", "train", "debug_cpu", f"init={init}", f"data.path={digits['data']}",
                              f"run.dir={tmp_path / name}", "train.steps=1", "eval.inspect=false", *DIGITS_AUG, *extra,
                              timeout=240)
@@ -202,6 +204,9 @@ def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_pa
         top1[name] = json.loads((tmp_path / name / "report.json").read_text())["last"]["top1"]
         ev = load_weights(tmp_path / name / "last.safetensors")[1]["eval"]
         assert (ev.mean, ev.std) == (HALF if name == "half" else IMAGENET), name
+        assert ev.interpolation == ("bicubic" if name == "forced" else "bilinear"), name
+    again = _eval_here(tmp_path / "forced" / "last.safetensors", digits["data"], crop_pct=None)
+    assert (again["top1"], again["interpolation"], again["mean"]) == (top1["forced"], "bicubic", list(IMAGENET[0]))
     assert ("inputs normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5] (the init's eval settings)"
             in (tmp_path / "half" / "log.txt").read_text())
     # one step trains only the zero-initialised head, on the body's features: equal up to bf16 rounding when the

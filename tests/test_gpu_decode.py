@@ -112,9 +112,9 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list]:
     dev: list = []
     real_pil, real_batch = stream_worker.crop_resize_pil, gpu_decode.crop_resize_batch
 
-    def pil(data, box, size, flip):
+    def pil(data, box, size, flip, interpolation):
         cpu["boxes"].append((tuple(box), bool(flip)))
-        return real_pil(data, box, size, flip)
+        return real_pil(data, box, size, flip, interpolation)
 
     def batch(images, boxes, flips, size):
         dev.append((threading.current_thread().name, [(tuple(b), bool(f)) for b, f in

@@ -18,6 +18,7 @@ from data_prep.transforms import (
     crop_resize_pil,
     normalize,
     parse_randaugment,
+    pil_to_chw,
     random_resized_crop_box,
 )
 from runtime.dist import DistEnv
@@ -68,6 +69,34 @@ def test_draft_decoding_matches_a_full_decode() -> None:
         assert img.size == (125, 94)  # 1/4 scale in the decoder
     flipped = crop_resize_pil(data, box, (32, 40), flip=True)
     assert np.array_equal(np.asarray(flipped), np.asarray(out)[:, ::-1])
+
+
+def test_bicubic_is_pils_bicubic_and_the_eval_loader_resizes_with_it(tmp_path: Path) -> None:
+    """data.interpolation=bicubic (timm's ViT eval filter) is PIL's antialiased bicubic, in crop_resize_pil and in
+    the eval stream; bilinear stays the default."""
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)  # filters differ on detail
+    Image.fromarray(noise).save(buf, format="PNG")  # no JPEG draft: the whole decode is PIL's filter alone
+    box, size = (10, 5, 100, 80), (32, 40)
+    got = {f: np.asarray(crop_resize_pil(buf.getvalue(), box, size, False, f), dtype=np.int16)
+           for f in ("bilinear", "bicubic")}
+    full = Image.fromarray(noise)
+    want = np.asarray(full.resize((40, 32), Image.Resampling.BICUBIC, box=(10, 5, 110, 85)), dtype=np.int16)
+    assert np.array_equal(got["bicubic"], want) and np.abs(got["bilinear"] - want).mean() > 2
+    ds = write_dataset(tmp_path / "ds", {"val": [6]})
+
+    def first_batch(**kw) -> torch.Tensor:
+        ld = build_loader(DataCfg(path=str(ds), workers=0, crop_pct=0.875, **kw), "val", train=False,
+                          dist_env=DistEnv(), image_size=24, micro_batch=6, device="cpu", seed=0)
+        return next(iter(ld))[0]
+
+    jpg = make_jpeg(0)[0]
+    w, h = Image.open(io.BytesIO(jpg)).size
+    ref = {f: pil_to_chw(crop_resize_pil(jpg, center_crop_box(w, h, (24, 24), 0.875), (24, 24), False, f))
+           for f in ("bilinear", "bicubic")}
+    default, bicubic = first_batch(), first_batch(interpolation="bicubic")
+    assert torch.equal(default[0], ref["bilinear"]) and torch.equal(bicubic[0], ref["bicubic"])
+    assert not torch.equal(default, bicubic)
 
 
 def test_normalize() -> None:

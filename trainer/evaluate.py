@@ -25,7 +25,7 @@ from runtime.config import ConfigError, check_value, parse_override
 from runtime.dist import detect, init_distributed
 from runtime.progress import progress_bar
 from trainer.config import check_split
-from vit.weights import PRECISIONS, EvalSettings
+from vit.weights import INTERPOLATIONS, PRECISIONS, EvalSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -78,7 +78,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, input_dtype: torch.
 # the weight file's own eval settings.
 EVAL_OPTIONS = {"data.split": (str, "val"), "model.image_size": (int | tuple[int, int] | None, None),
                 "model.pos_interp": (Literal["bicubic", "bilinear"], "bicubic"), "eval.micro_batch": (int, 64),
-                "eval.precision": (Literal[PRECISIONS] | None, None), "data.crop_pct": (float | None, None)}
+                "eval.precision": (Literal[PRECISIONS] | None, None), "data.crop_pct": (float | None, None),
+                "data.interpolation": (Literal[INTERPOLATIONS] | None, None)}
 
 
 def verb_options(overrides: list[str], options: dict[str, tuple[object, object]], verb: str,
@@ -100,15 +101,15 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
             data[keys[1]] = value
         else:
             raise ConfigError(f"unknown {verb} option {key!r} (valid: data.<key> of the data section, "
-                              f"{', '.join(k for k in options if k not in ('data.split', 'data.crop_pct'))})")
+                              f"{', '.join(k for k in options if not k.startswith('data.'))})")
     if not data.get("path"):
         raise ConfigError(f"data.path is required: {verb} WEIGHTS data.path=DATASET/dataset.json")
     if not Path(data["path"]).exists() and "://" not in data["path"] and "{" not in data["path"]:
         raise ConfigError(f"data.path {data['path']} does not exist; pass a dataset.json written by data_prep")
     data.setdefault("workers", min(workers, len(os.sched_getaffinity(0))))  # not more loader processes than CPUs
     cfg = from_dict(DataCfg, data, "data")
-    checked = cfg if opts.get("data.crop_pct") is None else dataclasses.replace(cfg, crop_pct=opts["data.crop_pct"])
-    problems = data_problems(checked)
+    given = {k: opts[f"data.{k}"] for k in ("crop_pct", "interpolation") if opts.get(f"data.{k}") is not None}
+    problems = data_problems(dataclasses.replace(cfg, **given))
     if opts.get("eval.micro_batch", 1) < 1:
         problems.append(f"eval.micro_batch must be >= 1, got {opts['eval.micro_batch']}")
     if problems:
@@ -118,10 +119,21 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
 
 def overridden(settings: EvalSettings, data: DataCfg, o: dict) -> tuple[DataCfg, EvalSettings]:
     """The eval settings an eval verb uses: the weight file's `settings`, each replaced where the command line
-    gives one (data.crop_pct, data.mean, data.std, eval.precision); and `data` with that crop."""
+    gives one (data.crop_pct, data.interpolation, data.mean, data.std, eval.precision); and `data` with that crop
+    and filter (a ConfigError where the data section cannot apply them, e.g. bicubic with decode=gpu)."""
     settings = settings.replace(crop_pct=o["data.crop_pct"] or settings.crop_pct, mean=data.mean or settings.mean,
-                                std=data.std or settings.std, precision=o["eval.precision"] or settings.precision)
-    return dataclasses.replace(data, crop_pct=settings.crop_pct), settings
+                                std=data.std or settings.std, precision=o["eval.precision"] or settings.precision,
+                                interpolation=o.get("data.interpolation") or settings.interpolation)
+    data = dataclasses.replace(data, crop_pct=settings.crop_pct, interpolation=settings.interpolation)
+    if problems := data_problems(data):
+        raise ConfigError(f"the weights' eval settings: {'; '.join(problems)}")
+    return data, settings
+
+
+def settings_used(settings: EvalSettings) -> dict:
+    """What an eval verb reports of the settings it evaluated with (`overridden`'s), beside its figures."""
+    d = settings.to_dict()
+    return {k: d[k] for k in ("image_size", "precision", "crop_pct", "interpolation", "mean", "std")}
 
 
 def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
@@ -156,6 +168,5 @@ def evaluate_weights(path: str | Path, overrides: list[str]) -> dict:
                          bar)
     finally:
         loader.close()
-    m.update(weights=str(path), image_size=list(model.cfg.image_hw), split=o["data.split"], precision=precision,
-             crop_pct=data.crop_pct, mean=list(settings.mean), std=list(settings.std))
+    m.update(weights=str(path), split=o["data.split"], **settings_used(settings))
     return m

@@ -21,13 +21,14 @@ from runtime.dist import detect, init_distributed
 from runtime.io import atomic_write_json, output_problem
 from runtime.progress import progress_bar
 from trainer.config import DataCfg, FewShotCfg, check_split, fewshot_dataset_problems, validate_fewshot
-from trainer.evaluate import DTYPES, EVAL_OPTIONS, overridden, verb_options
+from trainer.evaluate import DTYPES, EVAL_OPTIONS, overridden, settings_used, verb_options
 from trainer.fewshot import dataset_features, dataset_name, fewshot_top1, linear_probe_top1
 
 # key -> (type, default) besides data.<key>; shots and l2 also as comma lists (shots=1,5,10)
 OPTIONS = {"shots": (list[int] | None, None), "seeds": (int | None, None), "holdout": (int | None, None),
            "l2": (list[float] | None, None), "out": (str | None, None),
-           **{k: EVAL_OPTIONS[k] for k in ("model.image_size", "eval.micro_batch", "eval.precision", "data.crop_pct")}}
+           **{k: EVAL_OPTIONS[k] for k in ("model.image_size", "eval.micro_batch", "eval.precision", "data.crop_pct",
+                                             "data.interpolation")}}
 
 
 def _as_list(text: str) -> str:
@@ -72,8 +73,7 @@ def _features(weights: str, data: DataCfg, fs: FewShotCfg, o: dict) -> tuple[dic
                                 o["eval.micro_batch"], dev, torch.float32 if amp else dtype, context,
                                 (settings.mean, settings.std),
                                 progress=lambda desc, total: progress_bar(total=total, desc=desc, unit="batch"))
-    return feats, n, {"image_size": list(model.cfg.image_hw), "precision": precision, "crop_pct": data.crop_pct,
-                      "mean": list(settings.mean), "std": list(settings.std), "is_main": env.is_main}
+    return feats, n, {**settings_used(settings), "is_main": env.is_main}
 
 
 def fewshot_verb(weights: str, overrides: list[str], probe: bool = False) -> dict:

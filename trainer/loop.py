@@ -69,7 +69,7 @@ class Loop:
         self.bad, self.keys, self.micro = 0, [], 0
         # how the run feeds its model (norm: trainer/run.py's normalisation), stored with every weight file
         self.settings = EvalSettings(image_size=vcfg.image_hw, crop_pct=cfg.data.crop_pct, mean=norm[0], std=norm[1],
-                                     precision=backend.eval_precision())
+                                     interpolation=cfg.data.interpolation, precision=backend.eval_precision())
         self.norm = (self.settings.mean, self.settings.std)
         self.keys_file = None
         if cfg.debug.record_keys:
