@@ -152,3 +152,21 @@ def test_unreadable_files_are_skipped_and_named_and_a_run_dir_is_read(tmp_path: 
     run = accelerate_run_dir(tmp_path / "run", VisionTransformer(cfg).state_dict(), cfg, ["a", "b", "c"])
     assert main(["inspect", str(run), "--out", str(tmp_path / "out3")]) == 0
     assert json.loads((tmp_path / "out3" / "inspect.json").read_text())["pos_embed_similarity"]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_folder_images_are_prepared_as_the_eval_stream_prepares_them(tmp_path: Path, interpolation: str) -> None:
+    """`--images FOLDER` and `--images SHARDS` of the same JPEGs give the same pixels: the weights' crop_pct and
+    resize filter, through the eval transform's one implementation."""
+    from tests.stream_fixtures import make_jpeg, write_dataset
+    from vit.__main__ import _folder_images, _shard_images
+    from vit.weights import EvalSettings
+
+    shards = write_dataset(tmp_path / "ds", {"val": [5]})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_bytes(make_jpeg(i)[0])  # the bytes write_dataset stored, in key order
+    settings = EvalSettings((24, 32), crop_pct=0.8, interpolation=interpolation)
+    got = _folder_images(folder, (24, 32), settings, 5)
+    assert got.shape == (5, 3, 24, 32) and torch.equal(got, _shard_images(shards, (24, 32), settings, 5))

@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from runtime.argtypes import count, index
@@ -36,34 +35,31 @@ def info(variants: list[str], image_size: int, num_classes: int) -> str:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def _folder_images(folder: Path, hw: tuple[int, int], crop_pct: float, n: int) -> torch.Tensor:
-    """The first n readable images of a folder (sorted, recursive): resized to hw / crop_pct, centre-cropped;
-    uint8. A file that does not decode is skipped, and named on stderr."""
+def _folder_images(folder: Path, hw: tuple[int, int], settings, n: int) -> torch.Tensor:
+    """The first n readable images of a folder (sorted, recursive), as the eval stream prepares them (the
+    weights' crop_pct and resize filter); uint8. A file that does not decode is skipped, and named on stderr."""
     from PIL import Image, UnidentifiedImageError
+
+    from data_prep.transforms import center_crop_box, crop_resize_pil, pil_to_chw
 
     out, skipped = [], []
     for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         if len(out) == n:
             break
         try:
+            data = f.read_bytes()
             with Image.open(f) as img:
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError):  # truncated, not an image, a decompression bomb
+                box = center_crop_box(img.width, img.height, hw, settings.crop_pct)
+            out.append(pil_to_chw(crop_resize_pil(data, box, hw, False, settings.interpolation)))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):  # truncated, not an image
             skipped.append(str(f))
-            continue
-        scale = max(hw[0] / img.height, hw[1] / img.width) / crop_pct
-        img = img.resize((max(hw[1], round(img.width * scale)), max(hw[0], round(img.height * scale))),
-                         Image.BICUBIC)
-        top, left = (img.height - hw[0]) // 2, (img.width - hw[1]) // 2
-        arr = np.asarray(img.crop((left, top, left + hw[1], top + hw[0])))  # (H, W, 3)
-        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
     if skipped:
         print(f"note: skipped {len(skipped)} file(s) that are not readable images: {', '.join(skipped[:3])}"
               f"{', ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     return torch.stack(out) if out else torch.zeros(0, 3, *hw, dtype=torch.uint8)
 
 
-def _shard_images(path: Path, hw: tuple[int, int], crop_pct: float, n: int) -> torch.Tensor:
+def _shard_images(path: Path, hw: tuple[int, int], settings, n: int) -> torch.Tensor:
     """The first n images of a dataset's val split (else its first split), as the eval stream prepares them."""
     import json
 
@@ -73,7 +69,8 @@ def _shard_images(path: Path, hw: tuple[int, int], crop_pct: float, n: int) -> t
     manifest = path / "dataset.json" if path.is_dir() else path
     splits = list(json.loads(manifest.read_text())["splits"])
     split = "val" if "val" in splits else splits[0]
-    loader = build_loader(DataCfg(path=str(manifest), workers=0, crop_pct=crop_pct), split, train=False,
+    data = DataCfg(path=str(manifest), workers=0, crop_pct=settings.crop_pct, interpolation=settings.interpolation)
+    loader = build_loader(data, split, train=False,
                           dist_env=DistEnv(), image_size=hw, micro_batch=n, seed=0, device="cpu")
     try:
         images, labels = next(iter(loader))
@@ -103,7 +100,7 @@ def inspect_verb(weights: str, images: str | None, out: str, n: int = 8) -> list
             raise ConfigError(f"--images {images} does not exist; pass a folder of images or a dataset.json")
         shards = src.suffix == ".json" or (src / "dataset.json").is_file()
         read = _shard_images if shards else _folder_images
-        batch = read(src, model.cfg.image_hw, settings.crop_pct, n)
+        batch = read(src, model.cfg.image_hw, settings, n)
         if not len(batch):
             raise ConfigError(f"--images {images} holds no readable image (.jpg, .png, .webp) or labelled sample")
     numbers, figures = inspect_model(model, batch, (settings.mean, settings.std))
