@@ -121,7 +121,7 @@ def test_hf_export_loads_in_transformers_and_comes_back(tmp_path: Path) -> None:
     x = _x(model.cfg)
     folder = export(_run_dir(tmp_path, model), fmt="hf")
     assert folder == tmp_path / "run" / "export" / "hf" and sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "model.safetensors", "preprocessor_config.json"]
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]  # README.md: the model card
     torch.testing.assert_close(_hf_logits(folder, x), model(x).detach(), **TOL)
     conf = json.loads((folder / "config.json").read_text())
     assert conf["image_size"] == [48, 64] and conf["id2label"]["3"] == "dog" and conf["layer_norm_eps"] == 1e-6
@@ -173,7 +173,7 @@ def test_timm_dir_export_loads_in_timm_with_our_eval_transform(tmp_path: Path) -
     x = _x(model.cfg)
     folder = export(_run_dir(tmp_path, model), fmt="timm-dir")
     assert folder == tmp_path / "run" / "export" / "timm"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     t = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(t(x), model(x), **TOL)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from runtime.config import ConfigError
-from runtime.io import output_problem
+from runtime.io import atomic_write, output_problem
 from runtime.progress import progress_bar
 from trainer import checkpoint as ckpt
+from trainer.model_card import model_card
 from vit import VisionTransformer, ViTConfig
 from vit.interop import hf_blocker, read_any, save_hf, save_timm_dir, timm_blocker
 from vit.weights import EvalSettings, adapt_pos_embed, identify_weights, save_weights
@@ -93,6 +94,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, tag: str | None =
             written = save_timm_dir(dest, sd, vcfg, state["class_names"], state["step"], settings)
         else:
             written = save_weights(dest, sd, vcfg, state["class_names"], state["step"], eval_settings=settings)
+        if fmt in FOLDERS:  # a folder the Hub takes as it is: with its model card
+            atomic_write(written / "README.md", model_card(fmt, vcfg, state, settings, ema))
         bar.set_postfix_str("done", refresh=False)
         bar.update(1)
     return written
