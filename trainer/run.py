@@ -81,11 +81,13 @@ def class_names(data: DataCfg) -> list[str]:
     return [str(i) for i in range(data.num_classes)]
 
 
-def normalisation(data: DataCfg, init: tuple | None) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+def normalisation(data: DataCfg, init: tuple | None, where: str = "the init's eval settings"
+                  ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, where they came from) of the inputs `(pixel / 255 - mean) / std`: data.mean / data.std where set,
-    else what the init weights were trained with (`init`), else ImageNet's. Fine-tuning a model on inputs scaled
-    unlike its pre-training (a Hub or big_vision ViT's 0.5 against ImageNet's) starts it off its own features."""
-    base, where = (init, "the init's eval settings") if init else ((IMAGENET_MEAN, IMAGENET_STD), "ImageNet's")
+    else `init` (what the init weights were trained with, or a resumed run's own), else ImageNet's. Fine-tuning a
+    model on inputs scaled unlike its pre-training (a Hub or big_vision ViT's 0.5 against ImageNet's) starts it off
+    its own features."""
+    base, where = (init, where) if init else ((IMAGENET_MEAN, IMAGENET_STD), "ImageNet's")
     given = [k for k in ("mean", "std") if getattr(data, k) is not None]
     source = " and ".join(f"data.{k}" for k in given) + (f", the rest {where}" if len(given) == 1 else "")
     mean = tuple(data.mean) if data.mean is not None else tuple(base[0])
@@ -188,8 +190,6 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: Built, names: li
     run_dir = Path(cfg.run.dir)
     log = setup_logging(env, run_dir)
     log.info(built.note)
-    *norm, source = normalisation(cfg.data, built.norm)
-    log.info(f"inputs normalised with mean {_fmt(norm[0])} std {_fmt(norm[1])} ({source})")
     if not lock.supported:
         log.warning(f"run.dir {run_dir} is on a filesystem without file locks: a second job into it is not refused")
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -201,6 +201,8 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: Built, names: li
         tag = ckpt.latest_tag(ckpt_dir) if cfg.run.resume else None
         saved = ckpt.read_state(ckpt_dir, tag) if tag else None
         universal = bool(saved and saved["world_size"] != env.world_size)
+        *norm, source = normalisation(cfg.data, *_trained_norm(saved, built))
+        log.info(f"inputs normalised with mean {_fmt(norm[0])} std {_fmt(norm[1])} ({source})")
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         backend = stage.backend(model, groups, cfg, env, universal)
         loop = Loop(cfg, env, backend, loader, val_loader, vcfg, names, total, run_dir, tuple(norm))
@@ -230,6 +232,16 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: Built, names: li
     # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
     shutdown()
     return report
+
+
+def _trained_norm(saved: dict | None, built: Built) -> tuple[tuple | None, str]:
+    """(mean, std) a run trains with unless data.mean / data.std say otherwise, and where it is from: a resumed
+    run keeps its checkpoint's (a changed or upgraded init must not change its inputs mid-run), a new one takes
+    the init's."""
+    ev = (saved or {}).get("eval_settings") or {}
+    if "mean" in ev and "std" in ev:
+        return (ev["mean"], ev["std"]), "as the run trained so far: its checkpoint's eval settings"
+    return built.norm, "the init's eval settings"
 
 
 def _fmt(values: tuple[float, ...]) -> str:
