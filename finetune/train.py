@@ -31,8 +31,12 @@ def build_model(cfg: FinetuneConfig, names: list[str]) -> Built:
     model = build_finetune_model(init.state_dict, src, vcfg, mode=cfg.model.pos_interp)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     settings = init.eval_settings
-    return Built(model, vcfg, f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head "
-                 f"for {len(names)} classes", (settings.mean, settings.std) if settings else None)
+    note = (f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head for {len(names)} "
+            "classes")
+    if settings and settings.interpolation != cfg.data.interpolation:  # not followed: decode=gpu has bilinear only
+        note += (f"; it was evaluated with {settings.interpolation} resizing, this run resizes "
+                 f"{cfg.data.interpolation} (data.interpolation)")
+    return Built(model, vcfg, note, (settings.mean, settings.std) if settings else None)
 
 
 def _check_plugin(cfg: FinetuneConfig) -> None:

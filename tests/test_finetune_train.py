@@ -145,6 +145,8 @@ def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_pa
     assert (again["top1"], again["interpolation"], again["mean"]) == (top1["forced"], "bicubic", list(IMAGENET[0]))
     assert ("inputs normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5] (the init's eval settings)"
             in (tmp_path / "half" / "log.txt").read_text())
+    assert ("it was evaluated with bilinear resizing, this run resizes bicubic (data.interpolation)"
+            in (tmp_path / "forced" / "log.txt").read_text())  # the filter is not followed, but said
     # a run keeps its inputs when resumed (e.g. one an older vitscale started with ImageNet's statistics)
     state = tmp_path / "half" / "checkpoints" / "global_step1" / "trainer_state.json"
     saved = json.loads(state.read_text())
