@@ -57,7 +57,7 @@ def test_a_run_without_evals_says_so_and_an_ema_export_names_its_weights(tmp_pat
     cfg = vit_config("debug", image_size=16, num_classes=3)
     state = {"step": 3, "evals": [], "class_names": NAMES, "config": {}}
     text = model_card("hf", cfg, state, EvalSettings(16))
-    assert "No evaluation ran during training" in text and "pre-trained from scratch" in text
+    assert "No evaluation had run by this checkpoint" in text and "pre-trained from scratch" in text
     assert text.splitlines()[9] == "# ViT at 16x16 px, 3 classes"  # the debug shape: no paper variant
     large = vit_config("L/16", image_size=384, num_classes=3)  # a paper variant's shape is named
     assert "# ViT-L/16 at 384x384 px, 3 classes" in model_card("hf", large, state, EvalSettings(384))

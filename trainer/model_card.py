@@ -39,7 +39,7 @@ def _scores(state: dict, ema: bool) -> list[str]:
     note = (f"These weights: step {state['step']}, the {exported} weights; a row of another step or of other "
             "weights measured those, not these.")
     return ["| step | top-1 | top-5 | images | weights |", "|---|---|---|---|---|", *rows, "", note] if rows else [
-        "No evaluation ran during training (data.val_split was null)."]
+        "No evaluation had run by this checkpoint (data.val_split null, or none due yet)."]
 
 
 def model_card(fmt: str, vcfg: ViTConfig, state: dict, settings: EvalSettings, ema: bool = False) -> str:
