@@ -16,6 +16,7 @@ from runtime.argtypes import count, index
 from vit.config import variant_names, vit_config
 from vit.flops import inference_flops_per_image, train_flops_per_image
 from vit.model import VisionTransformer
+from vit.weights import EvalSettings
 
 
 def info(variants: list[str], image_size: int, num_classes: int) -> str:
@@ -35,12 +36,12 @@ def info(variants: list[str], image_size: int, num_classes: int) -> str:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def _folder_images(folder: Path, hw: tuple[int, int], settings, n: int) -> torch.Tensor:
+def _folder_images(folder: Path, hw: tuple[int, int], settings: EvalSettings, n: int) -> torch.Tensor:
     """The first n readable images of a folder (sorted, recursive), as the eval stream prepares them (the
     weights' crop_pct and resize filter); uint8. A file that does not decode is skipped, and named on stderr."""
     from PIL import Image, UnidentifiedImageError
 
-    from data_prep.transforms import center_crop_box, crop_resize_pil, pil_to_chw
+    from data_prep.transforms import center_crop_box, crop_resize_pil, image_header, pil_to_chw
 
     out, skipped = [], []
     for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -48,8 +49,8 @@ def _folder_images(folder: Path, hw: tuple[int, int], settings, n: int) -> torch
             break
         try:
             data = f.read_bytes()
-            with Image.open(f) as img:
-                box = center_crop_box(img.width, img.height, hw, settings.crop_pct)
+            width, height, _ = image_header(data)
+            box = center_crop_box(width, height, hw, settings.crop_pct)
             out.append(pil_to_chw(crop_resize_pil(data, box, hw, False, settings.interpolation)))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):  # truncated, not an image
             skipped.append(str(f))
@@ -59,7 +60,7 @@ def _folder_images(folder: Path, hw: tuple[int, int], settings, n: int) -> torch
     return torch.stack(out) if out else torch.zeros(0, 3, *hw, dtype=torch.uint8)
 
 
-def _shard_images(path: Path, hw: tuple[int, int], settings, n: int) -> torch.Tensor:
+def _shard_images(path: Path, hw: tuple[int, int], settings: EvalSettings, n: int) -> torch.Tensor:
     """The first n images of a dataset's val split (else its first split), as the eval stream prepares them."""
     import json
 
