@@ -4,8 +4,9 @@ The workers ship, per micro-batch, the bytes of the baseline JPEGs with their cr
 the same seeded RNG as on the CPU path), and the few images nvJPEG cannot batch (progressive, CMYK,
 greyscale, PNG...) already cropped by PIL (data_prep/stream_worker.py). Here:
 
-- `crop_resize_batch`: every crop + resize of a micro-batch as one `roi_align` over the decoded images padded
-  into one tensor, the flips as one batched select, one round/cast to uint8 (not 5-6 kernels per image).
+- `crop_resize_batch`: every crop + resize + flip of a micro-batch at once, with PIL's own filters and
+  fixed-point arithmetic (data_prep/resample.py) over the decoded images padded into one tensor: PIL's bytes,
+  for bilinear and bicubic, with no kernels per image but the padding copy.
 - `DeviceDecoder`: one micro-batch: batched `decode_jpeg`, `crop_resize_batch`, the worker-decoded images put
   in place, failed images replaced by a neighbour. On CUDA it runs on a stream of its own and records an event.
 - `decode_ahead`: runs the decoder on a background thread, `ahead` micro-batches ahead of the training thread,
@@ -24,12 +25,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.ops import roi_align
 
+from data_prep.resample import resample_batch
 from data_prep.stream_worker import FILLER_LABEL, StreamConfig, substitute_index
 
 DECODE_AHEAD = 2  # micro-batches decoded ahead of the one being trained on
-PAD_BUDGET_BYTES = 1 << 30  # float32 bytes of one padded roi_align input; a batch of huge images goes in chunks
+PAD_BUDGET_BYTES = 1 << 30  # int32 bytes of one padded resample batch; a batch of huge images goes in chunks
 JOIN_AT_EXIT_S = 5.0
 
 # decode threads alive in this process, by key: stopped at interpreter exit before the workers (data_prep.stream)
@@ -46,36 +47,24 @@ def _to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.d
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _pad(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """float32 (B, 3, Hmax, Wmax), each image in the top-left corner, the row and column past a smaller image
-    repeating its edge.
-
-    roi_align's bilinear samples read one pixel past a box that touches the image's right or bottom edge (with
-    weight up to 1/2), and clamp only at the tensor's border: repeating the edge gives PIL's clamped edge there
-    instead of a dark fringe from the padding.
-    """
+def _pad(images: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, Wmax, 3, Hmax), image i's pixel (c, y, x) at [i, x, c, y] (columns first: the horizontal pass
+    gathers whole columns), anything past an image zero (never read: data_prep/resample.py), and the images'
+    (h, w) as a (B, 2) tensor on `device`."""
+    sizes = _to_device([list(im.shape[-2:]) for im in images], device, torch.float64)
     if all(im.shape == images[0].shape for im in images):  # e.g. a dataset resized to one size: no padding
-        return torch.stack(images).float()
-    hs = [int(im.shape[-2]) for im in images]
-    ws = [int(im.shape[-1]) for im in images]
-    out = torch.zeros((len(images), 3, max(hs), max(ws)), dtype=torch.float32, device=device)
+        return torch.stack([im.permute(2, 0, 1) for im in images]), sizes
+    out = torch.zeros((len(images), max(im.shape[-1] for im in images), 3, max(im.shape[-2] for im in images)),
+                      dtype=torch.uint8, device=device)
     for i, im in enumerate(images):
-        out[i, :, : hs[i], : ws[i]] = im  # one copy + cast kernel per image
-    # columns first, so that the row copy below fills the corner too
-    for dim, sizes in ((3, ws), (2, hs)):
-        short = [i for i, n in enumerate(sizes) if n < out.shape[dim]]
-        if short:
-            b, n = _to_device(short, device), _to_device([sizes[i] for i in short], device)
-            if dim == 3:
-                out[b, :, :, n] = out[b, :, :, n - 1]
-            else:
-                out[b, :, n, :] = out[b, :, n - 1, :]
-    return out
+        out[i, : im.shape[-1], :, : im.shape[-2]] = im.permute(2, 0, 1)  # one copy kernel per image
+    return out, sizes
 
 
 def _chunks(images: list[torch.Tensor], budget: int = PAD_BUDGET_BYTES) -> list[list[int]]:
-    """Indices of `images` in groups whose padded float32 tensor fits `budget`: all in order when they fit
-    (the usual case), else by size, so that a few huge images do not pad the whole batch to their size."""
+    """Indices of `images` in groups whose padded tensor, counted as int32 (the resample's sums), fits `budget`:
+    all in order when they fit (the usual case), else by size, so that a few huge images do not pad the whole
+    batch to their size."""
     def padded_bytes(n: int, h: int, w: int) -> int:
         return n * 3 * h * w * 4
 
@@ -96,28 +85,28 @@ def _chunks(images: list[torch.Tensor], budget: int = PAD_BUDGET_BYTES) -> list[
 
 
 def crop_resize_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
-                      size: tuple[int, int]) -> torch.Tensor:
-    """Crop box i of image i (uint8 (3, h_i, w_i), one device), resize to `size` (h, w), flip where `flips`.
+                      size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop box i of image i (uint8 (3, h_i, w_i), one device), resize to `size` (h, w) with PIL's
+    `interpolation` filter, flip where `flips`: PIL's pixels, as the CPU path's `crop_resize_pil` gives them
+    from the same decoded image (data_prep/resample.py).
 
-    boxes: (B, 4) as (left, top, width, height) in source pixels; flips: (B,) bool. Returns uint8 (B, 3, h, w).
-    roi_align with aligned=True samples the box in PIL's pixel convention (pixel i spans [i, i+1)); its
-    adaptive sampling averages ceil(box / output) bilinear samples per output pixel along each axis, an
-    antialiased downscale like PIL's bilinear filter (plain bilinear when upscaling).
+    boxes: (B, 4) as (left, top, width, height) in source pixels; flips: (B,) bool, both on the host.
+    Returns uint8 (B, 3, h, w): a few batched kernels per filter tap, per group of images (one group unless
+    they are huge).
     """
     device = images[0].device
     groups = _chunks(images)
-    out = None if len(groups) == 1 else torch.empty((len(images), 3, *size), dtype=torch.float32, device=device)
+    out = None if len(groups) == 1 else torch.empty((len(images), 3, *size), dtype=torch.uint8, device=device)
     for group in groups:
-        # (position in the padded tensor, x1, y1, x2, y2), built on the host: one copy to the device
-        rois = [(k, left, top, left + w, top + h) for k, (left, top, w, h) in enumerate(boxes[group].tolist())]
-        crops = roi_align(_pad([images[i] for i in group], device), _to_device(rois, device, torch.float32), size,
-                          spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        padded, sizes = _pad([images[i] for i in group], device)
+        box = boxes[group]
+        max_scale = max((box[:, 2] / size[1]).max().item(), (box[:, 3] / size[0]).max().item())  # host values
+        crops = resample_batch(padded, sizes, _to_device(box, device, torch.float64),
+                               _to_device(flips[group], device), size, interpolation, max_scale)
         if out is None:
-            out = crops
-        else:
-            out[_to_device(group, device)] = crops
-    out = torch.where(_to_device(flips, device).view(-1, 1, 1, 1), out.flip(-1), out)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+            return crops
+        out[_to_device(group, device)] = crops
+    return out
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -186,7 +175,7 @@ class DeviceDecoder:
         if good:
             idx = [i for i, _ in good]
             images[_to_device(idx, dev)] = crop_resize_batch(
-                [img for _, img in good], batch["boxes"][idx], batch["flips"][idx], cfg.size)
+                [img for _, img in good], batch["boxes"][idx], batch["flips"][idx], cfg.size, cfg.interpolation)
             for i in idx:
                 ok[i] = True
         self._replace_failed([i for i in present if not ok[i]], ok, images, labels, keys, batch["stats"]["counts"])

@@ -31,7 +31,7 @@ class DataCfg:
     crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
     mean: tuple[float, float, float] | None = None  # input = (pixel/255 - mean) / std; None: the init's or ImageNet's
     std: tuple[float, float, float] | None = None  # per-channel, > 0; None: as mean (a Hub or big_vision ViT: 0.5)
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resize filter of crops and eval (decode=gpu: bilinear)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # PIL's resize filter of crops and eval
     randaugment: str | None = None  # e.g. "rand-m9-n2"
     decode: Literal["cpu", "gpu"] = "cpu"  # where JPEGs are decoded: loader workers (cpu) or the GPU, batched
     shard_root: str | None = None  # where dataset.json's shards live, e.g. "pipe:curl -s https://host/ds/{name}"
@@ -105,9 +105,6 @@ def data_problems(data: DataCfg, prefix: str = "data.") -> list[str]:
                         f"0.875), got {data.crop_pct}")
     if data.std is not None and min(data.std) <= 0:
         problems.append(f"{prefix}std must be > 0 per channel (inputs are divided by it), got {list(data.std)}")
-    if data.decode == "gpu" and data.interpolation != "bilinear":
-        problems.append(f"{prefix}decode=gpu resizes bilinear (one roi_align over the batch), not "
-                        f"{data.interpolation}: set {prefix}interpolation=bilinear, or {prefix}decode=cpu")
     if data.timeout_s <= 0:
         problems.append(f"{prefix}timeout_s must be > 0 seconds, got {data.timeout_s}")
     if data.randaugment:

@@ -90,7 +90,7 @@ class StreamConfig:
     resampled: bool = False
     decode: str = "cpu"  # "cpu": decode in workers; "gpu": workers ship bytes + boxes
     crop_pct: float = 0.875
-    interpolation: str = "bilinear"  # the resize filter (decode="gpu": bilinear only, roi_align)
+    interpolation: str = "bilinear"  # PIL's resize filter (decode="gpu": the same, data_prep/resample.py)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5

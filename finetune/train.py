@@ -33,7 +33,7 @@ def build_model(cfg: FinetuneConfig, names: list[str]) -> Built:
     settings = init.eval_settings
     note = (f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head for {len(names)} "
             "classes")
-    if settings and settings.interpolation != cfg.data.interpolation:  # not followed: decode=gpu has bilinear only
+    if settings and settings.interpolation != cfg.data.interpolation:  # data.interpolation is the run's filter
         note += (f"; it was evaluated with {settings.interpolation} resizing, this run resizes "
                  f"{cfg.data.interpolation} (data.interpolation)")
     return Built(model, vcfg, note, (settings.mean, settings.std) if settings else None)

@@ -120,14 +120,11 @@ def verb_options(overrides: list[str], options: dict[str, tuple[object, object]]
 def overridden(settings: EvalSettings, data: DataCfg, o: dict) -> tuple[DataCfg, EvalSettings]:
     """The eval settings an eval verb uses: the weight file's `settings`, each replaced where the command line
     gives one (data.crop_pct, data.interpolation, data.mean, data.std, eval.precision); and `data` with that crop
-    and filter (a ConfigError where the data section cannot apply them, e.g. bicubic with decode=gpu)."""
+    and filter (both valid: the command line's were checked with the data section, the file's by EvalSettings)."""
     settings = settings.replace(crop_pct=o["data.crop_pct"] or settings.crop_pct, mean=data.mean or settings.mean,
                                 std=data.std or settings.std, precision=o["eval.precision"] or settings.precision,
                                 interpolation=o.get("data.interpolation") or settings.interpolation)
-    data = dataclasses.replace(data, crop_pct=settings.crop_pct, interpolation=settings.interpolation)
-    if problems := data_problems(data):
-        raise ConfigError(f"the weights' eval settings: {'; '.join(problems)}")
-    return data, settings
+    return dataclasses.replace(data, crop_pct=settings.crop_pct, interpolation=settings.interpolation), settings
 
 
 def settings_used(settings: EvalSettings) -> dict:
