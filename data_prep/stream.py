@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from data_prep import gpu_decode
 from data_prep.augment import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
-from data_prep.stream_config import DataCfg
+from data_prep.stream_config import DEFAULT_INTERPOLATION, DataCfg
 from data_prep.stream_source import MAX_SHARD_NAMES, Source, derive_seed, resolve_source
 from data_prep.stream_worker import (
     FILLER_LABEL,
@@ -370,7 +370,8 @@ def build_loader(data: DataCfg, split: str, *, train: bool, dist_env: DistEnv, i
     cfg = StreamConfig(source=plan.source, split=split, train=train, size=to_hw(image_size), micro_batch=micro_batch,
                        batches=plan.batches, rank=dist_env.rank, world_size=dist_env.world_size,
                        workers=plan.readers, seed=seed, samples_per_epoch=plan.samples, resampled=plan.resampled,
-                       decode=data.decode, crop_pct=data.crop_pct, interpolation=data.interpolation,
+                       decode=data.decode, crop_pct=data.crop_pct,
+                       interpolation=data.interpolation or DEFAULT_INTERPOLATION,
                        scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip, randaugment=data.randaugment,
                        shuffle_buffer=data.shuffle_buffer, min_size=data.min_size, num_classes=data.num_classes)
     # pinned batches: uint8 images copy to the GPU asynchronously, and so do decode="gpu"'s encoded bytes

@@ -13,7 +13,10 @@ from typing import Literal
 
 from data_prep.images import MIN_SIZE
 
-__all__ = ["DataCfg", "data_problems", "names_tar_urls", "randaugment_spec", "url_source_problems"]
+DEFAULT_INTERPOLATION = "bilinear"  # data.interpolation=null without an init that records one (PIL's)
+
+__all__ = ["DEFAULT_INTERPOLATION", "DataCfg", "data_problems", "names_tar_urls", "randaugment_spec",
+           "url_source_problems"]
 
 
 @dataclass
@@ -31,7 +34,7 @@ class DataCfg:
     crop_pct: float = 0.875  # eval: resize to size / crop_pct, centre crop
     mean: tuple[float, float, float] | None = None  # input = (pixel/255 - mean) / std; None: the init's or ImageNet's
     std: tuple[float, float, float] | None = None  # per-channel, > 0; None: as mean (a Hub or big_vision ViT: 0.5)
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # PIL's resize filter of crops and eval
+    interpolation: Literal["bilinear", "bicubic"] | None = None  # PIL's resize filter; null: the init's, else bilinear
     randaugment: str | None = None  # e.g. "rand-m9-n2"
     decode: Literal["cpu", "gpu"] = "cpu"  # where JPEGs are decoded: loader workers (cpu) or the GPU, batched
     shard_root: str | None = None  # where dataset.json's shards live, e.g. "pipe:curl -s https://host/ds/{name}"

@@ -22,7 +22,8 @@ from vit.config import vit_config
 
 def build_model(cfg: FinetuneConfig, names: list[str]) -> Built:
     """The fine-tuning model from `init=`: body loaded, pos-embed resampled, zero-init head for `names`; and the
-    normalisation the init was trained with, where it records one (the run feeds its inputs the same way)."""
+    normalisation and resize filter the init was fed with, where it records them (the run feeds its inputs the
+    same way unless data.* says otherwise)."""
     heads = vit_config(cfg.model.variant).heads if cfg.model.variant else None
     init = read_init(cfg.init, heads=heads)
     src = init.config
@@ -33,10 +34,9 @@ def build_model(cfg: FinetuneConfig, names: list[str]) -> Built:
     settings = init.eval_settings
     note = (f"init {cfg.init}: grid {src.grid} -> {vcfg.grid} ({cfg.model.pos_interp}), new head for {len(names)} "
             "classes")
-    if settings and settings.interpolation != cfg.data.interpolation:  # data.interpolation is the run's filter
-        note += (f"; it was evaluated with {settings.interpolation} resizing, this run resizes "
-                 f"{cfg.data.interpolation} (data.interpolation)")
-    return Built(model, vcfg, note, (settings.mean, settings.std) if settings else None)
+    if settings is None:
+        return Built(model, vcfg, note)
+    return Built(model, vcfg, note, (settings.mean, settings.std), settings.interpolation)
 
 
 def _check_plugin(cfg: FinetuneConfig) -> None:

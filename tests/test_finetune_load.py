@@ -195,7 +195,7 @@ def test_a_folder_that_is_no_run_dir_fails_clearly(tmp_path: Path) -> None:
 
 def test_the_run_normalises_as_data_says_else_as_the_init_was_trained_else_as_imagenet(tmp_path: Path) -> None:
     from finetune.load import read_init
-    from trainer.run import normalisation
+    from trainer.run import normalisation, resize_filter
     from vit.weights import IMAGENET_MEAN, IMAGENET_STD, EvalSettings
 
     half = ((0.5,) * 3, (0.5,) * 3)
@@ -211,6 +211,11 @@ def test_the_run_normalises_as_data_says_else_as_the_init_was_trained_else_as_im
     assert normalisation(data, None) == (IMAGENET_MEAN, IMAGENET_STD, "ImageNet's")
     assert normalisation(mine, half) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "data.mean and data.std")
     assert normalisation(only_std, half) == (half[0], (0.4, 0.5, 0.6), "data.std, the rest the init's eval settings")
+    # the resize filter: data.interpolation, else the init's, else PIL's bilinear
+    bilinear = load_finetune_config("debug_cpu", [*REQUIRED, "data.interpolation=bilinear"]).data
+    assert data.interpolation is None and resize_filter(data, "bicubic") == ("bicubic", "the init's eval settings")
+    assert resize_filter(data, None) == ("bilinear", "the default")
+    assert resize_filter(bilinear, "bicubic") == ("bilinear", "data.interpolation")
 
 
 def test_eval_verbs_use_the_files_settings_unless_the_command_line_gives_one(tmp_path: Path) -> None:

@@ -118,21 +118,24 @@ def _renormalised(sd: dict, old: tuple, new: tuple) -> dict:
 def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_path: Path, cli_server) -> None:
     """digits' init rewritten for inputs in [-1, 1] (mean = std = 0.5, as Hub and big_vision ViTs are fed), its
     eval settings saying so, evaluates and fine-tunes as the init itself does; ImageNet's statistics forced on it
-    (data.mean / data.std) do not. The runs' weight files record the normalisation (and the resize filter) they
-    trained with, and `eval` of a file repeats its run's top-1 with them."""
+    (data.mean / data.std) do not. A run takes the init's resize filter too, unless data.interpolation is set. The
+    runs' weight files record the normalisation and the filter they trained with, and `eval` of a file repeats its
+    run's top-1 with them."""
     from vit.weights import EvalSettings, load_weights, save_weights
 
     sd, meta = load_weights(digits["init"])
     half = save_weights(tmp_path / "half.safetensors", _renormalised(sd, IMAGENET, HALF), meta["config"],
                         meta["class_names"], 1, eval_settings=EvalSettings(16, mean=HALF[0], std=HALF[1]))
+    bicubic = save_weights(tmp_path / "bicubic.safetensors", _renormalised(sd, IMAGENET, HALF), meta["config"],
+                           meta["class_names"], 1, eval_settings=EvalSettings(16, mean=HALF[0], std=HALF[1],
+                                                                              interpolation="bicubic"))
     forced = [f"data.mean={list(IMAGENET[0])}".replace(" ", ""), f"data.std={list(IMAGENET[1])}".replace(" ", "")]
     plain, same = _eval_here(digits["init"], digits["data"], 32), _eval_here(half, digits["data"], 32)
     wrong = _eval_here(half, digits["data"], 32, extra=forced)  # data.mean/std over the file's (36.3 %, 36.3 %, 30.5 %)
     assert abs(same["top1"] - plain["top1"]) <= 2 / plain["samples"] and wrong["top1"] < plain["top1"] - 0.03
     assert (same["mean"], same["std"], wrong["mean"]) == ([0.5] * 3, [0.5] * 3, list(IMAGENET[0]))  # as reported
     top1 = {}
-    bicubic = [*forced, "data.interpolation=bicubic"]
-    for name, init, extra in (("plain", digits["init"], []), ("half", half, []), ("forced", half, bicubic)):
+    for name, init, extra in (("plain", digits["init"], []), ("half", half, []), ("forced", bicubic, forced)):
         out = cli_server.run("finetune", "train", "debug_cpu", f"init={init}", f"data.path={digits['data']}",
                              f"run.dir={tmp_path / name}", "train.steps=1", "eval.inspect=false", *DIGITS_AUG, *extra,
                              timeout=240)
@@ -140,25 +143,26 @@ def test_finetuning_feeds_the_model_as_its_init_was_trained(digits: dict, tmp_pa
         top1[name] = json.loads((tmp_path / name / "report.json").read_text())["last"]["top1"]
         ev = load_weights(tmp_path / name / "last.safetensors")[1]["eval"]
         assert (ev.mean, ev.std) == (HALF if name == "half" else IMAGENET), name
-        assert ev.interpolation == ("bicubic" if name == "forced" else "bilinear"), name
+        assert ev.interpolation == ("bicubic" if name == "forced" else "bilinear"), name  # the init's filter
     again = _eval_here(tmp_path / "forced" / "last.safetensors", digits["data"], crop_pct=None)
     assert (again["top1"], again["interpolation"], again["mean"]) == (top1["forced"], "bicubic", list(IMAGENET[0]))
-    assert ("inputs normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5] (the init's eval settings)"
-            in (tmp_path / "half" / "log.txt").read_text())
-    assert ("it was evaluated with bilinear resizing, this run resizes bicubic (data.interpolation)"
-            in (tmp_path / "forced" / "log.txt").read_text())  # the filter is not followed, but said
+    assert ("inputs resized bilinear and normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5] (the init's eval "
+            "settings)") in (tmp_path / "half" / "log.txt").read_text()
+    assert ("inputs resized bicubic (the init's eval settings) and normalised with mean [0.485, 0.456, 0.406] std "
+            "[0.229, 0.224, 0.225] (data.mean and data.std)") in (tmp_path / "forced" / "log.txt").read_text()
     # a run keeps its inputs when resumed (e.g. one an older vitscale started with ImageNet's statistics)
     state = tmp_path / "half" / "checkpoints" / "global_step1" / "trainer_state.json"
     saved = json.loads(state.read_text())
     state.write_text(json.dumps({**saved, "eval_settings": {**saved["eval_settings"], "mean": IMAGENET[0],
-                                                            "std": IMAGENET[1]}}))
+                                                            "std": IMAGENET[1], "interpolation": "bicubic"}}))
     out = cli_server.run("finetune", "train", "debug_cpu", f"init={half}", f"data.path={digits['data']}",
                          f"run.dir={tmp_path / 'half'}", "train.steps=2", "eval.inspect=false", *DIGITS_AUG,
                          timeout=240)
     assert out.returncode == 0 and "resumed from global_step1" in (tmp_path / "half" / "log.txt").read_text()
-    assert ("inputs normalised with mean [0.485, 0.456, 0.406] std [0.229, 0.224, 0.225] (as the run trained so "
-            "far: its checkpoint's eval settings)") in (tmp_path / "half" / "log.txt").read_text()
-    assert load_weights(tmp_path / "half" / "last.safetensors")[1]["eval"].mean == IMAGENET[0]
+    assert ("inputs resized bicubic and normalised with mean [0.485, 0.456, 0.406] std [0.229, 0.224, 0.225] (as the "
+            "run trained so far: its checkpoint's eval settings)") in (tmp_path / "half" / "log.txt").read_text()
+    ev = load_weights(tmp_path / "half" / "last.safetensors")[1]["eval"]
+    assert (ev.mean, ev.interpolation) == (IMAGENET[0], "bicubic")
     # one step trains only the zero-initialised head, on the body's features: equal up to bf16 rounding when the
     # inputs are as the init's weights expect (35.0 % and 34.8 % measured), 23.7 % when they are not
     print(f"top-1 after one step: {top1}")

@@ -208,14 +208,15 @@ def dataset_features(model: nn.Module, head: nn.Module, data: DataCfg, splits: t
 class FewShotEval:
     """The training loop's few-shot eval: every configured dataset, logged as `fewshot/<dataset>/<k>shot`."""
 
-    def __init__(self, cfg, env: DistEnv, image_size: tuple[int, int], monitor):
+    def __init__(self, cfg, env: DistEnv, image_size: tuple[int, int], monitor, interpolation: str):
         self.f: FewShotCfg = cfg.eval.fewshot
         self.env, self.image_size, self.monitor = env, image_size, monitor
         self.progress_every_s = cfg.log.progress_every_s
         self.micro_batch = cfg.eval.micro_batch or cfg.train.micro_batch
-        # the run's own eval preprocessing and workers (decoding is the cost the GPU waits for; the loaders live
-        # only for the duration of one eval)
-        self.data = [dataclasses.replace(cfg.data, path=p, num_classes=None, shard_root=None) for p in self.f.datasets]
+        # the run's own eval preprocessing (its resize filter: trainer/run.py's `inputs`) and workers (decoding is
+        # the cost the GPU waits for; the loaders live only for the duration of one eval)
+        self.data = [dataclasses.replace(cfg.data, path=p, num_classes=None, shard_root=None,
+                                         interpolation=interpolation) for p in self.f.datasets]
 
     def _log_progress(self, desc: str, total: int) -> LogProgress | None:
         """Few-shot feature extraction in the run's log, ~every 10 % (rank 0)."""

@@ -16,6 +16,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,15 @@ from vit import ViTConfig
 from vit.weights import EvalSettings, save_weights
 
 
+class Inputs(NamedTuple):
+    """How a run feeds its model: the resize filter of its crops and evals, and `(pixel / 255 - mean) / std`
+    (trainer/run.py's `inputs`: from the config, else what the init or the resumed checkpoint was fed with)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+
+
 @dataclass
 class RunState:
     """Everything of the loop a checkpoint restores (besides backend, RNG, EMA and stream files)."""
@@ -56,20 +66,22 @@ class Loop:
     """One run's step loop over a backend, a train stream and an optional eval stream."""
 
     def __init__(self, cfg: TrainerConfig, env: DistEnv, backend, loader, val_loader, vcfg: ViTConfig,
-                 names: list[str], total: int, run_dir: Path, norm: tuple[tuple, tuple]):
+                 names: list[str], total: int, run_dir: Path, inputs: Inputs):
         self.cfg, self.env, self.backend, self.loader, self.val_loader = cfg, env, backend, loader, val_loader
         self.vcfg, self.names, self.total, self.run_dir = vcfg, names, total, run_dir
         self.log = get_logger()
         self.state = RunState()
         self.ema = EMA(backend.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.monitor = Monitor(cfg, env, vcfg, run_dir, total)
-        self.fewshot = FewShotEval(cfg, env, vcfg.image_hw, self.monitor) if cfg.eval.fewshot.datasets else None
+        self.fewshot = FewShotEval(cfg, env, vcfg.image_hw, self.monitor, inputs.interpolation) \
+            if cfg.eval.fewshot.datasets else None
         launched = env.launcher in ("torchrun", "deepspeed")
         self.preempt = Preemption(LAUNCHER_PID if launched else None)
         self.bad, self.keys, self.micro = 0, [], 0
-        # how the run feeds its model (norm: trainer/run.py's normalisation), stored with every weight file
-        self.settings = EvalSettings(image_size=vcfg.image_hw, crop_pct=cfg.data.crop_pct, mean=norm[0], std=norm[1],
-                                     interpolation=cfg.data.interpolation, precision=backend.eval_precision())
+        # how the run feeds its model (trainer/run.py's `inputs`), stored with every weight file
+        self.settings = EvalSettings(image_size=vcfg.image_hw, crop_pct=cfg.data.crop_pct, mean=inputs.mean,
+                                     std=inputs.std, interpolation=inputs.interpolation,
+                                     precision=backend.eval_precision())
         self.norm = (self.settings.mean, self.settings.std)
         self.keys_file = None
         if cfg.debug.record_keys:

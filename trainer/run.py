@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from data_prep.stream import build_loader
+from data_prep.stream_config import DEFAULT_INTERPOLATION
 from data_prep.stream_source import MissingSplit, resolve_source
 from runtime.config import ConfigError, save_config, to_dict
 from runtime.dist import DistEnv, accumulation_steps, detect, init_distributed, main_decides, shutdown
@@ -34,7 +35,7 @@ from trainer.config import (
     missing_split,
     total_steps,
 )
-from trainer.loop import Loop
+from trainer.loop import Inputs, Loop
 from trainer.optim import param_groups
 from trainer.trackers import missing_trackers
 from vit import ViTConfig
@@ -42,13 +43,15 @@ from vit.weights import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Built(NamedTuple):
-    """A stage's model as its `build` returns it: the plain module, its config, a line for the log, and the input
-    normalisation its weights were trained with, (mean, std), where they record one (fine-tuning's init)."""
+    """A stage's model as its `build` returns it: the plain module, its config, a line for the log, and how its
+    weights were fed where they record it (fine-tuning's init: its eval settings): the input normalisation
+    (mean, std) and the resize filter."""
 
     model: nn.Module
     vcfg: ViTConfig
     note: str
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    interpolation: str | None = None
 
 
 @dataclass
@@ -93,6 +96,31 @@ def normalisation(data: DataCfg, init: tuple | None, where: str = "the init's ev
     mean = tuple(data.mean) if data.mean is not None else tuple(base[0])
     std = tuple(data.std) if data.std is not None else tuple(base[1])
     return mean, std, source or where
+
+
+def resize_filter(data: DataCfg, init: str | None, where: str = "the init's eval settings") -> tuple[str, str]:
+    """(filter, where it came from) of the run's crops and evals: data.interpolation where set, else `init` (the
+    init's eval filter, or a resumed run's own), else PIL's bilinear."""
+    if data.interpolation is not None:
+        return data.interpolation, "data.interpolation"
+    return (init, where) if init else (DEFAULT_INTERPOLATION, "the default")
+
+
+def inputs(data: DataCfg, saved: dict | None, built: Built) -> tuple[Inputs, str]:
+    """How the run feeds its model (normalisation and resize filter, each from the config, else as the init's
+    weights were fed) and a line for the log saying so. A resumed run keeps its checkpoint's (a changed or
+    upgraded init must not change its inputs mid-run; one an older vitscale started keeps ImageNet's)."""
+    ev = (saved or {}).get("eval_settings") or {}
+    if "mean" in ev and "std" in ev:
+        trained, where = ((ev["mean"], ev["std"]), ev.get("interpolation")), "as the run trained so far: its " \
+            "checkpoint's eval settings"
+    else:
+        trained, where = (built.norm, built.interpolation), "the init's eval settings"
+    mean, std, norm_from = normalisation(data, trained[0], where)
+    interpolation, filter_from = resize_filter(data, trained[1], where)
+    said = f"inputs resized {interpolation}" + (f" ({filter_from})" if filter_from != norm_from else "")
+    return Inputs(mean, std, interpolation), f"{said} and normalised with mean {_fmt(mean)} std {_fmt(std)} " \
+        f"({norm_from})"
 
 
 def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
@@ -143,13 +171,14 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"run.dir {run_dir}: {why}; pass another run.dir")
 
 
-def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device):
+def _loaders(cfg: TrainerConfig, env: DistEnv, vcfg: ViTConfig, device: torch.device, interpolation: str):
+    data = replace(cfg.data, interpolation=interpolation)  # the run's filter (`inputs`)
     common = dict(dist_env=env, image_size=vcfg.image_hw, seed=cfg.run.seed, device=device)
-    train = build_loader(cfg.data, cfg.data.train_split, train=True, micro_batch=cfg.train.micro_batch,
+    train = build_loader(data, cfg.data.train_split, train=True, micro_batch=cfg.train.micro_batch,
                          global_batch=cfg.train.global_batch, with_keys=True, **common)
     val = None
     if cfg.data.val_split:
-        val = build_loader(cfg.data, cfg.data.val_split, train=False,
+        val = build_loader(data, cfg.data.val_split, train=False,
                            micro_batch=cfg.eval.micro_batch or cfg.train.micro_batch, **common)
     return train, val
 
@@ -193,19 +222,19 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: Built, names: li
     if not lock.supported:
         log.warning(f"run.dir {run_dir} is on a filesystem without file locks: a second job into it is not refused")
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    loader, val_loader = _loaders(cfg, env, vcfg, device)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = ckpt.latest_tag(ckpt_dir) if cfg.run.resume else None
+    saved = ckpt.read_state(ckpt_dir, tag) if tag else None
+    feed, said = inputs(cfg.data, saved, built)
+    log.info(said)
+    loader, val_loader = _loaders(cfg, env, vcfg, device, feed.interpolation)
     loop = None
     try:
         total = total_steps(cfg.train, loader.steps_per_epoch)
-        ckpt_dir = run_dir / "checkpoints"
-        tag = ckpt.latest_tag(ckpt_dir) if cfg.run.resume else None
-        saved = ckpt.read_state(ckpt_dir, tag) if tag else None
         universal = bool(saved and saved["world_size"] != env.world_size)
-        *norm, source = normalisation(cfg.data, *_trained_norm(saved, built))
-        log.info(f"inputs normalised with mean {_fmt(norm[0])} std {_fmt(norm[1])} ({source})")
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         backend = stage.backend(model, groups, cfg, env, universal)
-        loop = Loop(cfg, env, backend, loader, val_loader, vcfg, names, total, run_dir, tuple(norm))
+        loop = Loop(cfg, env, backend, loader, val_loader, vcfg, names, total, run_dir, feed)
         if tag:
             loop.resume(ckpt_dir, tag, saved, universal)
         if env.is_main:
@@ -232,16 +261,6 @@ def _run(cfg: TrainerConfig, stage: Stage, env: DistEnv, built: Built, names: li
     # ("terminate called without an active exception", SIGABRT after a finished run; seen once in CI).
     shutdown()
     return report
-
-
-def _trained_norm(saved: dict | None, built: Built) -> tuple[tuple | None, str]:
-    """(mean, std) a run trains with unless data.mean / data.std say otherwise, and where it is from: a resumed
-    run keeps its checkpoint's (a changed or upgraded init must not change its inputs mid-run), a new one takes
-    the init's."""
-    ev = (saved or {}).get("eval_settings") or {}
-    if "mean" in ev and "std" in ev:
-        return (ev["mean"], ev["std"]), "as the run trained so far: its checkpoint's eval settings"
-    return built.norm, "the init's eval settings"
 
 
 def _fmt(values: tuple[float, ...]) -> str:
