@@ -98,6 +98,9 @@ def normalisation(data: DataCfg, init: tuple | None, where: str = "the init's ev
     return mean, std, source or where
 
 
+RESUMED = "as the run trained so far: its checkpoint's eval settings"
+
+
 def resize_filter(data: DataCfg, init: str | None, where: str = "the init's eval settings") -> tuple[str, str]:
     """(filter, where it came from) of the run's crops and evals: data.interpolation where set, else `init` (the
     init's eval filter, or a resumed run's own), else PIL's bilinear."""
@@ -112,15 +115,14 @@ def inputs(data: DataCfg, saved: dict | None, built: Built) -> tuple[Inputs, str
     upgraded init must not change its inputs mid-run; one an older vitscale started keeps ImageNet's)."""
     ev = (saved or {}).get("eval_settings") or {}
     if "mean" in ev and "std" in ev:
-        trained, where = ((ev["mean"], ev["std"]), ev.get("interpolation")), "as the run trained so far: its " \
-            "checkpoint's eval settings"
+        norm, filt, where = (ev["mean"], ev["std"]), ev.get("interpolation"), RESUMED
     else:
-        trained, where = (built.norm, built.interpolation), "the init's eval settings"
-    mean, std, norm_from = normalisation(data, trained[0], where)
-    interpolation, filter_from = resize_filter(data, trained[1], where)
+        norm, filt, where = built.norm, built.interpolation, "the init's eval settings"
+    mean, std, norm_from = normalisation(data, norm, where)
+    interpolation, filter_from = resize_filter(data, filt, where)
     said = f"inputs resized {interpolation}" + (f" ({filter_from})" if filter_from != norm_from else "")
-    return Inputs(mean, std, interpolation), f"{said} and normalised with mean {_fmt(mean)} std {_fmt(std)} " \
-        f"({norm_from})"
+    said += f" and normalised with mean {_fmt(mean)} std {_fmt(std)} ({norm_from})"
+    return Inputs(mean, std, interpolation), said
 
 
 def preflight(cfg: TrainerConfig, env: DistEnv, backend: str, allow_changed: bool = False) -> None:
