@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from data_prep.resample import resample_batch
 from data_prep.stream_worker import FILLER_LABEL, StreamConfig, substitute_index
@@ -111,6 +110,8 @@ def crop_resize_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: to
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """One image on `device`, falling back to the CPU decoders; None if unreadable."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -122,6 +123,10 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
 
 def _decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    # torchvision is imported here, not with the module: its import costs a process ~2 s of CPU (it loads
+    # torch._dynamo), which every decode="cpu" run, fine-tuning rank and CLI would pay for nothing
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     try:  # one batched call (nvJPEG on CUDA); one bad image makes it fail as a whole
         return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:

@@ -15,13 +15,16 @@ import io
 import math
 import random
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from data_prep.stream_config import randaugment_spec
+
+if TYPE_CHECKING:  # torchvision is imported where used: its import alone costs a process ~2 s of CPU
+    from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +124,8 @@ def parse_randaugment(spec: str | None) -> v2.RandAugment | None:
     """`"rand-m9-n2"` (timm's notation: magnitude M of 10, N ops) -> torchvision `v2.RandAugment`."""
     if not spec:
         return None
+    from torchvision.transforms import v2
+
     magnitude, num_ops = randaugment_spec(spec)
     # 11 bins so that magnitude m means m/10 of each op's range, as in timm
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=11)

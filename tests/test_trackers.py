@@ -190,3 +190,13 @@ def test_a_tracker_not_installed_is_one_line_exit_2(tmp_path: Path, monkeypatch:
     err = capsys.readouterr().err
     assert "log.trackers[0] must be one of 'tensorboard', 'wandb', 'mlflow', got 'neptune'" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 20])
+def test_first_batch_grid_is_torchvisions_layout(n: int) -> None:
+    import torchvision
+
+    from trainer.monitor import image_grid
+
+    images = torch.randint(0, 256, (n, 3, 6, 5), dtype=torch.uint8)
+    assert torch.equal(image_grid(images, per_row=8), torchvision.utils.make_grid(images, nrow=8))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-import torchvision
 
 from runtime.config import ConfigError
 from runtime.dist import DistEnv, main_decides
@@ -22,6 +21,20 @@ from runtime.meters import ThroughputMeter, peak_flops
 from runtime.progress import format_eta
 from trainer.trackers import Tracker, flat_params, start_trackers
 from vit import VisionTransformer, ViTConfig, train_flops_per_image
+
+
+def image_grid(images: torch.Tensor, per_row: int = 8, pad: int = 2) -> torch.Tensor:
+    """(N, C, H, W) images -> one (C, H', W') grid of `per_row` per row, `pad` zero pixels around each: the
+    layout of torchvision's `make_grid` defaults, without importing torchvision (~2 s of CPU per process)."""
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]  # as make_grid: one image, unpadded
+    rows, cols = -(-n // per_row), min(n, per_row)
+    grid = images.new_zeros(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for i, image in enumerate(images):
+        top, left = pad + (i // per_row) * (h + pad), pad + (i % per_row) * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
+    return grid
 
 
 def _device_name() -> str:
@@ -57,7 +70,7 @@ class Monitor:
         if not self._grid_done:
             self._grid_done = True
             self.sample_images = images[:8].cpu()  # (8, 3, H, W)
-            grid = torchvision.utils.make_grid(images[:32].cpu(), nrow=8)  # uint8 (3, H', W')
+            grid = image_grid(images[:32].cpu(), per_row=8)  # uint8 (3, H', W')
             self._image("train/batch", grid, step)
 
     def _global_loss(self, device: torch.device) -> float:
