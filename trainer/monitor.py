@@ -25,7 +25,8 @@ from vit import VisionTransformer, ViTConfig, train_flops_per_image
 
 def image_grid(images: torch.Tensor, per_row: int = 8, pad: int = 2) -> torch.Tensor:
     """(N, C, H, W) images -> one (C, H', W') grid of `per_row` per row, `pad` zero pixels around each: the
-    layout of torchvision's `make_grid` defaults, without importing torchvision (~2 s of CPU per process)."""
+    layout of torchvision's `make_grid` defaults, without importing torchvision (which loads torch._dynamo: ~2 s
+    of CPU in a process that has not, such as a CLI evaluating or exporting a run)."""
     n, c, h, w = images.shape
     if n == 1:
         return images[0]  # as make_grid: one image, unpadded
