@@ -150,12 +150,44 @@ def test_bad_configs_fail_before_training(digits_shards: Path, tmp_path: Path, c
     assert time.time() - t0 < 100 and not any(tmp_path.iterdir())  # nothing written: no log, no checkpoints
 
 
-def test_deepspeed_starts_without_mlflow() -> None:
-    """`import deepspeed` would import mlflow (its autotuner's, when installed): seconds of every rank's start
-    (docs/performance.md). The backend's import leaves it out, and `import mlflow` still works afterwards."""
+def test_deepspeed_starts_without_mlflow_or_inductor() -> None:
+    """`import deepspeed` would import mlflow (its autotuner's, when installed), and its ZeRO/bf16 optimizers'
+    Muon module would load torch's inductor compiler: seconds of every rank's start (docs/performance.md). The
+    backend's import leaves both out, ZeRO's own import of the Muon module finds it loaded, and `import mlflow`
+    still works afterwards."""
     code = ("import sys; from trainer.backend_deepspeed import UNUSED_IMPORT; import deepspeed.autotuning.autotuner "
             "as at; assert UNUSED_IMPORT not in sys.modules and not at.has_mlflow, sys.modules.get(UNUSED_IMPORT); "
+            "import deepspeed.runtime.zero.stage_1_and_2, deepspeed.runtime.zero.muon.muon_optimizer; "
+            "assert 'torch._inductor' not in sys.modules, 'inductor loaded'; "
             "import mlflow; print('ok', mlflow.__name__)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ | ds_ops_vars() | {"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "ok mlflow" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_compile_deferred_to_the_first_call_while_deepspeed_imports() -> None:
+    """What the backend's import defers (the Muon module's `torch.compile`) still compiles, at its first call,
+    with the arguments given, and gives the function's results; `torch.compile` is torch's own afterwards."""
+    from trainer.backend_deepspeed import _compile_on_first_call
+
+    graphs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    real = torch.compile
+    with _compile_on_first_call():
+        assert torch.compile is not real
+        plain = torch.compile(lambda x: x * 2 + 1, backend=backend)
+
+        @torch.compile(backend=backend)
+        def decorated(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x @ y
+
+    assert torch.compile is real and graphs == []  # nothing compiled yet
+    x, y = torch.randn(3, 3), torch.randn(3, 3)
+    assert torch.equal(plain(x), x * 2 + 1) and graphs == [1]
+    assert torch.allclose(decorated(x, y), x @ y) and graphs == [1, 2] and decorated.__name__ == "decorated"
+    plain(x)
+    assert graphs == [1, 2]  # compiled once

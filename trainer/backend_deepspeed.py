@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import importlib
 import json
 import os
 import shutil
@@ -46,10 +48,44 @@ def _hidden(module: str):
         del sys.modules[module]
 
 
+# DeepSpeed's ZeRO and bf16 optimizers import its Muon module, whichever optimizer runs; that module applies
+# `torch.compile` to three functions as it is defined, which loads torch's inductor compiler: ~1.5-3 s of CPU
+# in every rank (docs/performance.md). Imported here with compilation deferred to a function's first call.
+UNUSED_COMPILED = "deepspeed.runtime.zero.muon.original_muon"
+
+
+@contextlib.contextmanager
+def _compile_on_first_call():
+    """Inside the block, `torch.compile(fn, **kw)` returns a wrapper that compiles `fn` when first called (then
+    runs the compiled function, as `torch.compile`'s result would); the real `torch.compile` is back after."""
+    real = torch.compile
+
+    def deferred(model=None, **kwargs):
+        if model is None:  # used as `@torch.compile(...)`
+            return lambda fn: deferred(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **kwargs)
+            return compiled(*args, **kw)
+        return call
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
 # DeepSpeed's logger writes to the stdout it finds at import: given stderr here, its lines (a warning on a machine
 # without GPUs, among them) stay out of what the verbs print as their result (`export`: the file's path).
 with _hidden(UNUSED_IMPORT), contextlib.redirect_stdout(sys.stderr):
     import deepspeed
+    with _compile_on_first_call(), contextlib.suppress(ModuleNotFoundError):  # a DeepSpeed without Muon: nothing to do
+        importlib.import_module(UNUSED_COMPILED)
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
