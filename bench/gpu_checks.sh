@@ -24,7 +24,7 @@ if ! python3 -c "import deepspeed, webdataset, torchao" 2>/dev/null; then
   export PYTHONPATH=$PWD:/tmp/site
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's FusedAdam build misparses "9.0a"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); echo "$gpu"
 BUDGET=${BUDGET_S:-470}
 CHECKS=${CHECKS:-train_L16_recipe end_to_end loader_gpu train_H14_recipe finetune_L16_384 fp8}
 start=$SECONDS
@@ -61,4 +61,4 @@ check train_H14_recipe 200 python3 bench/train_throughput.py --recipe vit_h14_in
 check finetune_L16_384 150 python3 bench/finetune_throughput.py
 # torchao float8 vs bf16: L/16 rate + loss after 300 steps (2 bf16 seeds), H/14 rate; a verdict last
 check fp8 360 python3 bench/fp8_trial.py
-echo; echo "=== summary ($(cat "$OUT/gpu.txt"), $((SECONDS - start)) s)"; cat "$OUT/summary.txt"
+echo; echo "=== summary ($(echo "$gpu"), $((SECONDS - start)) s)"; cat "$OUT/summary.txt"
