@@ -27,6 +27,8 @@ Guarantees:
   unreadable shard is counted and the reader moves on; a tar member with an unsafe name (absolute, `..`) is
   dropped and counted. Each fault of an epoch is counted once, by the reader whose share holds it. Nothing is
   fatal except a source with no readable sample at all.
+- Epochs: in training the workers run on into the next epoch (a pass takes its `len(loader)` batches), so its
+  first batches are ready when it starts; a pass left early, `load_state_dict` or `close()` restarts them.
 - Lifetime: the DataLoader workers end when the loader is closed, garbage-collected or the interpreter exits
   (a script need not call `close()`), but they ignore SIGTERM/SIGUSR1/SIGINT: a preemption signal sent to the
   whole process group is the training process's to handle, and cannot kill them mid-checkpoint. With
@@ -131,6 +133,8 @@ class StreamLoader:
         self._counts: collections.Counter[str] = collections.Counter()
         self._bad_shards: set[str] = set()
         self._active: weakref.ref | None = None
+        # ((epoch, position), the workers' batches) after a training pass ran to its end: read on by the next pass
+        self._next: tuple[tuple[int, int], Iterator[dict]] | None = None
         self._decoder = gpu_decode.DeviceDecoder(self.cfg, device) if self.cfg.decode == "gpu" else None
         # the private generator keeps the DataLoader from drawing its worker seeds from the trainer's RNG
         # (the stream seeds itself from `seed`)
@@ -173,10 +177,10 @@ class StreamLoader:
         if self.position >= len(self):  # a state from before positions wrapped eagerly: start the next epoch
             self.epoch, self.position = self.epoch + 1, 0
         epoch, start = self.epoch, self.position
-        self.dataset.set_position(epoch, start)
-        with preemption_signals_blocked():  # iter() forks the workers (and before any thread of ours starts)
-            workers = iter(self._loader)
-        batches = self._in_order(workers, start)
+        workers = feed = self._workers_from(epoch, start)
+        if cfg.train:  # the workers' stream runs on into the next epoch: this pass takes its own batches
+            workers = itertools.islice(workers, len(self) - start)
+        batches = self._in_order(workers, epoch, start)
         if self._decoder is not None:  # decode="gpu": decoded on a background thread, a batch or two ahead
             batches = gpu_decode.decode_ahead(batches, self._decoder)
         i = start
@@ -189,18 +193,31 @@ class StreamLoader:
                 i += 1
                 # (epoch, position) always name the next batch to yield, so a state saved now resumes after it
                 self.epoch, self.position = (epoch + 1, 0) if i == len(self) else (epoch, i)
+                if i == len(self) and cfg.train:  # the workers are already on the next epoch: keep them
+                    self._next = ((epoch + 1, 0), feed)
                 yield (images, labels, keys) if self.with_keys else (images, labels)
         if i != len(self):
             raise RuntimeError(f"rank {cfg.rank}: the stream ended after {i} of {len(self)} micro-batches of "
                                f"epoch {epoch} (started at {start})")
 
-    def _in_order(self, batches: Iterator[dict], start: int) -> Iterator[dict]:
-        """The workers' batches, checked to arrive as batch start, start + 1, ... of the rank."""
+    def _workers_from(self, epoch: int, start: int) -> Iterator[dict]:
+        """The workers' batches from (epoch, start) on: those of the pass that just ended where it ran on into
+        this one (training), else the workers restarted at that position."""
+        kept, self._next = self._next, None
+        if kept is not None and kept[0] == (epoch, start):
+            return kept[1]
+        self.dataset.set_position(epoch, start)
+        with preemption_signals_blocked():  # iter() forks the workers (and before any thread of ours starts)
+            return iter(self._loader)
+
+    def _in_order(self, batches: Iterator[dict], epoch: int, start: int) -> Iterator[dict]:
+        """The workers' batches, checked to arrive as batch start, start + 1, ... of the rank's epoch."""
         workers = self.cfg.workers
         for i, batch in enumerate(batches, start):
-            if (batch["slot"], batch["index"]) != (i % workers, i // workers):
-                raise RuntimeError(f"stream out of order at micro-batch {i}: got slot {batch['slot']} batch "
-                                   f"{batch['index']}; the DataLoader no longer asks its workers round-robin")
+            if (batch["epoch"], batch["slot"], batch["index"]) != (epoch, i % workers, i // workers):
+                raise RuntimeError(f"stream out of order at micro-batch {i} of epoch {epoch}: got epoch "
+                                   f"{batch['epoch']} slot {batch['slot']} batch {batch['index']}; the DataLoader "
+                                   "no longer asks its workers round-robin")
             yield batch
 
     def _randaugment(self, images: torch.Tensor, epoch: int, slot: int, index: int) -> torch.Tensor:
@@ -258,6 +275,7 @@ class StreamLoader:
             done = position * state["micro_batch"] * state["world_size"]  # samples the job had consumed
             position = min(len(self), done // (self.cfg.micro_batch * self.cfg.world_size))
         self._close_active()
+        self._next = None
         self.epoch, self.position = int(state["epoch"]), position
         self._counts = collections.Counter(state["stats"]["counts"])
         self._bad_shards = set(state["stats"]["shards"])
@@ -272,6 +290,7 @@ class StreamLoader:
         """End the current pass and stop the workers now; iterating again starts new workers from the saved
         position. (Without a call, the workers stop when the loader is garbage-collected or at exit.)"""
         self._close_active()
+        self._next = None
         _stop_workers(self._loader)
 
 

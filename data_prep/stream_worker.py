@@ -5,6 +5,8 @@ the rank (0-based) is made by slot i % workers. Its samples, crops and flips are
 epoch, rank, slot, batch index), so a resumed worker regenerates its sequence and skips, without decoding,
 the batches already delivered. The DataLoader asks workers round-robin starting at worker 0, so a pass that
 begins at batch k rotates the slots: worker w plays slot (w + k) % workers, which keeps the order exact.
+In training the workers run on from one epoch into the next without a restart (the loader cuts the
+stream into epochs), the rotation shifted by the epoch's batch count.
 
 Faulty samples never change the batch size or the position arithmetic: in training a corrupt, missing or too
 small image or a bad label is replaced by its nearest good neighbour in the same micro-batch (a filler with
@@ -110,7 +112,8 @@ def substitute_index(ok: list[bool], i: int) -> int | None:
 
 
 class ShardStream(IterableDataset):
-    """Yields one rank's micro-batches of the epoch set in `position`, as dicts (see `_assemble`)."""
+    """Yields one rank's micro-batches from the (epoch, batch) set in `position`, as dicts (see `_assemble`): in
+    training endlessly, epoch after epoch; in eval, the one pass."""
 
     def __init__(self, cfg: StreamConfig):
         super().__init__()
@@ -131,7 +134,20 @@ class ShardStream(IterableDataset):
         if info is not None and info.num_workers != cfg.workers:
             raise RuntimeError(f"stream built for {cfg.workers} workers runs in {info.num_workers}")
         epoch, start = self.position.tolist()
-        slot = (worker + start) % cfg.workers
+        shift = start  # this pass's batch r (counted from its start) goes to worker r % workers
+        while True:
+            yield from self._slot_batches(epoch, (worker + shift) % cfg.workers, start)
+            if not cfg.train:
+                return
+            # Training runs on into the next epoch, so the workers decode its first batches while the trainer is
+            # still on this one's last (the loader takes `len(loader)` batches per pass). The DataLoader asks
+            # its workers round-robin without a break: batch 0 of the next epoch goes to the worker after the one
+            # that made this epoch's last batch, so the slots rotate by the epoch's batches.
+            epoch, shift, start = epoch + 1, shift - cfg.batches, 0
+
+    def _slot_batches(self, epoch: int, slot: int, start: int) -> Iterator[dict]:
+        """The batches of `slot` in `epoch` from the rank's batch `start` on (the earlier ones skipped, undecoded)."""
+        cfg = self.cfg
         done, total = batches_of(slot, start, cfg.workers), batches_of(slot, cfg.batches, cfg.workers)
         counters = Counters()
         raw = self._raw_samples(epoch, slot, counters)
@@ -221,7 +237,7 @@ class ShardStream(IterableDataset):
                 counters.add("substituted" if j is not None else "filler")
         counters.add("samples", sum(ok))
         out = self._assemble(prepared)
-        out.update(slot=slot, index=index, stats=counters.take())
+        out.update(epoch=epoch, slot=slot, index=index, stats=counters.take())
         return out
 
     def _assemble(self, prepared: list[tuple | None]) -> dict:
