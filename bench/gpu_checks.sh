@@ -53,15 +53,15 @@ make_shards(Path('/tmp/e2e_shards'), 8192, 1000, 4)" >"$OUT/e2e_shards.log" 2>&1
   trap 'kill "$shards_pid" 2>/dev/null' EXIT  # ended with the script on every way out (a timeout, ^C)
 fi
 # pre-training at the recipes' own settings (ZeRO auto, compile, buckets) at the accumulation of an 8-GPU node
-# (4096 / (mb x 8)) vs a compiled timm loop with the same accumulation
-check train_L16_recipe 240 python3 bench/train_throughput.py --recipe vit_l16_in21k --accum 4
+# (4096 / (mb x 8)) vs a compiled timm loop with the same accumulation; then each one's kernel time by kind
+check train_L16_recipe 240 python3 bench/train_throughput.py --recipe vit_l16_in21k --accum 4 --profile
 [[ -n ${shards_pid:-} ]] && wait "$shards_pid"
 # the trainer itself on real-photo JPEG shards, CPU decode (16 workers) and decode="gpu", vs synthetic batches
 check end_to_end 240 python3 bench/end_to_end.py --data /tmp/e2e_shards --workers 16
 # decode="gpu" vs torchvision's batched decode alone (ratio last), its agreement with decode="cpu", and the
 # data-wait share of a ViT-L/16 training loop fed by it
 check loader_gpu 150 python3 bench/loader.py --gpu-decode --images 4096 --batch 256 --workers 8
-check train_H14_recipe 260 python3 bench/train_throughput.py --recipe vit_h14_in21k --accum 8
+check train_H14_recipe 260 python3 bench/train_throughput.py --recipe vit_h14_in21k --accum 8 --profile
 check finetune_L16_384 150 python3 bench/finetune_throughput.py
 # torchao float8 vs bf16: L/16 rate + loss after 300 steps (2 bf16 seeds), H/14 rate; a verdict last
 check fp8 360 python3 bench/fp8_trial.py

@@ -19,7 +19,9 @@ memory, and the ratio ours / timm last.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import re
 import time
 
 import torch
@@ -54,6 +56,38 @@ def _time(step_fn, steps: int, warmup: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# kernel (GPU) or operator (CPU) names -> what they do, first match wins
+KINDS = (("matmul", r"gemm|cutlass|xmma|nvjet|cublas|aten::(addmm|mm|bmm|linear|matmul)"),
+         ("attention", r"flash|fmha|attention|sdpa"), ("dropout RNG", r"philox|rand|bernoulli|dropout"),
+         ("optimizer", r"multi_tensor|adam|fused_adam"), ("all-reduce", r"nccl|all_?reduce|gloo"),
+         ("copy", r"memcpy|memset|copy|to_copy"), ("convolution", r"conv"), ("fused (compiled)", r"triton"))
+
+
+def kind_of(name: str) -> str:
+    """The KINDS label of a kernel or operator name, "other" if none matches."""
+    return next((k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def kernel_time(step_fn, steps: int = 2) -> dict[str, float]:
+    """Milliseconds per optimizer step by KINDS: the GPU kernels' own time on CUDA (the operators' own CPU time
+    without a GPU), over `steps` profiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step_fn()
+        _sync()
+    out: collections.Counter[str] = collections.Counter()
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:  # a kernel: its own duration
+            out[kind_of(e.name)] += e.device_time_total / 1e3 / steps
+        elif not cuda and e.device_type == DeviceType.CPU:
+            out[kind_of(e.name)] += e.self_cpu_time_total / 1e3 / steps
+    return dict(out)
+
+
 def ours(cfg, vcfg, batch, accum: int, args) -> float:
     env = init_distributed(detect(), single=True)
     zero, line = resolve_zero(cfg, vcfg, 1, 1, gpu_memory_gib(0, 1))
@@ -73,7 +107,19 @@ def ours(cfg, vcfg, batch, accum: int, args) -> float:
             x = normalize(images, dtype=backend.input_dtype, device=backend.device)
             backend.micro_step(x, labels.to(backend.device, non_blocking=True), loss_fn, boundary=i == accum - 1)
 
-    return _time(step, args.steps, args.warmup)
+    return _profiled(step, args)
+
+
+def _profiled(step, args) -> float:
+    """Median seconds per step; with --profile also the kernels' time per step by kind (after the timing)."""
+    seconds = _time(step, args.steps, args.warmup)
+    if args.profile:
+        try:
+            args.kernel_ms.append(kernel_time(step))
+        except Exception as err:  # the profile must not cost the timing above (another torch's profiler API)
+            print(f"profile failed: {err!r}", flush=True)
+            args.kernel_ms.append({})
+    return seconds
 
 
 def timm_loop(cfg, vcfg, batch, accum: int, args) -> float:
@@ -100,7 +146,7 @@ def timm_loop(cfg, vcfg, batch, accum: int, args) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _time(step, args.steps, args.warmup)
+    return _profiled(step, args)
 
 
 def main() -> None:
@@ -109,8 +155,10 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=None, help="micro-batches per step (default: the recipe's on 1 GPU)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also each loop's kernel time per step by kind")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.micro_batch=64")
     args = p.parse_args()
+    args.kernel_ms = []
     cfg = load_pretrain_config(args.recipe, ["data.path=synthetic", "run.dir=/tmp/bench", *args.overrides])
     accum = args.accum or cfg.train.global_batch // cfg.train.micro_batch
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=accum * cfg.train.micro_batch))
@@ -134,6 +182,12 @@ def main() -> None:
         print(f"{label:<20} {args.recipe} ({cfg.model.variant} @{vcfg.image_hw[0]}) mb {mb} x accum {accum} "
               f"dropout {vcfg.dropout} compile {cfg.model.compile}: {ips:8.1f} img/s  "
               f"{mfu_text(ips, flops, peak, measured)}  peak {mem:.1f} GiB  ({name})", flush=True)
+    if args.profile:
+        ours_ms, timm_ms = args.kernel_ms
+        print(f"{'kernel ms per step':<20} {'ours':>9} {'timm':>9}")
+        for kind in sorted(set(ours_ms) | set(timm_ms), key=lambda k: -ours_ms.get(k, 0.0)):
+            print(f"{kind:<20} {ours_ms.get(kind, 0.0):9.2f} {timm_ms.get(kind, 0.0):9.2f}")
+        print(f"{'total':<20} {sum(ours_ms.values()):9.2f} {sum(timm_ms.values()):9.2f}")
     print(f"ratio ours/timm: {rates[0] / rates[1]:.2f}")
 
 

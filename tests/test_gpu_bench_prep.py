@@ -1,6 +1,6 @@
-"""The CPU-checkable parts of two GPU benchmarks (bench/fp8_trial.py, bench/end_to_end.py), so that a session
-lent a GPU does not spend it on their bugs: the float8 swap of the ViT's Linear layers, and the real-photo
-JPEG shards of the end-to-end run."""
+"""The CPU-checkable parts of the GPU benchmarks (bench/fp8_trial.py, bench/end_to_end.py,
+bench/train_throughput.py), so that a session lent a GPU does not spend it on their bugs: the float8 swap of the
+ViT's Linear layers, the real-photo JPEG shards of the end-to-end run, the kernel-time profile by kind."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from vit import VisionTransformer, vit_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from end_to_end import make_shards  # noqa: E402
 from fp8_trial import to_float8  # noqa: E402
+from train_throughput import kernel_time, kind_of  # noqa: E402
 
 
 def test_fp8_swaps_the_block_linears_and_stays_close_to_bf16():
@@ -60,3 +61,24 @@ def test_end_to_end_shards_are_real_photos_at_imagenet_size(tmp_path):
     assert sizes.count((375, 500)) == 6 and sizes.count((500, 375)) == 18  # one in four portrait
     assert make_shards(tmp_path / "shards", images=99, classes=5, workers=2) == manifest  # kept, not rewritten
     assert json.loads(manifest.read_text()) == meta
+
+
+def test_kernel_names_sorted_by_kind_and_a_step_profiled():
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
+             "nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT": "matmul",
+             "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": "attention",
+             "triton_poi_fused_native_dropout_philox_3": "dropout RNG",
+             "void at::native::(anonymous)::multi_tensor_apply_kernel<...>": "optimizer",
+             "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "all-reduce",
+             "Memcpy DtoD (Device -> Device)": "copy", "triton_per_fused_native_layer_norm_7": "fused (compiled)",
+             "aten::addmm": "matmul", "aten::gelu": "other"}
+    assert {n: kind_of(n) for n in names} == names
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Dropout(0.1), nn.Linear(1024, 256))
+    x = torch.randn(64, 256)
+
+    def step() -> None:
+        net(x).pow(2).mean().backward()
+
+    ms = kernel_time(step, steps=2)
+    assert ms["matmul"] > 0 and ms["dropout RNG"] > 0 and sum(ms.values()) > ms["matmul"]
