@@ -10,6 +10,7 @@ import json
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -19,8 +20,8 @@ from vit import VisionTransformer, vit_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from end_to_end import make_shards  # noqa: E402
-from fp8_trial import to_float8  # noqa: E402
-from train_throughput import kernel_time, kind_of  # noqa: E402
+from fp8_trial import to_float8, verdict  # noqa: E402
+from train_throughput import by_kind, kernel_time, kind_of, print_profile  # noqa: E402
 
 
 def test_fp8_swaps_the_block_linears_and_stays_close_to_bf16():
@@ -45,6 +46,31 @@ def test_fp8_swaps_the_block_linears_and_stays_close_to_bf16():
         assert cos > 0.9, (name, cos.item())
 
 
+def _run(recipe: str, fp8: bool, seed: int, rate: float, loss: float) -> dict:
+    return {"recipe": recipe, "fp8": fp8, "seed": seed, "img_per_s": rate, "loss": loss, "finite": True}
+
+
+def test_fp8_is_offered_only_fast_enough_everywhere_with_the_loss_inside_the_seed_spread(capsys):
+    args = SimpleNamespace(recipes=["L", "H"], loss_steps=300)
+    h = [_run("H", False, 0, 100.0, 0.0), _run("H", True, 0, 120.0, 0.0)]
+    cases = {  # (L's bf16 seed-0 rate and loss, fp8's, bf16 seed 1's or None, H's fp8 rate): verdict
+        ((100.0, 2.0), (120.0, 2.05), (None, 2.1)): "offer precision=fp8",
+        ((100.0, 2.0), (120.0, 2.2), (None, 2.1)): "leave fp8 out",  # loss outside the spread
+        ((100.0, 2.0), (110.0, 2.0), (None, 2.1)): "leave fp8 out",  # 1.10x: too slow
+        ((100.0, 2.0), (120.0, 2.0), None): "leave fp8 out",  # no second seed: no spread to check against
+    }
+    for (bf0, f8, bf1), expected in cases.items():
+        results = [_run("L", False, 0, *bf0), _run("L", True, 0, *f8), *h]
+        if bf1:
+            results.append(_run("L", False, 1, bf0[0], bf1[1]))
+        verdict(args, results)
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"verdict: {expected}")
+    h[1]["img_per_s"] = 110.0  # L passes, H too slow
+    verdict(args, [_run("L", False, 0, 100.0, 2.0), _run("L", True, 0, 120.0, 2.0),
+                   _run("L", False, 1, 100.0, 2.1), *h])
+    assert "verdict: leave fp8 out" in capsys.readouterr().out
+
+
 def test_end_to_end_shards_are_real_photos_at_imagenet_size(tmp_path):
     manifest = make_shards(tmp_path / "shards", images=24, classes=5, workers=2)
     meta = json.loads(manifest.read_text())
@@ -67,7 +93,8 @@ def test_kernel_names_sorted_by_kind_and_a_step_profiled():
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
              "nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT": "matmul",
              "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": "attention",
-             "triton_poi_fused_native_dropout_philox_3": "dropout RNG",
+             "triton_poi_fused_native_dropout_philox_3": "fused with dropout",
+             "void at::native::(anonymous)::fused_dropout_kernel_vec<...>": "dropout",
              "void at::native::(anonymous)::multi_tensor_apply_kernel<...>": "optimizer",
              "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "all-reduce",
              "Memcpy DtoD (Device -> Device)": "copy", "triton_per_fused_native_layer_norm_7": "fused (compiled)",
@@ -81,4 +108,19 @@ def test_kernel_names_sorted_by_kind_and_a_step_profiled():
         net(x).pow(2).mean().backward()
 
     ms = kernel_time(step, steps=2)
-    assert ms["matmul"] > 0 and ms["dropout RNG"] > 0 and sum(ms.values()) > ms["matmul"]
+    assert all(kind == kind_of(name) for kind, name in ms)
+    kinds = by_kind(ms)
+    assert kinds["matmul"] > 0 and kinds["dropout"] > 0 and sum(kinds.values()) > kinds["matmul"]
+
+
+def test_profile_table_names_the_time_no_kernel_ran_and_where_ours_spends_more(capsys):
+    ours = {("matmul", "gemm_a"): 10.0, ("copy", "Memcpy DtoD"): 3.0, ("other", "grad_acc_add"): 2.0}
+    timm = {("matmul", "gemm_a"): 10.5, ("copy", "Memcpy DtoD"): 1.0}
+    print_profile(ours, timm, [20.0, 12.5])
+    out = capsys.readouterr().out.splitlines()
+    rows = {line[:20].strip(): line[20:].split() for line in out if not line.startswith("ours +")}
+    assert rows["kernels, total"] == ["15.00", "11.50"] and rows["no kernel running"] == ["5.00", "1.00"]
+    assert rows["copy"] == ["3.00", "1.00"] and rows["other"] == ["2.00", "0.00"]
+    assert [line.split()[:3] for line in out if line.startswith("ours +")] == [
+        ["ours", "+2.00", "ms"], ["ours", "+2.00", "ms"]]  # copy and the accumulation add; not the matmul
+    assert {line.split()[-1] for line in out if line.startswith("ours +")} == {"DtoD", "grad_acc_add"}
