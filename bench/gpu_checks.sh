@@ -66,4 +66,4 @@ check finetune_L16_384 150 python3 bench/finetune_throughput.py
 # torchao float8 vs bf16: L/16 rate + loss after 300 steps (2 bf16 seeds), H/14 rate; a verdict last. Its runs
 # took 120-180 s each on the H200: a call of its own (CHECKS="fp8")
 check fp8 540 python3 bench/fp8_trial.py
-echo; echo "=== summary ($(echo "$gpu"), $((SECONDS - start)) s)"; cat "$OUT/summary.txt"
+echo; echo "=== summary ($gpu, $((SECONDS - start)) s)"; cat "$OUT/summary.txt"
