@@ -26,7 +26,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed's FusedAdam build misparses "9.0a"
 gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader); echo "$gpu"
 BUDGET=${BUDGET_S:-540}  # run with timeout_s 600: pip + nvidia-smi take ~20 s
-CHECKS=${CHECKS:-train_L16_recipe end_to_end loader_gpu train_H14_recipe finetune_L16_384 fp8}
+CHECKS=${CHECKS:-train_L16_recipe end_to_end loader_gpu train_H14_recipe dropout_masks finetune_L16_384 fp8}
 start=$SECONDS
 
 # check NAME SECONDS COMMAND...: runs if CHECKS names it and 3/5 of its limit (the limits are ~1.3x the H200's
@@ -62,6 +62,9 @@ check end_to_end 240 python3 bench/end_to_end.py --data /tmp/e2e_shards --worker
 # data-wait share of a ViT-L/16 training loop fed by it
 check loader_gpu 150 python3 bench/loader.py --gpu-decode --images 4096 --batch 256 --workers 8
 check train_H14_recipe 260 python3 bench/train_throughput.py --recipe vit_h14_in21k --accum 8 --profile
+# the compiled model's dropout masks recovered exactly: rate, independence of neighbours, backward = forward
+# (torch 2.13+ draws four values per Philox call: the image's torch 2.11 does not, the supported 2.14 does)
+check dropout_masks 120 python3 bench/dropout_masks.py
 check finetune_L16_384 150 python3 bench/finetune_throughput.py
 # torchao float8 vs bf16: L/16 rate + loss after 300 steps (2 bf16 seeds), H/14 rate; a verdict last. Its runs
 # took 120-180 s each on the H200: a call of its own (CHECKS="fp8")

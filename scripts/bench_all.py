@@ -34,9 +34,11 @@ SETTINGS = {
                     "--classes", "10", "--workers", "2"], []),
     "fp8_trial": (["--recipes", "debug_cpu", "--loss-steps", "40", "--rate-steps", "4", "--warmup", "2",
                    "train.micro_batch=16"], []),
+    # a check, not a benchmark: its verdict line is collected with the ratios
+    "dropout_masks": (["--variant", "debug", "--image-size", "32", "--device", "cpu", "--no-compile"], []),
 }
 NOT_HERE = {"faults"}  # the fault suite is `make faults`: tens of minutes, a reliability table, not a ratio
-RATIO_LINE = re.compile(r"ratio|ours/|target|verdict", re.IGNORECASE)
+RATIO_LINE = re.compile(r"ratio|ours/|target|verdict|^check ", re.IGNORECASE)
 
 
 def run(name: str, args: list[str]) -> tuple[int, list[str], float]:

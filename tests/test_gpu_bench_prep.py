@@ -1,6 +1,7 @@
-"""The CPU-checkable parts of the GPU benchmarks (bench/fp8_trial.py, bench/end_to_end.py,
-bench/train_throughput.py), so that a session lent a GPU does not spend it on their bugs: the float8 swap of the
-ViT's Linear layers, the real-photo JPEG shards of the end-to-end run, the kernel-time profile by kind."""
+"""The CPU-checkable parts of the GPU benchmarks and checks (bench/fp8_trial.py, bench/end_to_end.py,
+bench/train_throughput.py, bench/dropout_masks.py), so that a session lent a GPU does not spend it on their bugs:
+the float8 swap of the ViT's Linear layers, the real-photo JPEG shards of the end-to-end run, the kernel-time
+profile by kind, the recovery of dropout masks and what counts as a bad one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from vit import VisionTransformer, vit_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import dropout_masks  # noqa: E402
 from end_to_end import make_shards  # noqa: E402
 from fp8_trial import to_float8, verdict  # noqa: E402
 from train_throughput import by_kind, kernel_time, kind_of, print_profile  # noqa: E402
@@ -124,3 +126,26 @@ def test_profile_table_names_the_time_no_kernel_ran_and_where_ours_spends_more(c
     assert [line.split()[:3] for line in out if line.startswith("ours +")] == [
         ["ours", "+2.00", "ms"], ["ours", "+2.00", "ms"]]  # copy and the accumulation add; not the matmul
     assert {line.split()[-1] for line in out if line.startswith("ours +")} == {"DtoD", "grad_acc_add"}
+
+
+def test_dropout_masks_recovered_exactly_and_bad_ones_named(capsys):
+    """The real model's masks pass (eager on the CPU); masks duplicated in groups of 4 channels (the compiled
+    CUDA bug the patch conv's layout avoids, docs/architecture.md "Model"), a wrong rate, or a backward that
+    applies another mask are each named."""
+    assert dropout_masks.main(["--variant", "debug", "--image-size", "32", "--batch", "32", "--device", "cpu",
+                               "--no-compile"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "check dropout masks: ok"
+    torch.manual_seed(0)
+    model = dropout_masks.build("debug", 32, 0.5, depth=2)
+    mask, counts = dropout_masks.recover(model, torch.randn(32, 3, 32, 32), 0.5, compile=False)
+    assert mask.shape == (32, 17, 32) and torch.equal(counts, mask.sum(0).float())  # exact, both ways
+    assert dropout_masks.findings(mask, counts, 0.5) == []
+
+    dup = mask[..., ::4].repeat_interleave(4, dim=-1)  # channels 4k..4k+3 share one mask
+    (found,) = dropout_masks.findings(dup, dup.sum(0).float(), 0.5)
+    assert found.startswith("neighbours along the channel axis agree 0.8")
+    assert "keep rate" in dropout_masks.findings(mask & (torch.rand(mask.shape) < 0.9), counts, 0.5)[0]
+    other = counts.clone()
+    other[0, 0] += 1
+    assert dropout_masks.findings(mask, other, 0.5) == [
+        f"the backward applied another mask than the forward at {1 / counts.numel():.1%} of the positions"]

@@ -109,6 +109,22 @@ def test_non_square_input() -> None:
     assert model(torch.randn(2, 3, 32, 48)).shape == (2, 10)
 
 
+def test_tokens_are_the_patch_conv_output_read_in_order() -> None:
+    """The patch conv returns channels-last memory, so the (B, N, D) tokens that the embedding dropout reads are
+    a view of it in order, not a transposed copy (docs/architecture.md, "Model"); the values are the NCHW conv's."""
+    torch.manual_seed(0)
+    model = VisionTransformer(vit_config("debug", image_size=(32, 48))).eval()
+    torch.nn.init.normal_(model.pos_embed)
+    seen: list[torch.Tensor] = []
+    model.patch_embed.register_forward_hook(lambda module, args, out: seen.append(out))
+    images = torch.randn(2, 3, 32, 48)  # NCHW, as the loaders deliver them
+    tokens = model.embed(images)  # (B, N+1, D)
+    (conv_out,) = seen
+    assert conv_out.flatten(2).transpose(1, 2).is_contiguous()
+    ref = torch.nn.functional.conv2d(images, model.patch_embed.weight, model.patch_embed.bias, stride=8)
+    torch.testing.assert_close(tokens[:, 1:], ref.flatten(2).transpose(1, 2) + model.pos_embed[:, 1:])
+
+
 def test_grad_checkpointing_gives_same_gradients() -> None:
     torch.manual_seed(0)
     model = VisionTransformer(vit_config("debug"))

@@ -142,14 +142,17 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, N+1, D) tokens with class token and position embeddings."""
-        x = self.patch_embed(images)  # (B, D, H/P, W/P)
+        # Channels-last in, channels-last out: the (B, N, D) tokens below are then a view of the conv's output, not
+        # a transposed copy. A transposed copy fused into the embedding dropout's kernel is the pattern whose
+        # dropout masks torch.compile draws wrongly on CUDA from torch 2.13 (docs/architecture.md, "Model").
+        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last))  # (B, D, H/P, W/P), NHWC memory
         if x.shape[-2:] != self.cfg.grid:
             raise ValueError(
                 f"input {tuple(images.shape[-2:])} gives a {tuple(x.shape[-2:])} patch grid but the model "
                 f"was built for {self.cfg.image_hw} ({self.cfg.grid}); resize the input or rebuild the "
                 "model at this size (vit.weights loads with pos-embed resampling)"
             )
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), contiguous
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
         return self.pos_drop(x)
