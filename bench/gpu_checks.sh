@@ -62,9 +62,10 @@ check end_to_end 240 python3 bench/end_to_end.py --data /tmp/e2e_shards --worker
 # data-wait share of a ViT-L/16 training loop fed by it
 check loader_gpu 150 python3 bench/loader.py --gpu-decode --images 4096 --batch 256 --workers 8
 check train_H14_recipe 260 python3 bench/train_throughput.py --recipe vit_h14_in21k --accum 8 --profile
-# the compiled model's dropout masks recovered exactly: rate, independence of neighbours, backward = forward
+# the compiled model's dropout masks recovered exactly (rate, independence of neighbours, backward = forward),
+# without and with gradient checkpointing
 # (torch 2.13+ draws four values per Philox call: the image's torch 2.11 does not, the supported 2.14 does)
-check dropout_masks 120 python3 bench/dropout_masks.py
+check dropout_masks 150 python3 bench/dropout_masks.py
 check finetune_L16_384 150 python3 bench/finetune_throughput.py
 # torchao float8 vs bf16: L/16 rate + loss after 300 steps (2 bf16 seeds), H/14 rate; a verdict last. Its runs
 # took 120-180 s each on the H200: a call of its own (CHECKS="fp8")

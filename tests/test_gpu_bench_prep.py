@@ -6,6 +6,7 @@ profile by kind, the recovery of dropout masks and what counts as a bad one."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import sys
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vit import VisionTransformer, vit_config
 
@@ -128,24 +130,38 @@ def test_profile_table_names_the_time_no_kernel_ran_and_where_ours_spends_more(c
     assert {line.split()[-1] for line in out if line.startswith("ours +")} == {"DtoD", "grad_acc_add"}
 
 
-def test_dropout_masks_recovered_exactly_and_bad_ones_named(capsys):
-    """The real model's masks pass (eager on the CPU); masks duplicated in groups of 4 channels (the compiled
-    CUDA bug the patch conv's layout avoids, docs/architecture.md "Model"), a wrong rate, or a backward that
-    applies another mask are each named."""
-    assert dropout_masks.main(["--variant", "debug", "--image-size", "32", "--batch", "32", "--device", "cpu",
-                               "--no-compile"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "check dropout masks: ok"
+def test_dropout_masks_recovered_exactly_and_bad_ones_named(capsys, monkeypatch):
+    """The real model's masks pass (eager on the CPU, with and without gradient checkpointing); masks duplicated in
+    groups of 4 channels (the compiled CUDA bug the patch conv's layout avoids, docs/architecture.md "Model"), a
+    wrong rate, or a backward that applies another mask are each named."""
+    assert dropout_masks.main(["--variant", "debug", "--image-size", "32", "--device", "cpu", "--no-compile"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split(" (")[0] for x in lines] == ["check dropout masks without checkpointing",
+                                                 "check dropout masks with gradient checkpointing"]
+    assert all(x.endswith("; torch " + torch.__version__ + ", cpu, eager): ok") for x in lines), lines
     torch.manual_seed(0)
     model = dropout_masks.build("debug", 32, 0.5, depth=2)
-    mask, counts = dropout_masks.recover(model, torch.randn(32, 3, 32, 32), 0.5, compile=False)
-    assert mask.shape == (32, 17, 32) and torch.equal(counts, mask.sum(0).float())  # exact, both ways
-    assert dropout_masks.findings(mask, counts, 0.5) == []
+    found = dropout_masks.recover(model, torch.randn(8, 3, 32, 32), 0.5, compile=False)
+    assert list(found) == ["embedding", "block 0 MLP", "block 1 MLP"]
+    masks = [m for m, _, _ in found.values()]
+    assert all(m.shape == (8, 17, 32) for m in masks) and not torch.equal(masks[1], masks[2])  # one mask each
+    assert all(torch.equal(fwd, bwd) for _, fwd, bwd in found.values())  # exact in fp32, both ways
+    mask, fwd, bwd = found["embedding"]
+    assert dropout_masks.findings("embedding", mask, fwd, bwd, 0.5) == []
 
     dup = mask[..., ::4].repeat_interleave(4, dim=-1)  # channels 4k..4k+3 share one mask
-    (found,) = dropout_masks.findings(dup, dup.sum(0).float(), 0.5)
-    assert found.startswith("neighbours along the channel axis agree 0.8")
-    assert "keep rate" in dropout_masks.findings(mask & (torch.rand(mask.shape) < 0.9), counts, 0.5)[0]
-    other = counts.clone()
+    (bad,) = dropout_masks.findings("x", dup, dup.sum(0).float(), dup.sum(0).float(), 0.5)
+    assert bad.startswith("x: neighbours along the channel axis agree 0.8")
+    fewer = mask & (torch.rand(mask.shape) < 0.9)
+    assert "x: keep rate" in dropout_masks.findings("x", fewer, fewer.sum(0).float(), fwd, 0.5)[0]
+    other = bwd.clone()
     other[0, 0] += 1
-    assert dropout_masks.findings(mask, other, 0.5) == [
-        f"the backward applied another mask than the forward at {1 / counts.numel():.1%} of the positions"]
+    assert dropout_masks.findings("x", mask, fwd, other, 0.5) == [
+        f"x: the backward applied another mask than the forward at {1 / fwd.numel():.1%} of the positions"]
+    # a checkpointed recompute that draws fresh masks (what the bug does to it) is caught through the real model
+    monkeypatch.setattr("vit.model.checkpoint", functools.partial(checkpoint, preserve_rng_state=False))
+    model.set_grad_checkpointing(True)
+    found = dropout_masks.recover(model, torch.randn(8, 3, 32, 32), 0.5, compile=False)
+    bad = [f for name, masks in found.items() for f in dropout_masks.findings(name, *masks, 0.5)]
+    assert [f.split(":")[0] for f in bad] == ["block 0 MLP", "block 1 MLP"], bad
+    assert all("the backward applied another mask than the forward" in f for f in bad)
