@@ -32,6 +32,11 @@ from vit import VisionTransformer, vit_config  # noqa: E402
 SIGMAS = 6.0  # a rate this far from its prediction is a finding, not chance
 
 
+def _term(i: int) -> float:
+    """Block i's MLP output before its dropout: larger than the embedding's 1 plus every smaller block's term."""
+    return 3.0 * 4**i
+
+
 class _Features(nn.Module):
     """forward = the model's forward_features: what torch.compile sees is the backbone's real graph."""
 
@@ -56,7 +61,7 @@ def build(variant: str, image_size: int, p: float, depth: int) -> VisionTransfor
             for layer in (block.attn.proj, block.mlp.fc2):
                 layer.weight.zero_()
                 layer.bias.zero_()
-            block.mlp.fc2.bias.fill_(3.0 * 4**i)
+            block.mlp.fc2.bias.fill_(_term(i))
     model.norm = nn.Identity()
     return model.train()
 
@@ -72,7 +77,7 @@ def recover(model: VisionTransformer, images: torch.Tensor, p: float,
     rest = out.detach().float() * (1 - p)  # sum of kept terms: 1 (embedding) and c_i (block i)
     found = {}
     for i in reversed(range(len(model.blocks))):
-        c = 3.0 * 4**i
+        c = _term(i)
         mask = rest > c - 0.5
         rest = rest - c * mask
         bwd = model.blocks[i].mlp.fc2.bias.grad.float() * (1 - p)  # (D,)
