@@ -59,8 +59,8 @@ from data_prep.stream_worker import (
     FILLER_LABEL,
     ShardStream,
     StreamConfig,
+    forking_workers,
     ignore_preemption_signals,
-    preemption_signals_blocked,
 )
 from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, seeded_torch_rng, to_hw
 from runtime.dist import DistEnv, accumulation_steps
@@ -207,7 +207,7 @@ class StreamLoader:
         if kept is not None and kept[0] == (epoch, start):
             return kept[1]
         self.dataset.set_position(epoch, start)
-        with preemption_signals_blocked():  # iter() forks the workers (and before any thread of ours starts)
+        with forking_workers():  # iter() forks the workers (and before any thread of ours starts)
             return iter(self._loader)
 
     def _in_order(self, batches: Iterator[dict], epoch: int, start: int) -> Iterator[dict]:

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import random
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,32 @@ def preemption_signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# How long the forking thread gives up the GIL before a fork while a process group is up. When a collective
+# completes, a process-group thread (gloo's run loop) takes a Python thread state to drop its references, a
+# moment after the main thread's wait() returned; a child forked while that thread holds the interpreter's
+# thread-state lock deadlocks before running a line (CPython gh-112275: 3.11 before 3.11.10, 3.10 and earlier;
+# the child waits in PyOS_AfterFork_Child for a lock no thread of it will release). An eval's workers are
+# forked just after the step's logging collectives: bench/fork_settle.py, that pattern on 2 cores, hung 8 of
+# 3,494 plain forks and 0 of 5,278 with this pause (docs/architecture.md, "Loader workers are forked"). Time out
+# of the GIL lets that thread finish first; a fork happens a few times per run, so the pause costs nothing.
+FORK_SETTLE_S = 0.05
+
+
+@contextlib.contextmanager
+def forking_workers() -> Iterator[None]:
+    """Start a DataLoader's workers (its first `iter()`) inside this: the process group's threads settle first
+    (FORK_SETTLE_S), and the workers are born with the preemption signals blocked
+    (`preemption_signals_blocked`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _settle()
+    with preemption_signals_blocked():
+        yield
+
+
+def _settle() -> None:
+    time.sleep(FORK_SETTLE_S)  # out of the GIL
 
 
 @dataclass(frozen=True)

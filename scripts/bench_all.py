@@ -34,6 +34,9 @@ SETTINGS = {
                     "--classes", "10", "--workers", "2"], []),
     "fp8_trial": (["--recipes", "debug_cpu", "--loss-steps", "40", "--rate-steps", "4", "--warmup", "2",
                    "train.micro_batch=16"], []),
+    # hangs are rare (~2 per 1,000 plain forks): the short run is a smoke test, the figure in
+    # docs/architecture.md from its defaults (420 s)
+    "fork_settle": (["--seconds", "30"], ["--seconds", "30"]),
     # a check, not a benchmark: its verdict line is collected with the ratios
     "dropout_masks": (["--variant", "debug", "--image-size", "32", "--device", "cpu", "--no-compile"], []),
 }

@@ -218,3 +218,31 @@ def test_global_batch_is_for_training_only(data: Path) -> None:
         build_loader(str(data), "train", train=True, global_batch=4, **common)
     ev = build_loader(cfg, "train", train=False, **common)  # each rank takes micro_batch; the split whole
     assert len(ev) == 8 and ev.global_batch is None
+
+
+def test_workers_are_forked_after_the_process_group_threads_settle(data: Path, monkeypatch) -> None:
+    """With a process group up, the stream gives its threads a pause out of the GIL before it forks its workers
+    (a child forked while one of them takes a Python thread state deadlocks: data_prep/stream_worker.py,
+    bench/fork_settle.py); without one, no pause."""
+    import torch.distributed as torch_dist
+
+    import data_prep.stream_worker as stream_worker
+    from runtime.dist import init_distributed
+
+    workers_at_settle: list[int] = []
+    monkeypatch.setattr(stream_worker, "_settle", lambda: workers_at_settle.append(len(_children())))
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)  # what init_distributed exports, gone again after this test
+    before = _children()
+    for grouped in (False, True):
+        if grouped:
+            init_distributed(DistEnv(), backend="gloo", single=True)
+        try:
+            ld = _loader(data)
+            next(iter(ld))
+            assert len(_children() - before) == 2  # the pass forked its two workers
+            ld.close()
+        finally:
+            if grouped:
+                torch_dist.destroy_process_group()
+        assert workers_at_settle == ([len(before)] if grouped else []), workers_at_settle  # before the fork
