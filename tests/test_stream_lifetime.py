@@ -233,6 +233,9 @@ def test_workers_are_forked_after_the_process_group_threads_settle(data: Path, m
     monkeypatch.setattr(stream_worker, "_settle", lambda: workers_at_settle.append(len(_children())))
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)  # what init_distributed exports, gone again after this test
+    c10d = torch_dist.distributed_c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # and the module timeouts it sets
+        monkeypatch.setattr(c10d, name, getattr(c10d, name))
     before = _children()
     for grouped in (False, True):
         if grouped:
