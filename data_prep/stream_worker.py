@@ -46,6 +46,7 @@ from data_prep.transforms import (
     random_resized_crop_box,
     seeded_torch_rng,
 )
+from runtime.dist import is_distributed
 
 FILLER_LABEL = -1
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -91,7 +92,7 @@ def forking_workers() -> Iterator[None]:
     """Start a DataLoader's workers (its first `iter()`) inside this: the process group's threads settle first
     (FORK_SETTLE_S), and the workers are born with the preemption signals blocked
     (`preemption_signals_blocked`)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         _settle()
     with preemption_signals_blocked():
         yield

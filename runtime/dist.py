@@ -134,17 +134,32 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None, tim
     return env
 
 
+def is_distributed() -> bool:
+    """Whether a process group is up (torch built with distributed support, and initialised)."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if is_distributed():
         torch_dist.barrier()
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's `obj` (picklable, from our own ranks only), in rank order, on every rank; `[obj]` when not
+    distributed."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def main_decides(fn: Callable[[], str | None], env: DistEnv) -> str | None:
     """`fn()` on rank 0 (an error message, or None when all is well), returned on every rank (a broadcast when
     distributed): what only rank 0 can check then stops every rank alike, none left waiting on a peer that left."""
     result = fn() if env.is_main else None
-    if torch_dist.is_available() and torch_dist.is_initialized() and env.world_size > 1:
+    if is_distributed() and env.world_size > 1:
         box = [result]
         torch_dist.broadcast_object_list(box, src=0)
         result = box[0]
@@ -153,7 +168,7 @@ def main_decides(fn: Callable[[], str | None], env: DistEnv) -> str | None:
 
 def shutdown() -> None:
     """Tear down the process group if one is up."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if is_distributed():
         torch_dist.destroy_process_group()
 
 

@@ -26,14 +26,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from runtime.config import ConfigError, config_changes, config_hash, flatten, to_dict, yaml_text
-from runtime.dist import DistEnv, barrier
+from runtime.dist import DistEnv, all_gather_objects, barrier
 from runtime.io import atomic_path, atomic_write, atomic_write_json
 from trainer.errors import CheckpointError
 
@@ -186,7 +185,7 @@ def save(backend, ckpt_dir: str | Path, step: int, state: dict, env: DistEnv, ke
     error = _write(backend, ckpt_dir, tag, state, env, ema)
     if error is None and fault is not None:
         fault()
-    errors = _gather(error)
+    errors = all_gather_objects(error)  # every rank's write error (None = wrote fine)
     if any(errors):
         if env.is_main:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
@@ -231,15 +230,6 @@ def _describe(err: Exception, ckpt_dir: Path) -> str:
     full = getattr(err, "errno", None) == errno.ENOSPC or free < 1 << 20
     text = " ".join(str(err).split())[:300]
     return f"ENOSPC, no space left on device ({free >> 10} KiB free): {text}" if full else text
-
-
-def _gather(error: str | None) -> list[str | None]:
-    """Every rank's write error (None = wrote fine), on every rank."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return [error]
-    errors: list[str | None] = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(errors, error)
-    return errors
 
 
 def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from data_prep.stream import DataCfg, build_loader, normalize
 from data_prep.stream_config import data_problems
 from runtime.config import ConfigError, check_value, parse_override
-from runtime.dist import detect, init_distributed
+from runtime.dist import detect, init_distributed, is_distributed
 from runtime.progress import progress_bar
 from trainer.config import check_split
 from vit.weights import INTERPOLATIONS, PRECISIONS, EvalSettings
@@ -31,7 +31,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+    if not is_distributed():
         return t
     nccl = torch_dist.get_backend() == "nccl"
     on = t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t.cpu()

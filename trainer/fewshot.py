@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from data_prep.stream import DataCfg, build_loader, normalize
-from runtime.dist import DistEnv
+from runtime.dist import DistEnv, all_gather_objects
 from runtime.progress import LogProgress
 from trainer.config import FewShotCfg
 
@@ -129,14 +128,6 @@ def linear_probe_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch
 
 
 # ---- features -----------------------------------------------------------------------------------------------
-def _gather(obj: object) -> list:
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return [obj]
-    out = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, head: nn.Module, loader, device: torch.device,
                      input_dtype: torch.dtype = torch.float32,
@@ -170,7 +161,7 @@ def extract_features(model: nn.Module, head: nn.Module, loader, device: torch.de
         hook.remove()
         model.train(was_training)
     mine = (keys, torch.cat(feats).numpy(), torch.cat(labels).numpy())
-    parts = _gather(mine)
+    parts = all_gather_objects(mine)
     all_keys = [key for p in parts for key in p[0]]
     order = sorted(range(len(all_keys)), key=all_keys.__getitem__)  # the world size does not change the order
     f = torch.from_numpy(np.concatenate([p[1] for p in parts]))[order]

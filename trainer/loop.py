@@ -20,12 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from data_prep.stream import mixup_cutmix, normalize
 from runtime.config import config_hash, to_dict
-from runtime.dist import DistEnv
+from runtime.dist import DistEnv, all_gather_objects
 from runtime.logs import get_logger
 from runtime.progress import LogProgress
 from trainer import checkpoint as ckpt
@@ -295,11 +294,7 @@ class Loop:
         for name, p in sorted(sd.items()):
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
-        if not torch_dist.is_initialized():
-            return [h.hexdigest()[:16]]
-        digests = [None] * torch_dist.get_world_size()
-        torch_dist.all_gather_object(digests, h.hexdigest()[:16])
-        return digests
+        return all_gather_objects(h.hexdigest()[:16])
 
     def _kill_now(self, step: int, in_save: bool) -> bool:
         """Fault injection (debug.kill_*): is this rank to SIGKILL itself at this step (in its save)?"""
