@@ -227,7 +227,7 @@ def test_workers_are_forked_after_the_process_group_threads_settle(data: Path, m
     import torch.distributed as torch_dist
 
     import data_prep.stream_worker as stream_worker
-    from runtime.dist import init_distributed
+    from runtime.dist import init_distributed, shutdown
 
     workers_at_settle: list[int] = []
     monkeypatch.setattr(stream_worker, "_settle", lambda: workers_at_settle.append(len(_children())))
@@ -247,5 +247,5 @@ def test_workers_are_forked_after_the_process_group_threads_settle(data: Path, m
             ld.close()
         finally:
             if grouped:
-                torch_dist.destroy_process_group()
+                shutdown()
         assert workers_at_settle == ([len(before)] if grouped else []), workers_at_settle  # before the fork
