@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of docs/performance.md on one H100/H200, a table last. The GPU machine has torch, timm and
-# accelerate but not deepspeed, webdataset or torchao: build their wheels HERE first (git-ignored .whl/):
+# accelerate but not deepspeed, webdataset, torchao or torchcodec: build their wheels HERE first (git-ignored .whl/):
 #   bash bench/gpu_checks.sh --wheels                 (on the development machine, once; needs ../shared/device)
 # then, on the GPU machine, carrying .whl:
 #   bash bench/gpu_checks.sh                          (every check, in the order below, within BUDGET_S seconds)
@@ -12,13 +12,14 @@ if [[ ${1:-} == --wheels ]]; then
   set -e
   bash ../shared/device/wheels.sh .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl "$(grep '^torchao==' constraints.txt | cut -d' ' -f1)"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl \
+    "$(grep '^torchao==' constraints.txt | cut -d' ' -f1)" "$(grep '^torchcodec==' constraints.txt | cut -d' ' -f1)"
   exit 0
 fi
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
-if ! python3 -c "import deepspeed, webdataset, torchao" 2>/dev/null; then
+if ! python3 -c "import deepspeed, webdataset, torchao, torchcodec" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=$PWD:/tmp/site

@@ -10,8 +10,9 @@
 Targets: ours >= 0.95x (a) per worker, >= 1.3x (b). Ratios are printed last.
 
 --gpu-decode: decode="gpu" (batched nvJPEG decode + one batched crop with PIL's arithmetic, on a background
-thread; checked byte-equal to PIL on the device) against its peer,
-torchvision's batched `decode_jpeg` alone on the same JPEGs, batch for batch; then the data-wait share of a
+thread; checked byte-equal to PIL on the device) against its peer, the batched `decode_jpeg` alone of the library
+ours decodes with (TorchCodec's; torchvision's where it does not load) on the same JPEGs, batch for batch, and
+torchvision's beside it (the peer docs/performance.md quotes, deprecated since 0.29); then the data-wait share of a
 timm training loop (bf16, AdamW) fed by decode="gpu". Target: >= 12,000 img/s on one H100/H200, data-wait
 < 2 % of the step; the ratio ours / decode alone is printed last.
 """
@@ -28,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.gpu_decode import crop_resize_batch  # noqa: E402
+from data_prep.gpu_decode import crop_resize_batch, decoders  # noqa: E402
 from data_prep.stream import DataCfg, build_loader, normalize  # noqa: E402
 from data_prep.transforms import random_resized_crop_box  # noqa: E402
 from runtime.dist import DistEnv  # noqa: E402
@@ -157,11 +159,9 @@ def _jpegs(manifest: Path) -> list[torch.Tensor]:
     return out
 
 
-def decode_alone(manifest: Path, batch: int, device: str, crop: bool = False) -> float:
-    """img/s of torchvision's batched decode_jpeg alone (the peer), or with our batched crop (`crop`), from
+def decode_alone(manifest: Path, batch: int, device: str, decode_jpeg: Callable, crop: bool = False) -> float:
+    """img/s of a library's batched `decode_jpeg` alone (the peer), or with our batched crop (`crop`), from
     host memory, batches 2..n (the first warms nvJPEG up)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     blobs, rng = _jpegs(manifest), __import__("random").Random(0)
     groups = [blobs[i:i + batch] for i in range(0, len(blobs) - batch + 1, batch)]
     boxes = [torch.tensor([random_resized_crop_box(500, 375, rng) for _ in g]) for g in groups]
@@ -171,7 +171,7 @@ def decode_alone(manifest: Path, batch: int, device: str, crop: bool = False) ->
         if k == 1:
             _sync(device)
             t0 = time.perf_counter()
-        images = decode_jpeg(g, mode=ImageReadMode.RGB, device=device)
+        images = decode_jpeg(g, mode="RGB", device=device)
         if crop:
             crop_resize_batch(images, boxes[k], flips[k], (SIZE, SIZE))
         n += len(g) if k else 0
@@ -230,10 +230,8 @@ def agreement(manifest: Path, batch: int, device: str, batches: int = 3) -> floa
 def pil_exact(manifest: Path, device: str, n: int = 64) -> int:
     """How many of `n` random crops (both filters) our batched crop on `device` gives other bytes for than PIL's
     resize of the same decoded pixels: 0 by construction (data_prep/resample.py)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     rng = __import__("random").Random(1)
-    images = decode_jpeg(_jpegs(manifest)[:n], mode=ImageReadMode.RGB, device=device)
+    images = decoders().jpeg(_jpegs(manifest)[:n], mode="RGB", device=device)
     boxes = [random_resized_crop_box(int(im.shape[-1]), int(im.shape[-2]), rng) for im in images]
     flips = [rng.random() < 0.5 for _ in images]
     wrong = 0
@@ -248,7 +246,7 @@ def pil_exact(manifest: Path, device: str, n: int = 64) -> int:
 
 
 def gpu_decode_main(manifest: Path, args: argparse.Namespace) -> None:
-    """--gpu-decode: ours vs torchvision's batched decode alone, then beside a training loop; ratio last."""
+    """--gpu-decode: ours vs the batched decode alone, then beside a training loop; ratio last."""
     dev = args.device
     name = torch.cuda.get_device_name() if torch.device(dev).type == "cuda" else "the CPU device"
     diff = agreement(manifest, args.batch, dev)
@@ -257,17 +255,23 @@ def gpu_decode_main(manifest: Path, args: argparse.Namespace) -> None:
     wrong = pil_exact(manifest, dev)
     print(f"check batched crop on {name} = PIL's bytes on the same pixels (64 crops x 2 filters): "
           f"{'ok' if not wrong else f'FAILED ({wrong} differ)'}")
-    peer = decode_alone(manifest, args.batch, dev)
-    kernels = decode_alone(manifest, args.batch, dev, crop=True)
+    lib = decoders()
+    peer = decode_alone(manifest, args.batch, dev, lib.jpeg)
+    kernels = decode_alone(manifest, args.batch, dev, lib.jpeg, crop=True)
     ips, _ = ours(manifest, args.workers, args.batch, decode="gpu", device=dev)
-    print(f"torchvision batched decode_jpeg alone on {name}: {peer:,.0f} img/s")
-    print(f"decode_jpeg + our batched crop, no loader, on {name}: {kernels:,.0f} img/s")
+    print(f"{lib.library} batched decode_jpeg alone on {name}: {peer:,.0f} img/s")
+    if lib.library != "torchvision":
+        from torchvision.io import decode_jpeg
+
+        print(f"torchvision batched decode_jpeg alone on {name}: "
+              f"{decode_alone(manifest, args.batch, dev, decode_jpeg):,.0f} img/s")
+    print(f"{lib.library} decode_jpeg + our batched crop, no loader, on {name}: {kernels:,.0f} img/s")
     print(f"ours decode=gpu ({args.workers} workers) on {name}: {ips:,.0f} img/s (target >= 12,000 on one GPU)")
     if args.model:
         rate, share = beside_training(manifest, args.workers, args.batch, dev, args.model)
         print(f"{args.model} training fed by decode=gpu on {name}: {rate:,.0f} img/s, data-wait {share:.1%} "
               "of the step (target < 2 %)")
-    print(f"ratio ours / torchvision batched decode alone: {ips / peer:.2f}x")
+    print(f"ratio ours / {lib.library} batched decode alone: {ips / peer:.2f}x")
 
 
 def main() -> None:

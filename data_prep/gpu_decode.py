@@ -2,11 +2,12 @@
 
 The workers ship, per micro-batch, the bytes of the baseline JPEGs with their crop boxes and flips (drawn by
 the same seeded RNG as on the CPU path), and the few images nvJPEG cannot batch (progressive, CMYK,
-greyscale, PNG...) already cropped by PIL (data_prep/stream_worker.py). Here:
+greyscale, EXIF-rotated, PNG...) already cropped by PIL (data_prep/stream_worker.py). Here:
 
 - `crop_resize_batch`: every crop + resize + flip of a micro-batch at once, with PIL's own filters and
   fixed-point arithmetic (data_prep/resample.py) over the decoded images padded into one tensor: PIL's bytes,
   for bilinear and bicubic, with no kernels per image but the padding copy.
+- `decoders`: TorchCodec's image decoders, or torchvision's where TorchCodec does not load.
 - `DeviceDecoder`: one micro-batch: batched `decode_jpeg`, `crop_resize_batch`, the worker-decoded images put
   in place, failed images replaced by a neighbour. On CUDA it runs on a stream of its own and records an event.
 - `decode_ahead`: runs the decoder on a background thread, `ahead` micro-batches ahead of the training thread,
@@ -18,15 +19,18 @@ greyscale, PNG...) already cropped by PIL (data_prep/stream_worker.py). Here:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
 from data_prep.resample import resample_batch
 from data_prep.stream_worker import FILLER_LABEL, StreamConfig, substitute_index
+from runtime.logs import get_logger
 
 DECODE_AHEAD = 2  # micro-batches decoded ahead of the one being trained on
 PAD_BUDGET_BYTES = 1 << 30  # int32 bytes of one padded resample batch; a batch of huge images goes in chunks
@@ -108,27 +112,54 @@ def crop_resize_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: to
     return out
 
 
+class Decoders(NamedTuple):
+    """The image decoders of one library, with its name (logs, bench/loader.py)."""
+
+    library: str
+    jpeg: Callable  # (1-D uint8 tensor or a list of them, mode=, device=) -> (3, h, w) uint8 or a list: nvJPEG on CUDA
+    image: Callable  # (1-D uint8 tensor, mode=) -> (3, h, w) uint8 on the CPU, any format
+
+
+@functools.cache
+def decoders() -> Decoders:
+    """TorchCodec's decoders, or torchvision's where TorchCodec does not load (logged once, with the reason).
+
+    torchvision deprecated its image decoders in 0.29 for TorchCodec's (from 0.16): the same libjpeg-turbo and
+    nvJPEG, the same pixels (tests/test_gpu_decode.py), on the caller's current CUDA stream, host-synchronised
+    before they return, as torchvision's. TorchCodec's wheels are built for one CUDA major (13 for 0.17): beside a
+    CPU-only torch, or one built for another CUDA, its image library does not load. Both are imported here, not
+    with the module: torchvision's import costs a process ~2 s of CPU (it loads torch._dynamo), which every
+    decode="cpu" run, fine-tuning rank and CLI would pay for nothing.
+    """
+    try:
+        from torchcodec.decoders import decode_image, decode_jpeg
+
+        return Decoders("torchcodec", decode_jpeg, decode_image)
+    except Exception as e:  # ImportError, or OSError/RuntimeError from loading its library
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+    from torchvision.io import decode_image, decode_jpeg
+
+    get_logger().warning(f'decode="gpu": TorchCodec\'s image decoders do not load ({why}); using torchvision\'s, '
+                         "deprecated since torchvision 0.29 (pip install torchcodec, built for this torch's CUDA)")
+    return Decoders("torchvision", decode_jpeg, decode_image)
+
+
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """One image on `device`, falling back to the CPU decoders; None if unreadable."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
+    lib = decoders()
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return lib.jpeg(data, mode="RGB", device=device)
     except RuntimeError:
         pass
     try:
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError:
+        return lib.image(data, mode="RGB").to(device)
+    except (RuntimeError, ValueError):  # ValueError: TorchCodec, for a format it does not know
         return None
 
 
 def _decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    # torchvision is imported here, not with the module: its import costs a process ~2 s of CPU (it loads
-    # torch._dynamo), which every decode="cpu" run, fine-tuning rank and CLI would pay for nothing
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     try:  # one batched call (nvJPEG on CUDA); one bad image makes it fail as a whole
-        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+        return list(decoders().jpeg(blobs, mode="RGB", device=device))
     except RuntimeError:
         return [_decode_one(b, device) for b in blobs]
 

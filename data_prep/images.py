@@ -111,7 +111,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 (upright) without one or with a broken EXIF block."""
     try:
         return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
     except Exception:  # a broken EXIF block is not worth rejecting an image for
@@ -168,7 +169,7 @@ def encode_image(data: bytes, opts: ImageOptions, want_hash: bool = False) -> En
     if min(w, h) < opts.min_size:
         raise Reject("too_small", f"{w}x{h} is under --min-size {opts.min_size}")
     scale = target_scale(w, h, opts)
-    orientation = _orientation(img)
+    orientation = exif_orientation(img)
     fmt = output_format(img.format, opts)
     if opts.format == "keep" and scale == 1.0 and fmt == img.format and img.mode == "RGB" and orientation == 1:
         if img.format == "JPEG":  # full entropy decode, cheap IDCT (>= 32 px when hashing, as near.phash_bytes)

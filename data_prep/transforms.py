@@ -2,9 +2,9 @@
 
 Every random choice (crop box, flip) is made in a DataLoader worker from a seeded generator and expressed
 as a box in the source image's pixel coordinates. The box is applied either by PIL in the worker
-(`decode="cpu"`) or on the device after `torchvision.io.decode_jpeg` (`decode="gpu"`, data_prep/gpu_decode.py),
-so both paths crop the same region. Batches stay uint8 until `normalize` runs on the device (4x less traffic
-than float32).
+(`decode="cpu"`) or on the device after a batched JPEG decode (`decode="gpu"`, data_prep/gpu_decode.py), so
+both paths crop the same region of the same (stored, unrotated) pixels. Batches stay uint8 until `normalize`
+runs on the device (4x less traffic than float32).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_prep.images import exif_orientation
 from data_prep.stream_config import randaugment_spec
 
 if TYPE_CHECKING:  # torchvision is imported where used: its import alone costs a process ~2 s of CPU
@@ -84,11 +85,16 @@ def image_header(data: bytes) -> tuple[int, int, bool]:
 
     batchable: a baseline 3-component (YCbCr) JPEG, the kind nvJPEG's batched decode takes. Progressive,
     CMYK/YCCK and greyscale JPEGs and other formats (PNG, WebP...) are decoded by PIL in the workers on the
-    decode="gpu" path: one of them in a batch would make the batched call fail as a whole.
+    decode="gpu" path: one of them in a batch would make the batched call fail as a whole. So are JPEGs with an
+    EXIF rotation: TorchCodec's decoders apply it, the stream's crop boxes and PIL's decode do not (data_prep
+    writes upright images; a rotated one comes from shards written by other tools).
     """
     with Image.open(io.BytesIO(data)) as img:
         progressive = bool(img.info.get("progressive") or img.info.get("progression"))
-        return img.size[0], img.size[1], img.format == "JPEG" and img.mode == "RGB" and not progressive
+        batchable = img.format == "JPEG" and img.mode == "RGB" and not progressive
+        if batchable and "exif" in img.info:  # getexif() parses the APP1 block: only where there is one
+            batchable = exif_orientation(img) == 1
+        return img.size[0], img.size[1], batchable
 
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}  # data.interpolation

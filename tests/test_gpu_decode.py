@@ -1,5 +1,6 @@
-"""decode="gpu" on the CPU device (torch's CPU decode_jpeg stands in for nvJPEG): the batched crop against
-PIL's, the worker-side decode of what nvJPEG cannot batch, exact resume, and the decode thread's lifetime.
+"""decode="gpu" on the CPU device (the decoders' CPU decode_jpeg stands in for nvJPEG): the batched crop against
+PIL's, the worker-side decode of what nvJPEG cannot batch, exact resume, the decode thread's lifetime, and the
+same pixels from TorchCodec's decoders and from torchvision's (the fallback where TorchCodec does not load).
 
 The batched crop (data_prep/resample.py) computes PIL's fixed-point resize in float64: on the same decoded pixels,
 boxes and flips it gives PIL's bytes exactly, bilinear and bicubic alike, so the tests compare with `==`.
@@ -12,6 +13,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import random
 import sys
 import threading
@@ -47,6 +49,37 @@ def _wait_no_threads(seconds: float = 10.0) -> list[threading.Thread]:
     while _decode_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
     return _decode_threads()
+
+
+@pytest.fixture(params=["torchcodec", "torchvision"])
+def library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """decode="gpu" on the decoders of one library: TorchCodec's (the default) or torchvision's (the fallback)."""
+    if request.param == "torchcodec":
+        from torchcodec.decoders import decode_image, decode_jpeg
+    else:
+        from torchvision.io import decode_image, decode_jpeg
+    chosen = gpu_decode.Decoders(request.param, decode_jpeg, decode_image)
+    monkeypatch.setattr(gpu_decode, "decoders", lambda: chosen)
+    return request.param
+
+
+def test_torchcodec_decodes_and_torchvision_stands_in_where_it_does_not_load(monkeypatch: pytest.MonkeyPatch,
+                                                                              caplog: pytest.LogCaptureFixture
+                                                                              ) -> None:
+    gpu_decode.decoders.cache_clear()
+    assert gpu_decode.decoders().library == "torchcodec"  # the pinned install (constraints.txt) loads beside torch
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if not installed: its import raises
+    monkeypatch.setattr(logging.getLogger("vitscale"), "propagate", True)  # setup_logging turns it off
+    gpu_decode.decoders.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vitscale"):
+            fallback = gpu_decode.decoders()
+            assert gpu_decode.decoders() is fallback  # chosen once per process: one warning
+    finally:
+        gpu_decode.decoders.cache_clear()
+    assert fallback.library == "torchvision" and fallback.jpeg.__module__ == "torchvision.io.image"
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "TorchCodec" in warning and "ModuleNotFoundError" in warning and "pip install torchcodec" in warning
 
 
 def _pixels(data: bytes) -> tuple[np.ndarray, torch.Tensor]:
@@ -96,11 +129,12 @@ def test_chunks_bound_the_padded_tensor() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_one_bad_image_does_not_lose_the_batch(device: str) -> None:
+def test_one_bad_image_does_not_lose_the_batch(device: str, library: str) -> None:
     good = photo(0)
     blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in (good, b"junk" * 9, good[: len(good) // 3])]
     out = gpu_decode._decode(blobs, torch.device(device))
     assert out[0] is not None and out[0].shape == (3, 375, 500) and out[1] is None
+    assert torch.equal(out[0].cpu(), _pixels(good)[1])  # PIL's pixels: the same libjpeg-turbo
     assert torch.equal(out[0].cpu(), gpu_decode._decode(blobs[:1], torch.device(device))[0].cpu())
 
 
@@ -141,7 +175,8 @@ def _loader(source: Path, decode: str, workers: int = 0, split: str = "train", *
 
 @pytest.mark.parametrize(("split", "interpolation"), [("train", "bilinear"), ("val", "bilinear"), ("train", "bicubic")])
 def test_device_path_crops_the_cpu_paths_boxes_on_the_decode_thread(data: Path, split: str, interpolation: str,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     library: str, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
     cpu, dev = _spy(monkeypatch)
     ref = [(keys, images) for images, _, keys in _loader(data, "cpu", split=split, interpolation=interpolation)]
     got = [(keys, images) for images, _, keys in _loader(data, "gpu", split=split, interpolation=interpolation)]
@@ -153,7 +188,7 @@ def test_device_path_crops_the_cpu_paths_boxes_on_the_decode_thread(data: Path, 
     if split == "train":
         assert any(f for _, call in dev for _, f in call) and not all(f for _, call in dev for _, f in call)
     for (_, x1), (_, x2) in zip(ref, got, strict=True):
-        # The same bytes: torch's CPU decode_jpeg and PIL's are both libjpeg-turbo (no draft-mode decode at these
+        # The same bytes: the decoders' CPU decode_jpeg and PIL's are both libjpeg-turbo (no draft-mode decode at these
         # sizes), the boxes are the same and the batched resize is PIL's (nvJPEG on a GPU decodes a little apart)
         assert torch.equal(x1, x2)
 
@@ -169,17 +204,22 @@ def _encode(img: Image.Image, kind: str) -> tuple[str, bytes]:
         img.convert("CMYK").save(buf, format="JPEG", quality=90)
     elif kind == "grey":
         img.convert("L").save(buf, format="JPEG", quality=90)
+    elif kind == "rotated":  # stored as is, displayed turned by 90 degrees (EXIF orientation 6)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.save(buf, format="JPEG", quality=90, exif=exif)
     else:
         img.save(buf, format="JPEG", quality=90)
     return "jpg", buf.getvalue()
 
 
-KINDS = {3: "png", 6: "progressive", 9: "cmyk", 12: "grey", 14: "png"}  # sample index -> format; others: baseline
+# sample index -> format; others: baseline
+KINDS = {3: "png", 6: "progressive", 9: "cmyk", 11: "rotated", 12: "grey", 14: "png"}
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One split of 2 shards x 8 samples; some PNG, progressive, CMYK or greyscale JPEG."""
+    """One split of 2 shards x 8 samples; some PNG, progressive, CMYK, EXIF-rotated or greyscale JPEG."""
     folder = tmp_path_factory.mktemp("mixed")
     shards = []
     for s in range(2):
@@ -197,8 +237,9 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "dataset.json"
 
 
-def test_images_nvjpeg_cannot_batch_are_decoded_in_the_workers(mixed: Path) -> None:
-    kinds = {"baseline": True, "png": False, "progressive": False, "cmyk": False, "grey": False}
+def test_images_nvjpeg_cannot_batch_are_decoded_in_the_workers(mixed: Path, library: str) -> None:
+    # rotated: TorchCodec's decoders turn it upright, PIL's decode and the crop boxes do not (the stored pixels)
+    kinds = {"baseline": True, "png": False, "progressive": False, "cmyk": False, "grey": False, "rotated": False}
     img = Image.open(io.BytesIO(make_jpeg(0)[0])).convert("RGB")
     assert {k: image_header(_encode(img, k)[1])[2] for k in kinds} == kinds
     ld = _loader(mixed, "gpu", workers=2)
