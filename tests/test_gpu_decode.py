@@ -18,6 +18,8 @@ import random
 import sys
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +54,19 @@ def _wait_no_threads(seconds: float = 10.0) -> list[threading.Thread]:
 
 
 @pytest.fixture(params=["torchcodec", "torchvision"])
-def library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """decode="gpu" on the decoders of one library: TorchCodec's (the default) or torchvision's (the fallback)."""
+def library(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """decode="gpu" on the decoders of one library: TorchCodec's (the default) or torchvision's (the fallback,
+    whose every call warns that torchvision 0.29 deprecated it: known, so that warning alone is not shown)."""
     if request.param == "torchcodec":
         from torchcodec.decoders import decode_image, decode_jpeg
     else:
         from torchvision.io import decode_image, decode_jpeg
     chosen = gpu_decode.Decoders(request.param, decode_jpeg, decode_image)
     monkeypatch.setattr(gpu_decode, "decoders", lambda: chosen)
-    return request.param
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                DeprecationWarning)
+        yield request.param
 
 
 def test_torchcodec_decodes_and_torchvision_stands_in_where_it_does_not_load(monkeypatch: pytest.MonkeyPatch,
