@@ -139,8 +139,10 @@ def decoders() -> Decoders:
         why = f"{type(e).__name__}: {e}".splitlines()[0]
     from torchvision.io import decode_image, decode_jpeg
 
+    build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"  # this torch's, e.g. cu126
     get_logger().warning(f'decode="gpu": TorchCodec\'s image decoders do not load ({why}); using torchvision\'s, '
-                         "deprecated since torchvision 0.29 (pip install torchcodec, built for this torch's CUDA)")
+                         "deprecated since torchvision 0.29. TorchCodec built for this torch: "
+                         f"pip install torchcodec --index-url https://download.pytorch.org/whl/{build}")
     return Decoders("torchvision", decode_jpeg, decode_image)
 
 

@@ -85,7 +85,9 @@ def test_torchcodec_decodes_and_torchvision_stands_in_where_it_does_not_load(mon
         gpu_decode.decoders.cache_clear()
     assert fallback.library == "torchvision" and fallback.jpeg.__module__ == "torchvision.io.image"
     [warning] = [r.getMessage() for r in caplog.records]
-    assert "TorchCodec" in warning and "ModuleNotFoundError" in warning and "pip install torchcodec" in warning
+    build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"  # cu130 for the pinned torch
+    assert "TorchCodec" in warning and "ModuleNotFoundError" in warning
+    assert warning.endswith(f"pip install torchcodec --index-url https://download.pytorch.org/whl/{build}")
 
 
 def _pixels(data: bytes) -> tuple[np.ndarray, torch.Tensor]:
