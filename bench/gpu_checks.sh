@@ -59,8 +59,8 @@ check train_L16_recipe 240 python3 bench/train_throughput.py --recipe vit_l16_in
 [[ -n ${shards_pid:-} ]] && wait "$shards_pid"
 # the trainer itself on real-photo JPEG shards, CPU decode (16 workers) and decode="gpu", vs synthetic batches
 check end_to_end 240 python3 bench/end_to_end.py --data /tmp/e2e_shards --workers 16
-# decode="gpu" vs torchvision's batched decode alone (ratio last), its agreement with decode="cpu", and the
-# data-wait share of a ViT-L/16 training loop fed by it
+# decode="gpu" vs the batched decode alone (TorchCodec's, and torchvision's; ratio last), its agreement with
+# decode="cpu", and the data-wait share of a ViT-L/16 training loop fed by it
 check loader_gpu 150 python3 bench/loader.py --gpu-decode --images 4096 --batch 256 --workers 8
 check train_H14_recipe 260 python3 bench/train_throughput.py --recipe vit_h14_in21k --accum 8 --profile
 # the compiled model's dropout masks recovered exactly (rate, independence of neighbours, backward = forward),
