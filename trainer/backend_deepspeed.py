@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,6 +92,12 @@ with _hidden(UNUSED_IMPORT), contextlib.redirect_stdout(sys.stderr):
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
+
+# DeepSpeed's ZeRO optimizers gather partitions with `torch.distributed.all_gather_into_tensor`, which torch 2.14
+# deprecates with a FutureWarning (shown by default): a line from every rank of every run about DeepSpeed's call,
+# not ours, that no setting here changes. That message alone is hidden; every other warning shows.
+DEEPSPEED_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATION, category=FutureWarning)
 
 SAFE_GLOBALS = DEEPSPEED_GLOBALS
 
