@@ -60,7 +60,7 @@ from data_prep.stream_worker import (
     ShardStream,
     StreamConfig,
     forking_workers,
-    ignore_preemption_signals,
+    init_worker,
 )
 from data_prep.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, seeded_torch_rng, to_hw
 from runtime.dist import DistEnv, accumulation_steps
@@ -141,7 +141,7 @@ class StreamLoader:
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                   persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
                                   timeout=timeout_s if workers else 0, generator=torch.Generator(),
-                                  worker_init_fn=ignore_preemption_signals if workers else None)
+                                  worker_init_fn=init_worker if workers else None)
         if workers:
             # the finaliser holds a key, not the loader, which it would otherwise keep alive forever
             key = next(_KEYS)

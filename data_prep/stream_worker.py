@@ -20,9 +20,12 @@ import contextlib
 import itertools
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing import resource_sharer
+from types import TracebackType
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -62,6 +65,42 @@ def ignore_preemption_signals(worker_id: int | None = None) -> None:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)  # blocked since the fork: a pending one is dropped
+
+
+def quiet_abandoned_handoffs() -> None:
+    """In a DataLoader worker: no traceback when the training process drops a batch's handoff half-way.
+
+    A batch's tensors reach the training process as file descriptors, which it fetches from this worker's
+    `multiprocessing.resource_sharer` thread. Interrupted in that fetch (a second Ctrl-C stops it at once), it
+    hangs up, and the thread reports the reset through `sys.excepthook`: a worker's traceback on the console
+    about a stop the training process reports itself. Only that report is dropped: a handoff that fails still
+    fails in the training process, and every other exception is reported as before.
+    """
+    report = sys.excepthook
+    if getattr(report, "quiet_handoffs", False):  # installed already (worker_init_fn, then __iter__)
+        return
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(kind, (ConnectionError, EOFError)) and _raised_in(tb, resource_sharer.__file__):
+            return
+        report(kind, value, tb)
+
+    excepthook.quiet_handoffs = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
+
+
+def _raised_in(tb: TracebackType | None, filename: str) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def init_worker(worker_id: int | None = None) -> None:
+    """A DataLoader worker's `worker_init_fn`: `ignore_preemption_signals`, `quiet_abandoned_handoffs`."""
+    ignore_preemption_signals()
+    quiet_abandoned_handoffs()
 
 
 @contextlib.contextmanager
@@ -158,7 +197,7 @@ class ShardStream(IterableDataset):
         cfg, info = self.cfg, get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None:  # again here, for a DataLoader built without our worker_init_fn
-            ignore_preemption_signals()
+            init_worker()
         if info is not None and info.num_workers != cfg.workers:
             raise RuntimeError(f"stream built for {cfg.workers} workers runs in {info.num_workers}")
         epoch, start = self.position.tolist()
