@@ -9,7 +9,8 @@ greyscale, EXIF-rotated, PNG...) already cropped by PIL (data_prep/stream_worker
   for bilinear and bicubic, with no kernels per image but the padding copy.
 - `decoders`: TorchCodec's image decoders, or torchvision's where TorchCodec does not load.
 - `DeviceDecoder`: one micro-batch: batched `decode_jpeg`, `crop_resize_batch`, the worker-decoded images put
-  in place, failed images replaced by a neighbour. On CUDA it runs on a stream of its own and records an event.
+  in place, failed images replaced by a neighbour. On CUDA it decodes on one stream of its own and crops on
+  another, so that batch k's crop kernels run while batch k+1 decodes, and records an event.
 - `decode_ahead`: runs the decoder on a background thread, `ahead` micro-batches ahead of the training thread,
   which then only makes its stream wait on the event (`receive`): nvJPEG's host synchronisation and the
   Python per batch happen beside the training step, not in it. On a CPU device the same thread runs, and
@@ -175,7 +176,7 @@ class DeviceDecoder:
             # resolved here, on the caller's thread: the decode thread's current device is 0, not the caller's
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self._stream: torch.cuda.Stream | None = None  # made on first use, in the decode thread
+        self._streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None  # (decode, crop): first use
 
     def __call__(self, batch: dict) -> dict:
         """The batch with `images` uint8 (B, 3, H, W) on the device, labels/keys of replaced images updated,
@@ -183,13 +184,29 @@ class DeviceDecoder:
         (None off CUDA; see `receive`)."""
         if self.device.type != "cuda":
             return self._decode_batch(batch)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+        if self._streams is None:  # made here, on the decode thread, on the first batch
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        crop_stream = self._streams[1]
+        with torch.cuda.device(self.device), torch.cuda.stream(crop_stream):
             out = self._decode_batch(batch)
             out["ready"] = torch.cuda.Event()
-            out["ready"].record(self._stream)
+            out["ready"].record(crop_stream)
         return out
+
+    def _decode_jpegs(self, blobs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """`_decode` on the device. On CUDA it runs on the decode stream: the decoders enqueue on the current
+        stream and host-synchronise it before they return, so on the crop stream (current here) the decode would
+        first wait for the previous batch's crop kernels; on a stream of its own it overlaps them."""
+        if self._streams is None:
+            return _decode(blobs, self.device)
+        decode_stream, crop_stream = self._streams
+        with torch.cuda.stream(decode_stream):
+            decoded = _decode(blobs, self.device)
+        crop_stream.wait_stream(decode_stream)  # already done (host-synchronised); kept for any decoder that is not
+        for img in decoded:
+            if img is not None:  # decode_stream's memory, read on crop_stream: not reused before those reads ran
+                img.record_stream(crop_stream)
+        return decoded
 
     def _decode_batch(self, batch: dict) -> dict:
         cfg, dev = self.cfg, self.device
@@ -204,7 +221,7 @@ class DeviceDecoder:
             for i in cpu_index:
                 ok[i] = True
         present = [i for i, n in enumerate(lengths) if n > 0]
-        decoded = _decode([blobs[i] for i in present], dev) if present else []
+        decoded = self._decode_jpegs([blobs[i] for i in present]) if present else []
         good, boxes = [], batch["boxes"].tolist()
         for i, img in zip(present, decoded, strict=True):
             left, top, w, h = boxes[i]
