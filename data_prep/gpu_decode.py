@@ -202,7 +202,7 @@ class DeviceDecoder:
         decode_stream, crop_stream = self._streams
         with torch.cuda.stream(decode_stream):
             decoded = _decode(blobs, self.device)
-        crop_stream.wait_stream(decode_stream)  # already done (host-synchronised); kept for any decoder that is not
+        crop_stream.wait_stream(decode_stream)  # nvJPEG's work is host-synchronised; a fallback's copies may not be
         for img in decoded:
             if img is not None:  # decode_stream's memory, read on crop_stream: not reused before those reads ran
                 img.record_stream(crop_stream)
